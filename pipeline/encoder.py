@@ -1,0 +1,208 @@
+"""SpladeEncoder: texts in, SPLADE sparse vectors (Arrow) out. The one encoding path.
+
+Loads the tokenizer and masked-LM once; per call it tokenizes in one batch, sorts by length,
+cuts micro-batches by a padded-token budget, runs the encoder, then the MLM head over chunks
+of positions with a running masked max (see :mod:`pipeline.splade`), and restores input order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline import splade
+from pipeline.batching import padded_length, plan_micro_batches
+from pipeline.bundled import resolve_model
+from pipeline.config import EncoderConfig
+from pipeline.heads import MaskedLMParts, split_masked_lm
+from pipeline.schema import sparse_array, sparse_rows
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """Vectors plus what the pipeline counts: real tokens per text and whether it was truncated."""
+
+    sparse: pa.StructArray
+    num_tokens: np.ndarray  # int32, [CLS]/[SEP] included, after truncation
+    truncated: np.ndarray  # bool
+
+
+class SpladeEncoder:
+    """SPLADE document/query encoder over any Hugging Face masked-LM.
+
+    For each text, ``w_j = max_i log(1 + relu(logit_ij))`` over its real tokens ``i``
+    ([CLS] and [SEP] included, padding never), for every vocabulary term ``j``; then weights
+    below ``min_weight`` are dropped and only the ``top_k`` largest kept. Settings are the
+    fields of :class:`pipeline.config.EncoderConfig` (``device``, ``dtype``, ``max_length``,
+    ``top_k``, ``min_weight``, ``max_batch_tokens``, ...)::
+
+        enc = SpladeEncoder("naver/splade-cocondenser-ensembledistil", top_k=256)
+        vectors = enc.encode(["some text"])  # struct<indices: list<int32>, values: list<float32>>
+    """
+
+    def __init__(self, model: str | None = None, /, **settings: Any) -> None:
+        if model is not None:
+            settings["model"] = str(model)
+        self.config = EncoderConfig(**settings)
+        self.device = _resolve_device(self.config.device)
+        self.compute_dtype = _resolve_dtype(self.config.dtype, self.device)
+        self.model_path = resolve_model(self.config.model)
+        self.tokenizer, self._backend = _load_tokenizer(self.model_path, self.config)
+        self.model = _load_model(self.model_path, self.config.revision).to(self.device)
+        self.parts: MaskedLMParts = split_masked_lm(self.model)
+        self.vocab_size = int(self.model.get_output_embeddings().out_features)
+        self.max_length = _check_max_length(self.config.max_length, self.tokenizer, self.model)
+        self._backend.enable_truncation(self.max_length)
+        self._backend.no_padding()
+        self._pad_id = int(self.tokenizer.pad_token_id or 0)
+        default_chunk = 4096 if self.device.type == "cuda" else 512
+        self.head_chunk_tokens = self.config.head_chunk_tokens or default_chunk
+
+    @classmethod
+    def from_config(cls, config: EncoderConfig) -> SpladeEncoder:
+        return cls(**config.model_dump())
+
+    def encode(self, texts: Sequence[str]) -> pa.StructArray:
+        """One sparse vector per text, in input order."""
+        return self.encode_batch(texts).sparse
+
+    @torch.inference_mode()
+    def encode_batch(self, texts: Sequence[str]) -> EncodedBatch:
+        """Vectors plus per-text token counts and truncation flags."""
+        _check_texts(texts)
+        encodings = self._backend.encode_batch(list(texts), add_special_tokens=True)
+        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int32, count=len(encodings))
+        truncated = np.fromiter((bool(e.overflowing) for e in encodings), dtype=bool, count=len(encodings))
+        pieces = []
+        order = []
+        for rows in plan_micro_batches(lengths, self.config.max_batch_tokens, self.config.pad_to_multiple_of, self.max_length):
+            pieces.append(self._encode_micro_batch([encodings[r] for r in rows], lengths[rows]))
+            order.append(rows)
+        offsets, indices, values = _concat_csr(pieces)
+        processed = np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
+        inverse = np.empty_like(processed)
+        inverse[processed] = np.arange(len(processed))
+        offsets, indices, values = splade.csr_take_rows(offsets, indices, values, inverse)
+        return EncodedBatch(sparse_array(offsets, indices, values), lengths, truncated)
+
+    def _encode_micro_batch(self, encodings: list, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        width = padded_length(int(lengths.max()), self.config.pad_to_multiple_of, self.max_length)
+        ids = np.full((len(encodings), width), self._pad_id, dtype=np.int64)
+        types = np.zeros((len(encodings), width), dtype=np.int64)
+        mask = np.zeros((len(encodings), width), dtype=np.int64)
+        for row, enc in enumerate(encodings):
+            n = len(enc.ids)
+            ids[row, :n] = enc.ids
+            types[row, :n] = enc.type_ids
+            mask[row, :n] = 1
+        to_device = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
+        ids_t, types_t, mask_t = to_device(ids), to_device(types), to_device(mask)
+        with self._autocast():
+            hidden = self.parts.hidden(ids_t, mask_t, types_t)
+            max_logits = splade.pooled_max_logits(
+                hidden, mask_t, lengths, self.parts.head, self.vocab_size, self.head_chunk_tokens
+            )
+        weights = splade.splade_activation_(max_logits)
+        weights = splade.prune_(weights, self.config.top_k, self.config.min_weight)
+        return splade.to_csr(weights)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
+
+    def decode(self, vectors: pa.StructArray | pa.ChunkedArray, top: int | None = None) -> list[dict[str, float]]:
+        """Readable view: ``{token: weight}`` per row, heaviest first (``top`` limits the count)."""
+        out = []
+        for indices, values in sparse_rows(vectors):
+            order = np.argsort(-values, kind="stable")[:top]
+            tokens = self.tokenizer.convert_ids_to_tokens(indices[order].tolist())
+            out.append(dict(zip(tokens, values[order].tolist())))
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"SpladeEncoder(model={self.config.model!r}, device={self.device.type!r}, "
+            f"dtype={str(self.compute_dtype).removeprefix('torch.')!r}, path={self.parts.kind!r}, "
+            f"max_length={self.max_length}, top_k={self.config.top_k}, min_weight={self.config.min_weight})"
+        )
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' was asked for but torch sees no CUDA device; use device='cpu' or 'auto'")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _load_tokenizer(path: str, config: EncoderConfig) -> tuple[Any, Any]:
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"model {config.model!r}: needs a fast tokenizer (tokenizer.json); got {type(tokenizer).__name__}")
+    # Our own copy: truncation/padding settings below must not leak into the HF tokenizer.
+    return tokenizer, Tokenizer.from_str(backend.to_str())
+
+
+def _load_model(path: str, revision: str | None) -> torch.nn.Module:
+    from transformers import AutoModelForMaskedLM
+
+    try:
+        model = AutoModelForMaskedLM.from_pretrained(path, revision=revision, dtype=torch.float32, attn_implementation="sdpa")
+    except ValueError as err:
+        if "sdpa" not in str(err).lower():
+            raise
+        log.info("model %s has no SDPA attention; using its default attention", path)
+        model = AutoModelForMaskedLM.from_pretrained(path, revision=revision, dtype=torch.float32)
+    return model.eval()
+
+
+def _check_max_length(max_length: int, tokenizer: Any, model: torch.nn.Module) -> int:
+    limits = [
+        int(x)
+        for x in (getattr(tokenizer, "model_max_length", None), getattr(model.config, "max_position_embeddings", None))
+        if x and int(x) < 1_000_000
+    ]
+    if limits and max_length > min(limits):
+        raise ValueError(f"max_length: {max_length} exceeds what this model accepts ({min(limits)} tokens)")
+    return max_length
+
+
+def _check_texts(texts: Sequence[str]) -> None:
+    if isinstance(texts, str):
+        raise TypeError("encode() takes a sequence of strings, not a single string; wrap it in a list")
+    for position, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{position}] is {type(text).__name__}, expected str")
+
+
+def _concat_csr(pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if not pieces:
+        return np.zeros(1, dtype=np.int32), np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.float32)
+    counts = np.concatenate([np.diff(off) for off, _, _ in pieces])
+    offsets = np.zeros(len(counts) + 1, dtype=np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    return offsets, np.concatenate([p[1] for p in pieces]), np.concatenate([p[2] for p in pieces])

@@ -1,0 +1,118 @@
+"""SPLADE pooling, pruning and sparse conversion: pure torch, no I/O, no models.
+
+For a document with real tokens ``i`` (attention mask 1, [CLS] and [SEP] included, as in
+naver/splade) and masked-LM logits ``logit[i, j]``, the SPLADE weight of vocabulary term ``j``
+is::
+
+    w_j = max_i log(1 + relu(logit[i, j]))
+
+``log1p(relu(.))`` is monotonic non-decreasing, so it commutes with the max:
+``w_j = log1p(relu(max_i logit[i, j]))``. That lets us keep only a running ``[batch, vocab]``
+max of the raw logits while the head runs over chunks of sequence positions, and apply the
+activation once at the end: peak extra memory is O(batch x chunk x vocab), never
+O(batch x seq x vocab), and the result is the same float for float (a max is exact and the
+activation is applied to the very value the elementwise form would pick).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+Head = Callable[[torch.Tensor], torch.Tensor]
+
+
+def masked_max_(running: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> None:
+    """Fold ``logits`` ``[B, C, V]`` into ``running`` ``[B, V]`` (fp32), in place.
+
+    Positions where ``mask`` ``[B, C]`` is 0 never contribute, whatever their logits hold.
+    ``logits`` is overwritten (it is a scratch chunk).
+    """
+    logits.masked_fill_(~mask.bool().unsqueeze(-1), float("-inf"))
+    torch.maximum(running, logits.amax(dim=1).to(running.dtype), out=running)
+
+
+def pooled_max_logits(
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    lengths: Sequence[int],
+    head: Head,
+    vocab_size: int,
+    chunk_tokens: int,
+) -> torch.Tensor:
+    """Masked max over positions of ``head(hidden)``, computed a few positions at a time.
+
+    ``hidden`` is ``[B, L, H]`` (right padded), ``lengths`` the real token count per row (on
+    the host, so no device sync is needed to plan chunks). Rows whose document has ended
+    before a chunk starts are skipped for that chunk, so padding costs no head FLOPs when
+    rows are sorted by length. Each chunk spans about ``chunk_tokens`` (row, position) pairs.
+    Returns the fp32 ``[B, V]`` max of the raw logits (``-inf`` where a row has no token).
+    """
+    batch, seq_len = attention_mask.shape
+    lens = np.asarray(lengths, dtype=np.int64)
+    running = torch.full((batch, vocab_size), float("-inf"), dtype=torch.float32, device=hidden.device)
+    start = 0
+    while start < seq_len:
+        active = np.flatnonzero(lens > start)
+        if active.size == 0:
+            break
+        stop = min(seq_len, start + max(1, chunk_tokens // active.size))
+        if active[-1] == active.size - 1:  # a prefix of rows: slicing, no gather
+            rows = slice(0, active.size)
+            logits = head(hidden[rows, start:stop])
+            masked_max_(running[rows], logits, attention_mask[rows, start:stop])
+        else:
+            idx = torch.as_tensor(active, device=hidden.device)
+            logits = head(hidden[idx, start:stop])
+            sub = running[idx]
+            masked_max_(sub, logits, attention_mask[idx, start:stop])
+            running[idx] = sub
+        start = stop
+    return running
+
+
+def splade_activation_(max_logits: torch.Tensor) -> torch.Tensor:
+    """``log(1 + relu(x))`` in place; rows with no token (``-inf``) become all zeros."""
+    return max_logits.clamp_(min=0.0).log1p_()
+
+
+def prune_(weights: torch.Tensor, top_k: int | None, min_weight: float) -> torch.Tensor:
+    """Zero every weight below ``min_weight``, then keep at most the ``top_k`` largest per row.
+
+    Ties at the k-th weight are broken by ``torch.topk``; zeros are never kept as terms.
+    """
+    if min_weight > 0:
+        weights.masked_fill_(weights < min_weight, 0.0)
+    if top_k is not None and top_k < weights.shape[1]:
+        kept = torch.zeros_like(weights)
+        values, indices = torch.topk(weights, top_k, dim=1, sorted=False)
+        kept.scatter_(1, indices, values)
+        weights = kept
+    return weights
+
+
+def to_csr(weights: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dense ``[B, V]`` weights to CSR on the host: ``(offsets int32[B+1], indices int32, values float32)``.
+
+    Row ``r`` owns ``indices[offsets[r]:offsets[r+1]]``, strictly ascending, with values > 0.
+    """
+    nonzero = weights > 0
+    coords = nonzero.nonzero()  # row-major, so columns ascend within each row
+    values = weights[coords[:, 0], coords[:, 1]].float()
+    counts = nonzero.sum(dim=1)
+    offsets = np.zeros(weights.shape[0] + 1, dtype=np.int32)
+    np.cumsum(counts.cpu().numpy(), out=offsets[1:])
+    return offsets, coords[:, 1].to(torch.int32).cpu().numpy(), values.cpu().numpy()
+
+
+def csr_take_rows(
+    offsets: np.ndarray, indices: np.ndarray, values: np.ndarray, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reorder CSR rows: row ``r`` of the result is row ``rows[r]`` of the input (vectorised)."""
+    counts = np.diff(offsets)[rows]
+    new_offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum(counts, out=new_offsets[1:])
+    gather = np.repeat(offsets[:-1][rows] - new_offsets[:-1], counts) + np.arange(new_offsets[-1])
+    return new_offsets, indices[gather], values[gather]

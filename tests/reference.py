@@ -1,0 +1,33 @@
+"""The plain, obviously-correct SPLADE: full logits, log(1 + relu), masked max, fp32."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.schema import sparse_rows
+
+
+@torch.inference_mode()
+def reference_splade(model_dir: str, texts: list[str], max_length: int = 512) -> np.ndarray:
+    """``[len(texts), vocab]`` SPLADE weights straight from the definition, one padded batch."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForMaskedLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    accepted = inspect.signature(model.forward).parameters
+    logits = model(**{k: v for k, v in batch.items() if k in accepted}).logits.float()
+    weights = torch.log1p(torch.relu(logits))
+    real = batch["attention_mask"].bool().unsqueeze(-1)
+    return torch.where(real, weights, torch.zeros(())).amax(dim=1).numpy()
+
+
+def densify(vectors: pa.StructArray, vocab: int) -> np.ndarray:
+    out = np.zeros((len(vectors), vocab), dtype=np.float32)
+    for row, (indices, values) in enumerate(sparse_rows(vectors)):
+        out[row, indices] = values
+    return out

@@ -1,0 +1,124 @@
+"""SpladeEncoder against the plain reference on the same weights, and its contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from reference import densify, reference_splade
+
+from pipeline import SPARSE_TYPE, SpladeEncoder
+from pipeline.schema import sparse_rows
+
+LONG = " ".join(f"word{i} alpha beta gamma" for i in range(400))  # far past 64 tokens
+TEXTS = [
+    "machine learning algorithms",
+    "The quick brown fox jumps over the lazy dog near the riverbank at dawn.",
+    "",
+    "naïve café — 東京 🚀 unicode text",
+    LONG,
+    "short",
+    "machine learning algorithms",  # a duplicate of the first
+    "A medium length sentence about ocean tides, the moon and the gravitational pull of the sun.",
+]
+VOCAB = 30522
+
+
+def _check_rows(vectors: pa.StructArray, vocab: int) -> None:
+    assert vectors.type == SPARSE_TYPE
+    for indices, values in sparse_rows(vectors):
+        assert indices.dtype == np.int32 and values.dtype == np.float32
+        assert np.all(np.diff(indices) > 0), "indices must be strictly ascending"
+        assert indices.size == 0 or (indices[0] >= 0 and indices[-1] < vocab)
+        assert np.all(values > 0)
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert", "roberta"])
+def test_random_models_match_reference(tiny_models: dict[str, Path], kind: str) -> None:
+    # Small budgets and head chunks force several micro-batches and many head steps.
+    enc = SpladeEncoder(str(tiny_models[kind]), device="cpu", max_length=64, max_batch_tokens=96, head_chunk_tokens=7)
+    assert enc.parts.kind == {"bert": "bert", "distilbert": "distilbert", "roberta": "generic"}[kind]
+    got = enc.encode(TEXTS)
+    _check_rows(got, VOCAB)
+    want = reference_splade(str(tiny_models[kind]), TEXTS, max_length=64)
+    assert np.count_nonzero(want) > 1000, "the reference is degenerate"
+    assert np.abs(densify(got, VOCAB) - want).max() <= 1e-5
+
+
+def test_splade_tiny_matches_reference(splade_tiny: Path) -> None:
+    enc = SpladeEncoder(str(splade_tiny), device="cpu", max_batch_tokens=256, head_chunk_tokens=33)
+    got = enc.encode(TEXTS)
+    _check_rows(got, VOCAB)
+    want = reference_splade(str(splade_tiny), TEXTS)
+    assert np.abs(densify(got, VOCAB) - want).max() <= 1e-5
+
+
+def test_batch_invariance_and_order(splade_tiny: Path) -> None:
+    batched = SpladeEncoder(str(splade_tiny), device="cpu", max_length=64)
+    together = densify(batched.encode(TEXTS), VOCAB)
+    alone = np.stack([densify(batched.encode([t]), VOCAB)[0] for t in TEXTS])
+    np.testing.assert_allclose(together, alone, rtol=0, atol=1e-5)
+    for budget in (8, 64, 200, 100_000):
+        other = SpladeEncoder(str(splade_tiny), device="cpu", max_length=64, max_batch_tokens=budget, head_chunk_tokens=5)
+        np.testing.assert_allclose(densify(other.encode(TEXTS), VOCAB), together, rtol=0, atol=1e-5)
+    reversed_ = densify(batched.encode(TEXTS[::-1]), VOCAB)[::-1]
+    np.testing.assert_allclose(reversed_, together, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(together[0], together[6])  # duplicates in one call: same vector
+    assert np.count_nonzero(together[2]) > 0  # the empty string still has [CLS] [SEP]
+
+
+def test_truncation_reported(splade_tiny: Path) -> None:
+    enc = SpladeEncoder(str(splade_tiny), device="cpu", max_length=32)
+    out = enc.encode_batch(["two words", LONG, "x " * 30])  # 30 + 2 tokens fits exactly
+    assert out.num_tokens.tolist() == [4, 32, 32]
+    assert out.truncated.tolist() == [False, True, False]
+    # A truncated text equals its own first 30 word pieces.
+    head = enc.tokenizer.convert_tokens_to_string(enc.tokenizer.tokenize(LONG)[:30])
+    np.testing.assert_allclose(densify(enc.encode([LONG]), VOCAB), densify(enc.encode([head]), VOCAB), atol=1e-5)
+
+
+def test_top_k_and_min_weight(splade_tiny: Path) -> None:
+    full = densify(SpladeEncoder(str(splade_tiny), device="cpu").encode(TEXTS), VOCAB)
+    top = densify(SpladeEncoder(str(splade_tiny), device="cpu", top_k=5).encode(TEXTS), VOCAB)
+    for f, t in zip(full, top):
+        assert np.count_nonzero(t) == min(5, np.count_nonzero(f))
+        kept = np.flatnonzero(t)
+        assert f[kept].min() >= np.sort(f)[-5] - 1e-6  # the five largest
+        np.testing.assert_allclose(t[kept], f[kept], atol=1e-5)
+    pruned = densify(SpladeEncoder(str(splade_tiny), device="cpu", min_weight=1.0).encode(TEXTS), VOCAB)
+    np.testing.assert_allclose(pruned, np.where(full >= 1.0, full, 0.0), atol=1e-5)
+    assert 0 < np.count_nonzero(pruned) < np.count_nonzero(full)
+
+
+def test_decode_round_trip(splade_tiny: Path) -> None:
+    enc = SpladeEncoder(str(splade_tiny), device="cpu")
+    vectors = enc.encode(TEXTS[:2])
+    for (indices, values), terms in zip(sparse_rows(vectors), enc.decode(vectors)):
+        weights = list(terms.values())
+        assert weights == sorted(weights, reverse=True)
+        ids = enc.tokenizer.convert_tokens_to_ids(list(terms))
+        assert dict(zip(ids, weights)) == dict(zip(indices.tolist(), values.tolist()))
+    assert len(enc.decode(vectors, top=3)[0]) == 3
+
+
+def test_empty_input(splade_tiny: Path) -> None:
+    out = SpladeEncoder(str(splade_tiny), device="cpu").encode_batch([])
+    assert len(out.sparse) == 0 and out.sparse.type == SPARSE_TYPE and out.num_tokens.size == 0
+
+
+def test_bad_inputs_and_settings(splade_tiny: Path) -> None:
+    enc = SpladeEncoder(str(splade_tiny), device="cpu")
+    with pytest.raises(TypeError, match=r"texts\[2\] is NoneType"):
+        enc.encode(["a", "b", None])
+    with pytest.raises(TypeError, match="not a single string"):
+        enc.encode("a lone string")
+    with pytest.raises(ValueError, match=r"max_length: 1024 exceeds .*\(512 tokens\)"):
+        SpladeEncoder(str(splade_tiny), device="cpu", max_length=1024)
+    with pytest.raises(ValueError, match="top_kk"):
+        SpladeEncoder(str(splade_tiny), top_kk=3)
+    with pytest.raises(ValueError, match="dtype"):
+        SpladeEncoder(str(splade_tiny), dtype="float8")
+    with pytest.raises(ValueError, match="unknown bundled model"):
+        SpladeEncoder("bundled:nope")

@@ -1,0 +1,107 @@
+"""Pure math on hand-made tensors: pooling, activation, pruning, CSR conversion."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import splade
+
+HUGE = 1e9
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()  # a fresh scratch chunk, as a real head returns
+
+
+def _hand_made() -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """3 documents of lengths 4, 2, 3 over a vocab of 5; padded positions hold HUGE."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, 4, 5)
+    lengths = [4, 2, 3]
+    mask = torch.zeros(3, 4, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+        logits[row, n:] = HUGE
+    return logits, mask, lengths
+
+
+def _definition(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """w_j = max over real i of log(1 + relu(logit_ij)), elementwise, no tricks."""
+    out = torch.zeros(logits.shape[0], logits.shape[2])
+    for b in range(logits.shape[0]):
+        for i in range(logits.shape[1]):
+            if mask[b, i]:
+                out[b] = torch.maximum(out[b], torch.log1p(torch.relu(logits[b, i])))
+    return out
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 2, 3, 5, 12, 1000])
+def test_pooling_ignores_padding_and_matches_definition(chunk_tokens: int) -> None:
+    logits, mask, lengths = _hand_made()
+    max_logits = splade.pooled_max_logits(logits.clone(), mask, lengths, _identity, 5, chunk_tokens)
+    weights = splade.splade_activation_(max_logits)
+    assert weights.max() < 10, "a padded position leaked into the max"
+    torch.testing.assert_close(weights, _definition(logits, mask), rtol=0, atol=0)
+
+
+def test_pooling_rows_not_sorted_by_length() -> None:
+    logits, mask, lengths = _hand_made()  # lengths 4, 2, 3: rows active at position 2 are {0, 2}
+    got = splade.pooled_max_logits(logits.clone(), mask, lengths, _identity, 5, chunk_tokens=2)
+    torch.testing.assert_close(splade.splade_activation_(got), _definition(logits, mask), rtol=0, atol=0)
+
+
+def test_pooling_skips_chunks_past_each_document() -> None:
+    logits, mask, lengths = _hand_made()
+    seen: list[tuple[int, int]] = []
+
+    def head(x: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(x.shape[:2]))
+        return x.clone()
+
+    splade.pooled_max_logits(logits, mask, lengths, head, 5, chunk_tokens=3)
+    assert sum(rows * cols for rows, cols in seen) == sum(lengths)  # no head work on padding
+    assert all(rows * cols <= 3 for rows, cols in seen)
+
+
+def test_masked_max_counts_negative_logits_and_bf16() -> None:
+    running = torch.full((1, 3), float("-inf"))
+    chunk = torch.tensor([[[-2.0, -1.0, HUGE], [-3.0, 0.5, HUGE]]], dtype=torch.bfloat16)
+    splade.masked_max_(running, chunk, torch.tensor([[1, 1]]))
+    assert running.dtype == torch.float32
+    torch.testing.assert_close(running, torch.tensor([[-2.0, 0.5, HUGE]]), rtol=1e-2, atol=0)
+
+
+def test_activation_values() -> None:
+    x = torch.tensor([[float("-inf"), -5.0, 0.0, 1.0, math.e - 1]])
+    torch.testing.assert_close(splade.splade_activation_(x), torch.tensor([[0.0, 0.0, 0.0, math.log(2), 1.0]]))
+
+
+def test_prune_min_weight_then_top_k() -> None:
+    w = torch.tensor([[0.125, 0.5, 0.375, 0.0, 0.875], [0.25, 0.0, 0.0, 0.0, 0.0]])
+    got = splade.prune_(w.clone(), top_k=2, min_weight=0.25)
+    assert got.tolist() == [[0.0, 0.5, 0.0, 0.0, 0.875], [0.25, 0.0, 0.0, 0.0, 0.0]]  # min_weight is kept
+    assert splade.prune_(w.clone(), top_k=None, min_weight=0.0).tolist() == w.tolist()
+    assert splade.prune_(w.clone(), top_k=3, min_weight=0.0)[0].tolist() == [0.0, 0.5, 0.375, 0.0, 0.875]
+    assert splade.prune_(w.clone(), top_k=1, min_weight=0.3).tolist() == [[0.0] * 4 + [0.875], [0.0] * 5]
+
+
+def test_to_csr_ascending_and_empty_rows() -> None:
+    w = torch.tensor([[0.0, 2.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [3.0, 0.0, 0.0, 4.0]])
+    offsets, indices, values = splade.to_csr(w)
+    assert offsets.tolist() == [0, 2, 2, 4]
+    assert indices.tolist() == [1, 3, 0, 3] and indices.dtype == np.int32
+    assert values.tolist() == [2.0, 1.0, 3.0, 4.0] and values.dtype == np.float32
+
+
+def test_csr_take_rows_reorders() -> None:
+    offsets = np.array([0, 2, 2, 5], dtype=np.int32)
+    indices = np.array([1, 4, 0, 2, 3], dtype=np.int32)
+    values = np.array([1, 2, 3, 4, 5], dtype=np.float32)
+    o, i, v = splade.csr_take_rows(offsets, indices, values, np.array([2, 0, 1]))
+    assert o.tolist() == [0, 3, 5, 5]
+    assert i.tolist() == [0, 2, 3, 1, 4]
+    assert v.tolist() == [3, 4, 5, 1, 2]
