@@ -30,11 +30,18 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _pool(method: str, head: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor, lengths: list[int], chunk: int) -> torch.Tensor:
+    from pipeline import splade
+
+    if method == "naive":
+        weights = torch.log1p(torch.relu(head(hidden))) * mask.unsqueeze(-1)
+        return weights.amax(dim=1)
+    return splade.splade_activation_(splade.pooled_max_logits(hidden, mask, lengths, head, 30522, chunk))
+
+
 def _child(method: str, batch: int, seq: int, chunk: int, device: str, out: str) -> None:
     from transformers import BertConfig
     from transformers.models.bert.modeling_bert import BertOnlyMLMHead
-
-    from pipeline import splade
 
     torch.manual_seed(0)
     head = BertOnlyMLMHead(BertConfig()).eval().to(device)
@@ -42,7 +49,8 @@ def _child(method: str, batch: int, seq: int, chunk: int, device: str, out: str)
     mask = torch.ones(batch, seq, dtype=torch.long, device=device)
     lengths = [seq] * batch
     with torch.inference_mode():
-        head(hidden[:1, :8])  # warm up kernels and allocator outside the measurement
+        # Warm up kernels (CUDA loads them lazily) on a slice, outside the measurement.
+        _pool(method, head, hidden[:2, :64], mask[:2, :64], [64, 64], chunk)
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -51,12 +59,7 @@ def _child(method: str, batch: int, seq: int, chunk: int, device: str, out: str)
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
             base = _rss_kib("VmRSS") * 1024
         start = time.perf_counter()
-        if method == "naive":
-            logits = head(hidden)
-            weights = torch.log1p(torch.relu(logits)) * mask.unsqueeze(-1)
-            result = weights.amax(dim=1)
-        else:
-            result = splade.splade_activation_(splade.pooled_max_logits(hidden, mask, lengths, head, 30522, chunk))
+        result = _pool(method, head, hidden, mask, lengths, chunk)
         if device == "cuda":
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - base

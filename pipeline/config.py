@@ -32,8 +32,11 @@ class EncoderConfig(StrictModel):
     max_length: int = Field(512, ge=2, description="Tokens per document, [CLS]/[SEP] included; longer ones are truncated and flagged.")
     top_k: int | None = Field(None, ge=1, description="Keep only the k largest weights per document (None: keep all).")
     min_weight: float = Field(0.0, ge=0.0, description="Drop weights below this value (0 keeps every positive weight).")
-    max_batch_tokens: int = Field(
-        16384, ge=1, description="Padded tokens per forward pass (documents are sorted by length and cut by this budget)."
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Padded tokens per forward pass (documents are sorted by length and cut by this budget). "
+        "None: 16384 on CPU, 32768 on CUDA.",
     )
     head_chunk_tokens: int | None = Field(
         None,

@@ -8,7 +8,6 @@ vectors at a higher peak memory.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,7 +19,7 @@ from pipeline.splade import Head
 
 @dataclass(frozen=True)
 class MaskedLMParts:
-    """``hidden(ids, mask, type_ids) -> [B, L, H]`` plus ``head(hidden) -> [B, L, V]``.
+    """``hidden(ids, mask) -> [B, L, H]`` plus ``head(hidden) -> [B, L, V]``.
 
     For ``kind == "generic"`` there is no split: ``hidden`` already returns the logits and
     ``head`` is the identity.
@@ -29,13 +28,10 @@ class MaskedLMParts:
     kind: Literal["bert", "distilbert", "generic"]
     module: nn.Module
     head: Head
-    takes_token_types: bool
 
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if self.takes_token_types:
-            kwargs["token_type_ids"] = token_type_ids
-        out = self.module(**kwargs, return_dict=True)
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # Documents are single sequences: token types are all 0, which is every model's default.
+        out = self.module(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
         return out.logits if self.kind == "generic" else out.last_hidden_state
 
 
@@ -44,7 +40,7 @@ def split_masked_lm(model: nn.Module) -> MaskedLMParts:
     from transformers import BertForMaskedLM, DistilBertForMaskedLM
 
     if isinstance(model, BertForMaskedLM):
-        return MaskedLMParts("bert", model.bert, model.cls, _takes_token_types(model.bert))
+        return MaskedLMParts("bert", model.bert, model.cls)
     if isinstance(model, DistilBertForMaskedLM):
 
         def distilbert_head(hidden: torch.Tensor) -> torch.Tensor:
@@ -52,13 +48,10 @@ def split_masked_lm(model: nn.Module) -> MaskedLMParts:
             x = model.activation(model.vocab_transform(hidden))
             return model.vocab_projector(model.vocab_layer_norm(x))
 
-        return MaskedLMParts("distilbert", model.distilbert, distilbert_head, False)
-    return MaskedLMParts("generic", model, _identity, _takes_token_types(model))
+        return MaskedLMParts("distilbert", model.distilbert, distilbert_head)
+    return MaskedLMParts("generic", model, _identity)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
-
-def _takes_token_types(module: nn.Module) -> bool:
-    return "token_type_ids" in inspect.signature(module.forward).parameters

@@ -53,7 +53,10 @@ def test_queries_rank_their_document_first(encoder: SpladeEncoder) -> None:
 
 def test_same_vectors_as_sentence_transformers(encoder: SpladeEncoder, splade_tiny: Path) -> None:
     from sentence_transformers import SparseEncoder
-    from sentence_transformers.sparse_encoder.modules import MLMTransformer, SpladePooling
+    try:  # sentence-transformers >= 6.2 moved these
+        from sentence_transformers.sparse_encoder.modules import MLMTransformer, SpladePooling
+    except ImportError:
+        from sentence_transformers.sparse_encoder.models import MLMTransformer, SpladePooling
 
     texts = [f"{r['title']} {r['text']}" for r in load_sample_corpus()] + ["", "x " * 600]
     st = SparseEncoder(modules=[MLMTransformer(str(splade_tiny)), SpladePooling("max")], device="cpu")
