@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+SAMPLE_CORPUS_PATH = str(files("pipeline") / "data" / "sample_corpus.jsonl")
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -51,3 +55,136 @@ class EncoderConfig(StrictModel):
         if not self.model.strip():
             raise ValueError("model: must name a Hugging Face model id or a local folder, got an empty string")
         return self
+
+
+Format = Literal["auto", "parquet", "jsonl", "csv"]
+# fsspec option names that carry credentials: refused in configs (the environment or the
+# instance role provides them), and masked wherever a config is echoed.
+SECRET_WORDS = ("secret", "password", "token", "key", "credential", "session")
+
+
+def _refuse_secrets(options: dict[str, Any], where: str) -> None:
+    for name, value in options.items():
+        if isinstance(value, dict):
+            _refuse_secrets(value, f"{where}.{name}")
+        elif any(word in name.lower() for word in SECRET_WORDS):
+            raise ValueError(
+                f"{where}.{name}: credentials are not accepted in the config; set them in the environment "
+                "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE) or use an instance role"
+            )
+
+
+class InputConfig(StrictModel):
+    """Where the corpus is and how its rows map to documents."""
+
+    paths: list[str] = Field(
+        default_factory=lambda: [SAMPLE_CORPUS_PATH],
+        min_length=1,
+        description="Files, folders/prefixes or globs: s3://, gs://, local paths or any fsspec URL "
+        "(default: the shipped sample corpus).",
+        json_schema_extra={"flag": "input"},
+    )
+    format: Format = Field("auto", description="File format; 'auto' decides per file by extension (.parquet, .jsonl/.json/.jsonl.gz/.ndjson, .csv/.csv.gz).")
+    id_column: str = Field("id", description="Column holding the document id.")
+    text_column: str = Field("text", description="Column holding the text to encode.")
+    title_column: str | None = Field(None, description="Optional column joined before the text with a space (BEIR corpora have title + text).")
+    passthrough_columns: list[str] = Field(default_factory=list, description="Columns copied unchanged to the output.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra fsspec options (e.g. {endpoint_url: ..., client_kwargs: {region_name: ...}}); never credentials.",
+    )
+    on_bad_file: Literal["error", "skip"] = Field("error", description="A corrupt or schema-less file stops the run ('error') or is skipped and reported ('skip').")
+    rows_per_block: int = Field(2048, ge=1, description="Rows per block handed from readers to encoders.")
+
+    @model_validator(mode="after")
+    def _no_secrets(self) -> InputConfig:
+        _refuse_secrets(self.storage_options, "input.storage_options")
+        return self
+
+
+class OutputConfig(StrictModel):
+    """Where vectors, rejects and the run summary go."""
+
+    path: str = Field("out/encoded", description="Output folder or prefix (local or any fsspec URL).", json_schema_extra={"flag": "output"})
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="Extra fsspec options for the output; never credentials.")
+    overwrite: bool = Field(False, description="Replace an existing output (otherwise a non-empty output folder is an error).")
+    compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet compression.")
+
+    @model_validator(mode="after")
+    def _no_secrets(self) -> OutputConfig:
+        _refuse_secrets(self.storage_options, "output.storage_options")
+        return self
+
+
+class ComputeConfig(StrictModel):
+    """How the Ray cluster runs the encoders."""
+
+    ray_address: str | None = Field(None, description="Ray cluster to join ('auto', 'ray://host:10001'); None starts or joins a local one.")
+    min_actors: int = Field(1, ge=1, description="Encoder actors kept alive (each holds one model).")
+    max_actors: int = Field(1, ge=1, description="Encoder actors at most (one per GPU on a GPU cluster).")
+    num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per encoder actor: 1 on GPU clusters, 0 for CPU actors.")
+    num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per encoder actor; torch uses this many threads in it.")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> ComputeConfig:
+        if self.max_actors < self.min_actors:
+            raise ValueError(f"compute.max_actors ({self.max_actors}) must be >= compute.min_actors ({self.min_actors})")
+        return self
+
+
+class JobConfig(StrictModel):
+    """One encoding job: input -> encoder -> output, on a Ray cluster."""
+
+    input: InputConfig = Field(default_factory=InputConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """YAML file (optional) plus dotted-path overrides (``{"encoder.top_k": 64}``), validated once."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"config {path}: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path}: expected a mapping at the top level, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, path)) from None
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message names the field, the value and what is allowed."""
+
+
+def _explain(err: ValidationError, path: str | Path | None) -> str:
+    where = f"config {path}" if path else "config"
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"])
+        got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
+        lines.append(f"  {field}: {e['msg']}{got}")
+    return f"{where} is invalid:\n" + "\n".join(lines)
+
+
+def redacted(config: BaseModel) -> dict[str, Any]:
+    """The config as a dict, with any credential-looking value masked (for echoing and summaries)."""
+
+    def mask(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: "***" if any(w in k.lower() for w in SECRET_WORDS) and v else mask(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [mask(v) for v in node]
+        return node
+
+    return mask(config.model_dump(mode="json"))
