@@ -3,19 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import typing
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
 
 from pipeline.bundled import SPLADE_TINY
+from pipeline.config import JobConfig, load_config, redacted
+
+SECTIONS = ("input", "encoder", "output", "compute")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="splade-pipeline", description=__doc__)
+    parser = argparse.ArgumentParser(prog="splade-pipeline", description="SPLADE sparse vectors for large corpora, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="encode the shipped sample corpus with the bundled SPLADE-tiny (offline)")
-    demo.add_argument("--output", type=Path, default=Path("out/demo"), help="output folder (default: out/demo)")
-    demo.add_argument("--model", default=SPLADE_TINY, help=f"model id or folder (default: {SPLADE_TINY})")
+    encode = sub.add_parser(
+        "encode",
+        help="run the encoding job (Ray Data): input files -> SPLADE vectors in Parquet + _SUMMARY.json",
+        description="Run the encoding job. Every config field is also a flag; flags override the YAML file.",
+    )
+    encode.add_argument("--config", type=Path, help="YAML job config (sections: input, encoder, output, compute)")
+    encode.add_argument("--show-config", action="store_true", help="print the resolved config (secrets masked) and exit")
+    flags = _add_config_flags(encode)
+
+    demo = sub.add_parser("demo", help="the built-in default: encode the shipped sample corpus with the bundled SPLADE-tiny")
+    demo.add_argument("--output", default="out/demo", help="output folder (default: out/demo)")
 
     terms = sub.add_parser("terms", help="print the weighted terms of each text")
     terms.add_argument("texts", nargs="+", help="texts to encode")
@@ -26,17 +42,29 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        return _dispatch(args)
-    except (ValueError, TypeError, OSError, RuntimeError) as err:
-        print(f"splade-pipeline {args.command}: error: {err}", file=sys.stderr)
+        return _dispatch(args, flags)
+    except Exception as err:  # noqa: BLE001 - users get one clear line, not a traceback
+        message, user_error = explain(err)
+        print(f"splade-pipeline {args.command}: error: {message}", file=sys.stderr)
+        if not user_error:
+            raise
         return 2
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "demo":
+def _dispatch(args: argparse.Namespace, flags: dict[str, str]) -> int:
+    if args.command == "encode":
+        overrides = {dotted: getattr(args, dest) for dest, dotted in flags.items() if getattr(args, dest) is not None}
+        config = load_config(args.config, overrides)
+        if args.show_config:
+            print(json.dumps(redacted(config), indent=2))
+            return 0
+        from pipeline.run import run_job
+
+        run_job(config)
+    elif args.command == "demo":
         from pipeline.demo import run_demo
 
-        run_demo(args.output, args.model)
+        run_demo(args.output)
     elif args.command == "terms":
         from pipeline.encoder import SpladeEncoder
 
@@ -48,6 +76,69 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         print(fetch_splade_tiny())
     return 0
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """One flag per config field (``--top-k``, ``--input``...), documented from the model; returns dest -> dotted path."""
+    leaves: list[tuple[str, str, Any]] = []
+    for section in SECTIONS:
+        model: type[BaseModel] = JobConfig.model_fields[section].default_factory().__class__
+        leaves += [(section, name, field) for name, field in model.model_fields.items()]
+    names = [((f.json_schema_extra or {}).get("flag") or n) for _, n, f in leaves]
+    flags = {}
+    groups = {section: parser.add_argument_group(f"{section} settings") for section in SECTIONS}
+    for (section, name, field), flag in zip(leaves, names):
+        if names.count(flag) > 1:
+            flag = f"{section}_{flag}"
+        dest = f"cfg_{section}_{name}"
+        default = field.get_default(call_default_factory=True)
+        group, kind, metavar = groups[section], _kind(field.annotation), name.upper()
+        help_text = f"{field.description} [{section}.{name}; default: {default!r}]"
+        if kind == "list":
+            group.add_argument(
+                f"--{flag.replace('_', '-')}", dest=dest, action="extend", type=_split, metavar=metavar,
+                help=help_text + " (repeat or comma-separate)",
+            )
+        else:
+            parse = str if kind == "str" else _yaml_value
+            group.add_argument(f"--{flag.replace('_', '-')}", dest=dest, type=parse, metavar=metavar, help=help_text)
+        flags[dest] = f"{section}.{name}"
+    return flags
+
+
+def _kind(annotation: Any) -> str:
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is list:
+        return "list"
+    if annotation is str or (args and set(args) <= {str, type(None)}):
+        return "str"
+    return "value"
+
+
+def _split(value: str) -> list[str]:
+    return [v for v in value.split(",") if v]
+
+
+def _yaml_value(value: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def explain(err: BaseException) -> tuple[str, bool]:
+    """The message a user should see, and whether the error is theirs (bad input or settings)."""
+    from pipeline.config import ConfigError
+    from pipeline.output import OutputError
+    from pipeline.sources import InputError
+
+    cause = getattr(err, "cause", None)  # Ray wraps errors raised in tasks and actors
+    while isinstance(cause, BaseException):
+        err, cause = cause, getattr(cause, "cause", None)
+    user = isinstance(err, (ConfigError, InputError, OutputError, ValueError, TypeError, OSError))
+    return str(err).strip().splitlines()[0] if not isinstance(err, ConfigError) else str(err), user
 
 
 if __name__ == "__main__":

@@ -1,54 +1,33 @@
-"""The built-in default run: the shipped sample corpus through the bundled SPLADE-tiny, offline."""
+"""The built-in default run: the shipped sample corpus through the Ray job with the bundled SPLADE-tiny."""
 
 from __future__ import annotations
 
 import json
-import time
-from importlib.resources import files
-from pathlib import Path
+from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.dataset as pads
 
-from pipeline.encoder import SpladeEncoder
-
-SAMPLE_CORPUS = files("pipeline") / "data" / "sample_corpus.jsonl"
+from pipeline.config import SAMPLE_CORPUS_PATH, load_config
 
 
 def load_sample_corpus() -> list[dict[str, str]]:
     """The shipped sample: ``{"id", "title", "text"}`` rows (short encyclopedic passages)."""
-    return [json.loads(line) for line in SAMPLE_CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    with open(SAMPLE_CORPUS_PATH, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
 
 
-def run_demo(output: Path, model: str, show: int = 3) -> dict[str, float]:
-    """Encode the sample corpus, write ``output/sample.parquet`` and print a few top terms."""
-    rows = load_sample_corpus()
-    encoder = SpladeEncoder(model)
-    texts = [f"{r['title']} {r['text']}" for r in rows]
-    start = time.perf_counter()
-    batch = encoder.encode_batch(texts)
-    seconds = time.perf_counter() - start
-    output.mkdir(parents=True, exist_ok=True)
-    table = pa.table(
-        {
-            "id": [r["id"] for r in rows],
-            "sparse": batch.sparse,
-            "num_tokens": pa.array(batch.num_tokens, pa.int32()),
-            "truncated": pa.array(batch.truncated),
-        }
-    )
-    pq.write_table(table, output / "sample.parquet")
-    for row, terms in zip(rows[:show], encoder.decode(batch.sparse[:show], top=8)):
-        print(f"{row['id']}  {row['title']!r}: " + ", ".join(f"{t} {w:.2f}" for t, w in terms.items()))
-    nnz = np.diff(batch.sparse.field("indices").offsets.to_numpy())
-    summary = {
-        "documents": len(rows),
-        "tokens": int(batch.num_tokens.sum()),
-        "truncated": int(batch.truncated.sum()),
-        "nonzeros_mean": float(nnz.mean()),
-        "seconds": round(seconds, 3),
-        "docs_per_s": round(len(rows) / seconds, 1),
-    }
-    print(f"wrote {output / 'sample.parquet'}  " + "  ".join(f"{k}={v}" for k, v in summary.items()))
+def run_demo(output: str, show: int = 3) -> dict[str, Any]:
+    """Run the encoding job on the sample corpus into ``output`` and print a few documents' top terms."""
+    from transformers import AutoTokenizer
+
+    from pipeline.encoder import decode
+    from pipeline.fingerprint import model_folder
+    from pipeline.run import run_job
+
+    config = load_config(None, {"input.title_column": "title", "output.path": output, "output.overwrite": True})
+    summary = run_job(config)
+    table = pads.dataset(f"{output}/data", format="parquet").to_table().sort_by("id").slice(0, show)
+    tokenizer = AutoTokenizer.from_pretrained(model_folder(config.encoder))
+    for doc_id, terms in zip(table["id"].to_pylist(), decode(tokenizer, table["sparse"], top=8)):
+        print(f"{doc_id}: " + ", ".join(f"{t} {w:.2f}" for t, w in terms.items()))
     return summary

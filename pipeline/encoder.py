@@ -148,12 +148,7 @@ class SpladeEncoder:
 
     def decode(self, vectors: pa.StructArray | pa.ChunkedArray, top: int | None = None) -> list[dict[str, float]]:
         """Readable view: ``{token: weight}`` per row, heaviest first (``top`` limits the count)."""
-        out = []
-        for indices, values in sparse_rows(vectors):
-            order = np.argsort(-values, kind="stable")[:top]
-            tokens = self.tokenizer.convert_ids_to_tokens(indices[order].tolist())
-            out.append(dict(zip(tokens, values[order].tolist())))
-        return out
+        return decode(self.tokenizer, vectors, top)
 
     def __repr__(self) -> str:
         return (
@@ -161,6 +156,16 @@ class SpladeEncoder:
             f"dtype={str(self.compute_dtype).removeprefix('torch.')!r}, path={self.parts.kind!r}, "
             f"max_length={self.max_length}, top_k={self.config.top_k}, min_weight={self.config.min_weight})"
         )
+
+
+def decode(tokenizer: Any, vectors: pa.StructArray | pa.ChunkedArray, top: int | None = None) -> list[dict[str, float]]:
+    """``{token: weight}`` per row of ``vectors``, heaviest first, using ``tokenizer``'s vocabulary."""
+    out = []
+    for indices, values in sparse_rows(vectors):
+        order = np.argsort(-values, kind="stable")[:top]
+        tokens = tokenizer.convert_ids_to_tokens(indices[order].tolist())
+        out.append(dict(zip(tokens, values[order].tolist())))
+    return out
 
 
 def _resolve_device(device: str) -> torch.device:

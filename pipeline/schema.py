@@ -24,8 +24,7 @@ def sparse_rows(vectors: pa.StructArray | pa.ChunkedArray) -> list[tuple[np.ndar
     """``(indices, values)`` numpy pairs per row, for inspection and tests."""
     if isinstance(vectors, pa.ChunkedArray):
         vectors = vectors.combine_chunks()
-    idx = vectors.field("indices")
-    val = vectors.field("values")
+    idx, val = vectors.flatten()  # flatten() honours a sliced struct's offset; field() does not
     return [
         (idx[i].values.to_numpy(zero_copy_only=False), val[i].values.to_numpy(zero_copy_only=False))
         for i in range(len(vectors))

@@ -1,0 +1,145 @@
+"""The encoding job as a Ray Data plan: list -> read + validate -> encode (actor pool) -> write -> summary.
+
+Everything that can fail because of the user's input or settings (nothing matched, unknown
+format, missing columns, an unusable output, an unknown model) fails here on the driver,
+before any cluster work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.config import ComputeConfig, JobConfig, redacted
+from pipeline.fingerprint import fingerprint
+from pipeline.output import SUMMARY_FILE, join, output_fs, prepare_output, write_blocks
+from pipeline.sources import Shard, check_columns, list_shards
+from pipeline.stages import EncodeBlocks, read_shards
+from pipeline.summary import render, summarize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    shards: list[Shard]
+    fingerprint: dict[str, Any]
+
+
+def make_plan(config: JobConfig) -> Plan:
+    """Driver-side checks and the facts every stage needs; starts nothing."""
+    shards = list_shards(config.input)
+    check_columns(shards[0], config.input)
+    fp = fingerprint(config.encoder)
+    _check_model_limits(config)
+    return Plan(shards, fp)
+
+
+def encoded_dataset(config: JobConfig, plan: Plan | None = None) -> Any:
+    """The lazy ``ray.data.Dataset`` of encoded rows, for custom use (notebooks).
+
+    Columns: ``id``, ``sparse``, ``num_tokens``, ``truncated``, the passthrough columns, and
+    the bookkeeping columns of :mod:`pipeline.sources`: rows whose ``_reject`` is not null are
+    rejects (with ``sparse`` null) and are kept so that nothing disappears unseen.
+    """
+    import ray
+
+    plan = plan or make_plan(config)
+    _ensure_ray(config.compute)
+    compute = config.compute
+    shards = [{"index": s.index, "url": s.url, "format": s.format} for s in plan.shards]
+    ds = ray.data.from_items(shards, override_num_blocks=len(shards))
+    ds = ds.map_batches(
+        read_shards,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={"cfg": config.input},
+        # A remote-args function keeps Ray from fusing reading into the encoder actors: reading
+        # and parsing must not hold a GPU (or the encoder's cores) while it waits on storage.
+        ray_remote_args_fn=_reader_args,
+    )
+    return ds.map_batches(
+        EncodeBlocks,
+        batch_size=None,  # one reader block per call: blocks stay whole from reader to writer
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=compute.min_actors, max_size=compute.max_actors),
+        num_cpus=compute.num_cpus_per_actor,
+        num_gpus=compute.num_gpus_per_actor,
+        fn_constructor_kwargs={
+            "encoder": config.encoder,
+            "expected_fingerprint": plan.fingerprint,
+            "threads": int(compute.num_cpus_per_actor),
+        },
+    )
+
+
+def run_job(config: JobConfig) -> dict[str, Any]:
+    """Run the whole job; write ``_SUMMARY.json`` beside the output and return the summary."""
+    start = time.perf_counter()
+    log.info("config: %s", json.dumps(redacted(config)))
+    plan = make_plan(config)
+    prepare_output(config.output)
+    encoded = encoded_dataset(config, plan)
+    written = encoded.map_batches(
+        write_blocks,
+        batch_size=None,
+        batch_format="pyarrow",
+        fn_kwargs={"cfg": config.output, "fingerprint": plan.fingerprint, "passthrough": config.input.passthrough_columns},
+    )
+    stats = pa.Table.from_pylist(written.take_all())
+    data_files = [f for f in stats["data_file"].to_pylist() if f] if stats.num_rows else []
+    duplicates = count_duplicate_ids(data_files, config)
+    summary = summarize(
+        stats, files=len(plan.shards), duplicate_ids=duplicates, seconds=time.perf_counter() - start, fingerprint=plan.fingerprint
+    )
+    summary["output"] = config.output.path
+    summary["config"] = redacted(config)
+    fs, root = output_fs(config.output)
+    with fs.open(join(root, SUMMARY_FILE), "w") as fh:
+        json.dump(summary, fh, indent=2)
+    print(render(summary, config.output.path), flush=True)
+    return summary
+
+
+def count_duplicate_ids(data_files: list[str], config: JobConfig) -> int:
+    """Rows whose id was already seen in the output (a distributed group-by, ids only)."""
+    if not data_files:
+        return 0
+    import pyarrow.fs as pafs
+    import ray
+
+    fs, _ = output_fs(config.output)
+    filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    paths = [fs._strip_protocol(f) for f in data_files]
+    # Few partitions: each one is a task, and the ids column is small next to the vectors.
+    partitions = max(1, min(200, len(paths) // 16))
+    counts = ray.data.read_parquet(paths, filesystem=filesystem, columns=["id"]).groupby("id", num_partitions=partitions).count()
+    extra = counts.map_batches(lambda b: {"extra": b["count()"] - 1}, batch_format="numpy").sum("extra")
+    return int(extra or 0)
+
+
+def _reader_args() -> dict[str, Any]:
+    return {"num_cpus": 1}
+
+
+def _ensure_ray(compute: ComputeConfig) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=compute.ray_address, log_to_driver=True)
+
+
+def _check_model_limits(config: JobConfig) -> None:
+    from transformers import AutoConfig
+
+    from pipeline.fingerprint import model_folder
+
+    model_config = AutoConfig.from_pretrained(model_folder(config.encoder))
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit and config.encoder.max_length > limit:
+        raise ValueError(f"encoder.max_length: {config.encoder.max_length} exceeds what the model accepts ({limit} positions)")

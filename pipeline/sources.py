@@ -1,0 +1,286 @@
+"""Input shards: listing them (sorted, on any fsspec filesystem) and reading them into blocks.
+
+Each block is an Arrow table with the mapped columns ``id`` and ``text`` (title joined in front),
+the passthrough columns, and bookkeeping columns: ``_source`` (file URL), ``_line`` (1-based line
+for JSONL/CSV, 0-based row for Parquet), ``_reject`` (null for a good row, else the reason),
+``_detail`` (what exactly was wrong), ``_shard``/``_block`` (where the block came from) and
+``_block_rows`` (rows in that block: the writer checks that none went missing on the way).
+
+A bad row never stops a run: it becomes a reject with its reason. A file that cannot be read
+at all stops the run with its URL named, or with ``on_bad_file: skip`` becomes one
+``bad_file`` marker row that the summary reports (and that is not counted as a row read).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import InputConfig
+
+GLOB_CHARS = "*?["
+BAD_FILE = "bad_file"
+BOOKKEEPING = ["_source", "_line", "_reject", "_detail", "_shard", "_block", "_block_rows"]
+_SUFFIXES = {
+    ".parquet": "parquet", ".pq": "parquet",
+    ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+    ".csv": "csv",
+}  # fmt: skip
+_COMPRESSION = (".gz", ".bz2", ".zst", ".xz")
+
+
+class InputError(ValueError):
+    """The input cannot be used as configured; the message names the URL or file."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    url: str
+    format: str
+
+
+def detect_format(url: str) -> str | None:
+    name = url.lower()
+    for comp in _COMPRESSION:
+        name = name.removesuffix(comp)
+    return next((fmt for suffix, fmt in _SUFFIXES.items() if name.endswith(suffix)), None)
+
+
+def list_shards(cfg: InputConfig) -> list[Shard]:
+    """Every input file, sorted by URL, with its format; fails before any cluster work."""
+    found: dict[str, str] = {}
+    for path in cfg.paths:
+        for url in _expand(path, cfg.storage_options):
+            fmt = cfg.format if cfg.format != "auto" else detect_format(url)
+            if fmt is None:
+                raise InputError(f"{url}: unknown file format; use .parquet, .jsonl/.json/.ndjson or .csv (optionally .gz), or set input.format")
+            found[url] = fmt
+    return [Shard(i, url, found[url]) for i, url in enumerate(sorted(found))]
+
+
+def _expand(path: str, storage_options: dict[str, Any]) -> list[str]:
+    try:
+        fs, root = fsspec.core.url_to_fs(path, **storage_options)
+        if any(c in root for c in GLOB_CHARS):
+            matches = [p for p in fs.glob(root) if fs.isfile(p)]
+        elif fs.isdir(root):
+            matches = fs.find(root)
+        elif fs.isfile(root):
+            return [fs.unstrip_protocol(root)]
+        else:
+            raise InputError(f"{path}: no such file or folder")
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any storage failure is reported with the URL
+        raise InputError(f"{path}: cannot list input: {_describe(err)}") from None
+    # Hidden and marker files (_SUCCESS, .crc, _SUMMARY.json) are never data.
+    files = [p for p in matches if not p.rsplit("/", 1)[-1].startswith((".", "_"))]
+    if not files:
+        raise InputError(f"{path}: no input files matched")
+    return [fs.unstrip_protocol(p) for p in files]
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    return f"{type(err).__name__}: {text}" if type(err).__name__ not in text else text
+
+
+def check_columns(shard: Shard, cfg: InputConfig) -> None:
+    """Plan-time check on one shard that the configured columns exist (lists those found)."""
+    with _open(shard, cfg) as fh:
+        if shard.format == "parquet":
+            found = pq.ParquetFile(fh).schema_arrow.names
+        elif shard.format == "csv":
+            found = next(csv.reader(io.TextIOWrapper(fh, encoding="utf-8", errors="replace", newline="")), [])
+        else:
+            first = next((line for line in fh if line.strip()), b"{}")
+            try:
+                record = json.loads(first)
+            except ValueError:
+                return  # the row-level reader reports it with its line number
+            found = list(record) if isinstance(record, dict) else []
+    _require_columns(shard, cfg, found)
+
+
+def _require_columns(shard: Shard, cfg: InputConfig, found: list[str]) -> None:
+    wanted = [cfg.id_column, cfg.text_column, *([cfg.title_column] if cfg.title_column else []), *cfg.passthrough_columns]
+    missing = [c for c in wanted if c not in found]
+    if missing:
+        raise InputError(f"{shard.url}: missing column(s) {missing}; columns found: {list(found)}")
+
+
+def _open(shard: Shard, cfg: InputConfig) -> Any:
+    compression = None if shard.format == "parquet" else "infer"  # Parquet needs a seekable file
+    return fsspec.open(shard.url, "rb", compression=compression, **cfg.storage_options).open()
+
+
+# ---- reading -----------------------------------------------------------------------------------
+
+
+class _BlockBuilder:
+    """Collects validated rows and cuts them into blocks of ``rows_per_block``."""
+
+    def __init__(self, shard: Shard, cfg: InputConfig) -> None:
+        self.shard, self.cfg = shard, cfg
+        self.rows: list[dict[str, Any]] = []
+        self.block = 0
+
+    def add(self, record: dict[str, Any] | None, line: int, reject: str | None = None, detail: str | None = None) -> pa.Table | None:
+        """Append one row; return a finished block when this row fills one."""
+        row = {"id": None, "text": None, **{c: None for c in self.cfg.passthrough_columns}}
+        if reject is None:
+            reject, detail = _map_record(record, self.cfg, row)
+        row.update(_source=self.shard.url, _line=line, _reject=reject, _detail=detail)
+        self.rows.append(row)
+        return self.flush() if len(self.rows) >= self.cfg.rows_per_block else None
+
+    def flush(self) -> pa.Table:
+        n = len(self.rows)
+        for row in self.rows:
+            row.update(_shard=self.shard.index, _block=self.block, _block_rows=n)
+        table = _to_table(self.rows, self.cfg)
+        self.rows, self.block = [], self.block + 1
+        return table
+
+
+def _to_table(rows: list[dict[str, Any]], cfg: InputConfig) -> pa.Table:
+    columns: dict[str, pa.Array] = {
+        "id": pa.array([r["id"] for r in rows], pa.string()),
+        "text": pa.array([r["text"] for r in rows], pa.string()),
+    }
+    for name in cfg.passthrough_columns:
+        columns[name] = pa.array([r[name] for r in rows]) if rows else pa.array([], pa.null())
+    columns |= {
+        "_source": pa.array([r["_source"] for r in rows], pa.string()),
+        "_line": pa.array([r["_line"] for r in rows], pa.int64()),
+        "_reject": pa.array([r["_reject"] for r in rows], pa.string()),
+        "_detail": pa.array([r["_detail"] for r in rows], pa.string()),
+        "_shard": pa.array([r["_shard"] for r in rows], pa.int32()),
+        "_block": pa.array([r["_block"] for r in rows], pa.int32()),
+        "_block_rows": pa.array([r["_block_rows"] for r in rows], pa.int32()),
+    }
+    return pa.table(columns)
+
+
+def _map_record(record: dict[str, Any], cfg: InputConfig, row: dict[str, Any]) -> tuple[str | None, str | None]:
+    """Fill ``row`` from ``record``; return (reason, detail) when the row must be rejected."""
+    raw_id = record.get(cfg.id_column)
+    if cfg.id_column in record and raw_id is not None and not isinstance(raw_id, (dict, list)):
+        row["id"] = str(raw_id)
+    for name in cfg.passthrough_columns:
+        row[name] = record.get(name)
+    if cfg.id_column not in record:
+        return "missing_id", f"no {cfg.id_column!r} field; fields found: {sorted(record)}"
+    if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
+        return "missing_id", f"{cfg.id_column!r} is null or empty"
+    if isinstance(raw_id, (dict, list)):
+        return "missing_id", f"{cfg.id_column!r} is a {type(raw_id).__name__}, not a scalar"
+    if cfg.text_column not in record:
+        return "missing_text", f"no {cfg.text_column!r} field; fields found: {sorted(record)}"
+    text = record[cfg.text_column]
+    if text is None:
+        return "null_text", f"{cfg.text_column!r} is null"
+    if not isinstance(text, str):
+        return "non_string_text", f"{cfg.text_column!r} is {type(text).__name__}"
+    title = record.get(cfg.title_column) if cfg.title_column else None
+    if title is not None and not isinstance(title, str):
+        return "non_string_title", f"{cfg.title_column!r} is {type(title).__name__}"
+    if title and title.strip():
+        text = f"{title} {text}"
+    if not text.strip():
+        return "empty_text", f"{cfg.text_column!r} is empty or whitespace"
+    row["text"] = text
+    return None, None
+
+
+def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
+    """Blocks of validated rows from one file (see the module docstring for the columns)."""
+    builder = _BlockBuilder(shard, cfg)
+    try:
+        with _open(shard, cfg) as fh:
+            reader = {"parquet": _parquet_rows, "jsonl": _jsonl_rows, "csv": _csv_rows}[shard.format]
+            for record, line, reject, detail in reader(fh, shard, cfg):
+                if (block := builder.add(record, line, reject, detail)) is not None:
+                    yield block
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a file we cannot read at all
+        if cfg.on_bad_file == "error":
+            raise InputError(f"{shard.url}: cannot read as {shard.format}: {_describe(err)} (set input.on_bad_file: skip to skip such files)") from None
+        # Rows of blocks already handed on stay (they were read and are valid); the marker says
+        # how far the file got, and the rows of the unfinished block are dropped with the file.
+        done = builder.block * cfg.rows_per_block
+        builder.rows.clear()
+        builder.add({}, -1, BAD_FILE, f"{_describe(err)}" + (f" (after {done} rows)" if done else ""))
+        yield builder.flush()
+        return
+    if builder.rows or builder.block == 0:
+        yield builder.flush()
+
+
+def _parquet_rows(fh: Any, shard: Shard, cfg: InputConfig) -> Iterator[tuple[dict, int, None, None]]:
+    pf = pq.ParquetFile(fh)
+    _require_columns(shard, cfg, pf.schema_arrow.names)
+    wanted = list(dict.fromkeys([cfg.id_column, cfg.text_column, *([cfg.title_column] if cfg.title_column else []), *cfg.passthrough_columns]))
+    row = 0
+    for batch in pf.iter_batches(batch_size=cfg.rows_per_block, columns=wanted):
+        for record in batch.to_pylist():
+            yield record, row, None, None
+            row += 1
+
+
+def _jsonl_rows(fh: Any, shard: Shard, cfg: InputConfig) -> Iterator[tuple[dict | None, int, str | None, str | None]]:
+    for number, raw in enumerate(fh, start=1):
+        if not raw.strip():
+            continue  # blank lines are not records
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield None, number, "undecodable_bytes", f"not UTF-8: byte {raw[err.start]:#04x} at column {err.start + 1}"
+            continue
+        try:
+            record = json.loads(text)
+        except ValueError as err:
+            yield None, number, "malformed_json", str(err)
+            continue
+        if not isinstance(record, dict):
+            yield None, number, "malformed_json", f"a JSON {type(record).__name__}, not an object"
+            continue
+        yield record, number, None, None
+
+
+def _csv_rows(fh: Any, shard: Shard, cfg: InputConfig) -> Iterator[tuple[dict | None, int, str | None, str | None]]:
+    # surrogateescape keeps undecodable bytes visible per row instead of failing the whole file
+    reader = csv.reader(io.TextIOWrapper(fh, encoding="utf-8", errors="surrogateescape", newline=""))
+    header = next(reader, None)
+    if header is None:
+        raise ValueError("empty CSV file (no header row)")
+    _require_columns(shard, cfg, header)
+    for fields in reader:
+        line = reader.line_num
+        if not fields:
+            continue
+        if len(fields) != len(header):
+            yield None, line, "malformed_csv_row", f"{len(fields)} fields, header has {len(header)}"
+            continue
+        if any(_has_surrogates(f) for f in fields):
+            yield None, line, "undecodable_bytes", "not UTF-8"
+            continue
+        yield dict(zip(header, fields)), line, None, None
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False

@@ -1,0 +1,82 @@
+"""The run summary: computed from the writers' per-block stats (that is, from the data)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+
+class RowsLostError(RuntimeError):
+    """Rows read did not all reach the output or the rejects: a bug, never a user error."""
+
+
+def summarize(stats: pa.Table, *, files: int, duplicate_ids: int, seconds: float, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    rows = stats.to_pylist()
+    _check_blocks(rows)
+    rejected: Counter[str] = Counter()
+    hist: Counter[int] = Counter()
+    for r in rows:
+        rejected.update(json.loads(r["rejected"]))
+        hist.update({int(k): v for k, v in json.loads(r["nnz_hist"]).items()})
+    read = sum(r["rows"] for r in rows)
+    written = sum(r["written"] for r in rows)
+    summary = {
+        "rows_read": read,
+        "rows_written": written,
+        "rows_rejected": sum(rejected.values()),
+        "rejected_by_reason": dict(sorted(rejected.items())),
+        "duplicate_ids": duplicate_ids,
+        "truncated": sum(r["truncated"] for r in rows),
+        "tokens": sum(r["tokens"] for r in rows),
+        "nonzeros_per_doc": _percentiles(hist),
+        "input_files": files,
+        "skipped_files": sorted(r["bad_file"] for r in rows if r["bad_file"]),
+        "output_files": sum(1 for r in rows if r["data_file"]),
+        "wall_seconds": round(seconds, 3),
+        "docs_per_s": round(written / seconds, 1) if seconds > 0 else None,
+        "fingerprint": fingerprint,
+    }
+    if summary["rows_read"] != summary["rows_written"] + summary["rows_rejected"]:
+        raise RowsLostError(f"rows_read {read} != rows_written {written} + rows_rejected {summary['rows_rejected']}")
+    return summary
+
+
+def _check_blocks(rows: list[dict[str, Any]]) -> None:
+    seen: Counter[tuple[int, int]] = Counter()
+    expected: dict[tuple[int, int], int] = {}
+    for r in rows:
+        if r["bad_file"]:
+            continue
+        seen[(r["shard"], r["block"])] += r["rows"]
+        expected[(r["shard"], r["block"])] = r["block_rows"]
+    lost = {k: (expected[k], n) for k, n in seen.items() if n != expected[k]}
+    if lost:
+        raise RowsLostError(f"blocks whose rows did not all arrive (shard, block): (read, arrived) = {lost}")
+
+
+def _percentiles(hist: Counter[int]) -> dict[str, float]:
+    if not hist:
+        return {"mean": 0.0, "p50": 0.0, "p99": 0.0}
+    values = np.array(sorted(hist))
+    counts = np.array([hist[v] for v in values])
+    cumulative = np.cumsum(counts) / counts.sum()
+    pick = lambda q: float(values[np.searchsorted(cumulative, q)])  # noqa: E731
+    return {"mean": round(float((values * counts).sum() / counts.sum()), 2), "p50": pick(0.5), "p99": pick(0.99)}
+
+
+def render(summary: dict[str, Any], output: str) -> str:
+    nz = summary["nonzeros_per_doc"]
+    lines = [
+        f"splade-pipeline: {summary['rows_read']} rows read = {summary['rows_written']} written + {summary['rows_rejected']} rejected",
+        f"  rejected by reason: {summary['rejected_by_reason'] or 'none'}; duplicate ids: {summary['duplicate_ids']}; truncated: {summary['truncated']}",
+        f"  tokens: {summary['tokens']}; non-zeros per doc: mean {nz['mean']}, p50 {nz['p50']:.0f}, p99 {nz['p99']:.0f}",
+        f"  {summary['input_files']} input files, {summary['output_files']} output files, skipped files: {len(summary['skipped_files'])}",
+        f"  {summary['wall_seconds']} s, {summary['docs_per_s']} docs/s",
+        f"  output: {output}",
+    ]
+    lines += [f"  skipped: {s}" for s in summary["skipped_files"]]
+    return "\n".join(lines)
