@@ -23,6 +23,7 @@ from pipeline.stages import EncodeBlocks, read_shards
 from pipeline.summary import render, summarize
 
 log = logging.getLogger(__name__)
+READER_MEMORY = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,10 @@ def encoded_dataset(config: JobConfig, plan: Plan | None = None) -> Any:
         batch_size=1,
         batch_format="pyarrow",
         fn_kwargs={"cfg": config.input},
-        # A remote-args function keeps Ray from fusing reading into the encoder actors: reading
-        # and parsing must not hold a GPU (or the encoder's cores) while it waits on storage.
-        ray_remote_args_fn=_reader_args,
+        # A reader holds a file buffer and one block of rows. Declaring that memory (the actors
+        # declare none) also keeps Ray from fusing reading into the encoder actors: reading and
+        # parsing must not hold a GPU (or the encoder's cores) while storage answers.
+        memory=READER_MEMORY,
     )
     return ds.map_batches(
         EncodeBlocks,
@@ -118,13 +120,10 @@ def count_duplicate_ids(data_files: list[str], config: JobConfig) -> int:
     paths = [fs._strip_protocol(f) for f in data_files]
     # Few partitions: each one is a task, and the ids column is small next to the vectors.
     partitions = max(1, min(200, len(paths) // 16))
-    counts = ray.data.read_parquet(paths, filesystem=filesystem, columns=["id"]).groupby("id", num_partitions=partitions).count()
+    ids = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(["id"])
+    counts = ids.groupby("id", num_partitions=partitions).count()
     extra = counts.map_batches(lambda b: {"extra": b["count()"] - 1}, batch_format="numpy").sum("extra")
     return int(extra or 0)
-
-
-def _reader_args() -> dict[str, Any]:
-    return {"num_cpus": 1}
 
 
 def _ensure_ray(compute: ComputeConfig) -> None:

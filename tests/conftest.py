@@ -63,3 +63,64 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory, splade_tiny: Path) -> 
     }
     root = tmp_path_factory.mktemp("tiny-models")
     return {name: _save_tiny(model, root / name, splade_tiny) for name, model in models.items()}
+
+
+# ---- real services on 127.0.0.1: S3 (moto's HTTP server) and a Ray cluster ---------------------
+
+import logging  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1; its URL is exported as AWS_ENDPOINT_URL for every client."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    os.environ.update(S3_ENV | {"AWS_ENDPOINT_URL": url})
+    yield url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint: str, splade_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A local Ray head (2 CPUs) started like a real cluster, so jobs can also be submitted to it.
+
+    Started after the S3 endpoint so its workers inherit AWS_ENDPOINT_URL; the test process and
+    CLI subprocesses join it through RAY_ADDRESS.
+    """
+    import ray
+
+    port, dashboard = free_port(), free_port()
+    env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    temp = tmp_path_factory.mktemp("ray")
+    ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable))
+    cmd = [
+        ray_bin, "start", "--head", "--num-cpus=2", "--node-ip-address=127.0.0.1", f"--port={port}",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        f"--object-store-memory={512 * 2**20}", "--disable-usage-stats", f"--temp-dir={temp}",
+    ]  # fmt: skip
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    address = f"127.0.0.1:{port}"
+    os.environ.update({"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
+    ray.init(address=address, log_to_driver=False)
+    os.environ["RAY_DASHBOARD_URL"] = f"http://127.0.0.1:{dashboard}"
+    yield address
+    ray.shutdown()
+    subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
