@@ -109,6 +109,8 @@ def ray_cluster(s3_endpoint: str, splade_tiny: Path, tmp_path_factory: pytest.Te
 
     port, dashboard = free_port(), free_port()
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Submitted jobs run `python ...`: make that this interpreter, venv or not.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     temp = tmp_path_factory.mktemp("ray")
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable))
     cmd = [

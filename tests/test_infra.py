@@ -1,0 +1,65 @@
+"""Manifests in infra/ and jobs/ parse, and what they name exists in the repository."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = "ghcr.io/example/splade-pipeline"
+
+
+def _entrypoint_paths(entrypoint: str) -> tuple[Path, Path]:
+    words = shlex.split(entrypoint)
+    assert words[0] == "python"
+    return ROOT / words[1], ROOT / words[words.index("--config") + 1]
+
+
+def _version() -> str:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+def test_rayjob() -> None:
+    job = yaml.safe_load((ROOT / "infra/kuberay/rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob" and job["apiVersion"] == "ray.io/v1"
+    script, config = _entrypoint_paths(job["spec"]["entrypoint"])
+    assert script.is_file() and config.is_file()
+    load_config(config)  # the config it runs validates
+    spec = job["spec"]["rayClusterSpec"]
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    workers = spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert head["image"] == workers["image"] == f"{IMAGE}:{_version()}"
+    assert workers["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    gpu_config = load_config(config)
+    assert gpu_config.compute.num_gpus_per_actor == 1
+
+
+def test_cluster_launcher_and_runtime_env() -> None:
+    cluster = yaml.safe_load((ROOT / "infra/cluster.yaml").read_text())
+    assert cluster["docker"]["image"] == f"{IMAGE}:{_version()}"
+    assert cluster["head_node_type"] in cluster["available_node_types"]
+    runtime_env = yaml.safe_load((ROOT / "infra/runtime_env.yaml").read_text())
+    assert (ROOT / runtime_env["working_dir"]).is_dir()
+    assert ".venv" in runtime_env["excludes"] and ".git" in runtime_env["excludes"]
+
+
+def test_dockerfile_copies_what_exists() -> None:
+    text = (ROOT / "infra/Dockerfile").read_text()
+    for line in re.findall(r"^COPY .*$", text, flags=re.M):
+        sources = [w for w in line.split()[1:-1] if not w.startswith("--")]
+        assert sources and all((ROOT / s).exists() for s in sources), line
+    assert f'org.opencontainers.image.version="{_version()}"' in text
+    assert f"{IMAGE}:{_version()}" in text
+
+
+def test_every_job_config_validates() -> None:
+    configs = sorted((ROOT / "jobs/configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)
