@@ -2,31 +2,35 @@
 
 Public API: :class:`SpladeEncoder` (texts -> Arrow sparse vectors), the job
 (:func:`run_job`, :func:`encoded_dataset`) and the typed config (:func:`load_config`).
+Names are imported on first use, so that Ray reader and writer workers, which import
+``pipeline.sources`` or ``pipeline.output``, do not pay for torch and transformers.
 """
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
-
-from pipeline.bundled import SPLADE_TINY, fetch_splade_tiny
-from pipeline.config import EncoderConfig, JobConfig, load_config
-from pipeline.encoder import EncodedBatch, SpladeEncoder
-from pipeline.run import encoded_dataset, run_job
-from pipeline.schema import SPARSE_TYPE
+from typing import Any
 
 try:
     __version__ = version("splade-pipeline")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = [
-    "SPARSE_TYPE",
-    "SPLADE_TINY",
-    "EncodedBatch",
-    "EncoderConfig",
-    "JobConfig",
-    "SpladeEncoder",
-    "__version__",
-    "encoded_dataset",
-    "fetch_splade_tiny",
-    "load_config",
-    "run_job",
-]
+_EXPORTS = {
+    "SPARSE_TYPE": "pipeline.schema",
+    "SPLADE_TINY": "pipeline.bundled",
+    "EncodedBatch": "pipeline.encoder",
+    "EncoderConfig": "pipeline.config",
+    "JobConfig": "pipeline.config",
+    "SpladeEncoder": "pipeline.encoder",
+    "encoded_dataset": "pipeline.run",
+    "fetch_splade_tiny": "pipeline.bundled",
+    "load_config": "pipeline.config",
+    "run_job": "pipeline.run",
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

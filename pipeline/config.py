@@ -123,7 +123,11 @@ class ComputeConfig(StrictModel):
     min_actors: int = Field(1, ge=1, description="Encoder actors kept alive (each holds one model).")
     max_actors: int = Field(1, ge=1, description="Encoder actors at most (one per GPU on a GPU cluster).")
     num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per encoder actor: 1 on GPU clusters, 0 for CPU actors.")
-    num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per encoder actor; torch uses this many threads in it.")
+    num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs Ray reserves per encoder actor.")
+    torch_threads: int | None = Field(None, ge=1, description="Torch intra-op threads in each encoder actor (None: num_cpus_per_actor, at least 1).")
+    io_cpus: float = Field(
+        0.25, gt=0, description="CPUs Ray reserves per reader and writer task (mostly waiting on storage)."
+    )
 
     @model_validator(mode="after")
     def _sizes(self) -> ComputeConfig:

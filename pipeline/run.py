@@ -60,6 +60,7 @@ def encoded_dataset(config: JobConfig, plan: Plan | None = None) -> Any:
         batch_size=1,
         batch_format="pyarrow",
         fn_kwargs={"cfg": config.input},
+        num_cpus=compute.io_cpus,
         # A reader holds a file buffer and one block of rows. Declaring that memory (the actors
         # declare none) also keeps Ray from fusing reading into the encoder actors: reading and
         # parsing must not hold a GPU (or the encoder's cores) while storage answers.
@@ -75,7 +76,7 @@ def encoded_dataset(config: JobConfig, plan: Plan | None = None) -> Any:
         fn_constructor_kwargs={
             "encoder": config.encoder,
             "expected_fingerprint": plan.fingerprint,
-            "threads": int(compute.num_cpus_per_actor),
+            "threads": compute.torch_threads or max(1, int(compute.num_cpus_per_actor)),
         },
     )
 
@@ -92,6 +93,7 @@ def run_job(config: JobConfig) -> dict[str, Any]:
         batch_size=None,
         batch_format="pyarrow",
         fn_kwargs={"cfg": config.output, "fingerprint": plan.fingerprint, "passthrough": config.input.passthrough_columns},
+        num_cpus=config.compute.io_cpus,
     )
     stats = pa.Table.from_pylist(written.take_all())
     data_files = [f for f in stats["data_file"].to_pylist() if f] if stats.num_rows else []
@@ -131,6 +133,15 @@ def _ensure_ray(compute: ComputeConfig) -> None:
 
     if not ray.is_initialized():
         ray.init(address=compute.ray_address, log_to_driver=True)
+    cpus = ray.cluster_resources().get("CPU", 0)
+    needed = compute.min_actors * compute.num_cpus_per_actor + compute.io_cpus
+    if needed > cpus:
+        # Not an error: an autoscaling cluster may add the nodes once asked.
+        log.warning(
+            "the cluster has %s CPUs now; %d encoder actors x %s CPUs + %s for a reader need %s. Unless it scales up, "
+            "lower compute.min_actors or compute.num_cpus_per_actor.", cpus, compute.min_actors, compute.num_cpus_per_actor,
+            compute.io_cpus, needed,
+        )
 
 
 def _check_model_limits(config: JobConfig) -> None:

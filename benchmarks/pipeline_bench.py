@@ -1,0 +1,102 @@
+"""Pipeline overhead: the full Ray job (S3 via moto's server in, Parquet out) against the bare encoder.
+
+Same 10,000 synthetic MS MARCO-length passages, same model (default: the bundled SPLADE-tiny),
+both in this process's machine. The bare encoder gets every core as torch threads; the job runs
+on a local Ray cluster of the same cores, reading Parquet shards from S3 and writing to S3.
+
+    python benchmarks/pipeline_bench.py [--n 10000] [--shards 10] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from corpus import passages  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=10_000)
+    p.add_argument("--shards", type=int, default=10)
+    p.add_argument("--model", default="bundled:splade-tiny")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    cores = os.cpu_count() or 1
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1", RAY_AUTH_MODE="disabled", RAY_DATA_DISABLE_PROGRESS_BARS="1", HF_HUB_OFFLINE="1",
+    )  # fmt: skip
+    import s3fs
+
+    texts = passages(args.n)
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("bench-in")
+    fs.mkdir("bench-out")
+    per = -(-args.n // args.shards)
+    for i in range(args.shards):
+        chunk = texts[i * per : (i + 1) * per]
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"id": [f"p{i * per + j}" for j in range(len(chunk))], "text": chunk}), buf)
+        fs.pipe(f"bench-in/shard-{i:03d}.parquet", buf.getvalue())
+
+    import torch
+
+    from pipeline import SpladeEncoder, load_config, run_job
+
+    torch.set_num_threads(cores)
+    encoder = SpladeEncoder(args.model, device="cpu")
+    encoder.encode(texts[:64])  # warm
+    start = time.perf_counter()
+    for i in range(0, len(texts), 2048):  # the job's block size
+        encoder.encode(texts[i : i + 2048])
+    bare_s = time.perf_counter() - start
+
+    import ray
+
+    ray.init(num_cpus=cores, object_store_memory=1 << 30, log_to_driver=False)
+    results = {"bare_encoder_docs_per_s": args.n / bare_s}
+    variants = {
+        "1 actor, all cores as torch threads": {"compute.num_cpus_per_actor": cores - 0.5, "compute.torch_threads": cores},
+        f"{cores} actors, 1 thread each": {"compute.min_actors": cores, "compute.max_actors": cores, "compute.num_cpus_per_actor": 1 - 0.25 / cores, "compute.io_cpus": 0.1},
+    }  # fmt: skip
+    for name, overrides in variants.items():
+        cfg = load_config(None, {"input.paths": ["s3://bench-in/"], "output.path": f"s3://bench-out/{len(results)}", "encoder.model": args.model, **overrides})
+        summary = run_job(cfg)
+        assert summary["rows_written"] == args.n
+        results[name] = summary["docs_per_s"]
+    server.stop()
+    print(f"\n{args.n} passages, {args.model}, {cores} cores, torch {torch.__version__}")
+    print(f"bare encoder ({cores} torch threads): {results['bare_encoder_docs_per_s']:.1f} docs/s")
+    for name in variants:
+        print(f"Ray job, {name}: {results[name]:.1f} docs/s = {results[name] / results['bare_encoder_docs_per_s']:.0%} of the bare encoder")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
