@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from pipeline.bundled import SPLADE_TINY
 from pipeline.config import JobConfig, load_config, redacted
 
-SECTIONS = ("input", "encoder", "output", "compute")
+SECTIONS = ("input", "encoder", "output", "compute", "sink")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +30,20 @@ def main(argv: list[str] | None = None) -> int:
     encode.add_argument("--show-config", action="store_true", help="print the resolved config (secrets masked) and exit")
     flags = _add_config_flags(encode)
 
+    upsert = sub.add_parser(
+        "upsert", help="load an encoded output into the configured vector store (no re-encoding)",
+        description="Upsert the vectors of an encoded output (its data/ folder) into sink.*; takes the same flags as encode.",
+    )
+    upsert.add_argument("--from", dest="source", required=True, help="the encoded output folder/prefix (the job's output.path)")
+    upsert.add_argument("--config", type=Path, help="YAML job config (its sink section says where to load)")
+    upsert_flags = _add_config_flags(upsert)
+
+    search = sub.add_parser("search", help="encode queries with the job's model and print the store's top hits")
+    search.add_argument("queries", nargs="+", help="query texts")
+    search.add_argument("--k", type=int, default=10, help="hits per query (default: 10)")
+    search.add_argument("--config", type=Path, help="YAML job config (encoder and sink sections are used)")
+    search_flags = _add_config_flags(search)
+
     demo = sub.add_parser("demo", help="the built-in default: encode the shipped sample corpus with the bundled SPLADE-tiny")
     demo.add_argument("--output", default="out/demo", help="output folder (default: out/demo)")
 
@@ -41,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("fetch-model", help=f"download and verify {SPLADE_TINY} into the cache; print its folder")
 
     args = parser.parse_args(argv)
+    flags = {"encode": flags, "upsert": upsert_flags, "search": search_flags}.get(args.command, {})
     try:
         return _dispatch(args, flags)
     except Exception as err:  # noqa: BLE001 - users get one clear line, not a traceback
@@ -52,9 +67,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, flags: dict[str, str]) -> int:
-    if args.command == "encode":
-        overrides = {dotted: getattr(args, dest) for dest, dotted in flags.items() if getattr(args, dest) is not None}
-        config = load_config(args.config, overrides)
+    overrides = {dotted: getattr(args, dest) for dest, dotted in flags.items() if getattr(args, dest) is not None}
+    config = load_config(args.config, overrides) if flags else None
+    if args.command in ("upsert", "search") and not config.sink.type:
+        raise ValueError("sink.type: no vector store configured; set sink.type (e.g. --sink-type qdrant) or a sink section in --config")
+    if args.command == "upsert":
+        from pipeline.upsert import upsert_output
+
+        result = upsert_output(config, args.source)
+        print(f"upserted {result['upserted']} vectors into {result['store']} in {result['seconds']} s "
+              f"({result['vectors_per_s']} vectors/s); it holds {result['store_count']}; empty vectors rejected: "
+              f"{result['rejected_empty_vectors']}")
+    elif args.command == "search":
+        from pipeline.search import search
+
+        for query, hits in zip(args.queries, search(config, args.queries, args.k)):
+            print(f"{query!r}:")
+            for rank, (doc_id, score) in enumerate(hits, 1):
+                print(f"  {rank:>2}. {doc_id}  {score:.4f}")
+    elif args.command == "encode":
         if args.show_config:
             print(json.dumps(redacted(config), indent=2))
             return 0
@@ -88,7 +119,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
     flags = {}
     groups = {section: parser.add_argument_group(f"{section} settings") for section in SECTIONS}
     for (section, name, field), flag in zip(leaves, names):
-        if names.count(flag) > 1:
+        if names.count(flag) > 1 or (section == "sink" and not flag.startswith("sink")):
             flag = f"{section}_{flag}"
         dest = f"cfg_{section}_{name}"
         default = field.get_default(call_default_factory=True)

@@ -136,13 +136,32 @@ class ComputeConfig(StrictModel):
         return self
 
 
+class SinkConfig(StrictModel):
+    """Optional load of the vectors into a vector store, after the Parquet output is written."""
+
+    type: Literal["qdrant"] | None = Field(None, description="Vector store to upsert into (None: write Parquet only).")
+    collection: str = Field("splade", description="Collection (Qdrant) to upsert into.")
+    path: str | None = Field("out/qdrant", description="Qdrant embedded local mode: folder of the store (used when url is not set).")
+    url: str | None = Field(None, description="Qdrant server URL (e.g. http://qdrant:6333); its API key comes from the environment.")
+    api_key_env: str = Field("QDRANT_API_KEY", description="Environment variable holding the store's API key, if it needs one.")
+    vector_name: str = Field("sparse", description="Name of the sparse vector in the collection.")
+    idf_modifier: bool = Field(False, description="Qdrant: let the store apply IDF to the sparse vector at query time.")
+    create_if_missing: bool = Field(True, description="Create the collection if it does not exist (an existing one is never dropped).")
+    batch_size: int = Field(256, ge=1, description="Vectors per upsert request at most (also cut by request bytes).")
+    max_request_bytes: int = Field(32 * 2**20, ge=1024, description="Encoded bytes per upsert request at most.")
+    writers: int = Field(1, ge=1, description="Concurrent upsert workers (bounded: a slow store applies back-pressure).")
+    retry_deadline_s: float = Field(120.0, gt=0, description="Keep retrying transient store errors (429, 5xx, timeouts, refused connections) this long.")
+    query_model: str | None = Field(None, description="Model for `search` queries when it differs from encoder.model (e.g. a SPLADE query encoder).")
+
+
 class JobConfig(StrictModel):
-    """One encoding job: input -> encoder -> output, on a Ray cluster."""
+    """One encoding job: input -> encoder -> output (-> sink), on a Ray cluster."""
 
     input: InputConfig = Field(default_factory=InputConfig)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    sink: SinkConfig = Field(default_factory=SinkConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:

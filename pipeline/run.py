@@ -24,6 +24,7 @@ from pipeline.summary import render, summarize
 
 log = logging.getLogger(__name__)
 READER_MEMORY = 256 * 2**20
+DRIVER_DEDUP_MAX_ROWS = 5_000_000
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ def make_plan(config: JobConfig) -> Plan:
     check_columns(shards[0], config.input)
     fp = fingerprint(config.encoder)
     _check_model_limits(config)
+    if config.sink.type:
+        from pipeline.upsert import check_sink
+
+        check_sink(config)
     return Plan(shards, fp)
 
 
@@ -51,7 +56,7 @@ def encoded_dataset(config: JobConfig, plan: Plan | None = None) -> Any:
     import ray
 
     plan = plan or make_plan(config)
-    _ensure_ray(config.compute)
+    ensure_ray(config.compute)
     compute = config.compute
     shards = [{"index": s.index, "url": s.url, "format": s.format} for s in plan.shards]
     ds = ray.data.from_items(shards, override_num_blocks=len(shards))
@@ -97,29 +102,62 @@ def run_job(config: JobConfig) -> dict[str, Any]:
     )
     stats = pa.Table.from_pylist(written.take_all())
     data_files = [f for f in stats["data_file"].to_pylist() if f] if stats.num_rows else []
-    duplicates = count_duplicate_ids(data_files, config)
+    rows_written = int(sum(stats["written"].to_pylist())) if stats.num_rows else 0
+    duplicates = count_duplicate_ids(data_files, config, rows_written)
     summary = summarize(
         stats, files=len(plan.shards), duplicate_ids=duplicates, seconds=time.perf_counter() - start, fingerprint=plan.fingerprint
     )
     summary["output"] = config.output.path
     summary["config"] = redacted(config)
-    fs, root = output_fs(config.output)
-    with fs.open(join(root, SUMMARY_FILE), "w") as fh:
-        json.dump(summary, fh, indent=2)
+    _write_summary(summary, config)
     print(render(summary, config.output.path), flush=True)
+    if config.sink.type:
+        _load_sink(summary, config)
     return summary
 
 
-def count_duplicate_ids(data_files: list[str], config: JobConfig) -> int:
-    """Rows whose id was already seen in the output (a distributed group-by, ids only)."""
+def _load_sink(summary: dict[str, Any], config: JobConfig) -> None:
+    from pipeline.upsert import SinkError, upsert_output
+
+    try:
+        summary["sink"] = upsert_output(config)
+    except SinkError as raised:
+        err = getattr(raised, "cause", None) or raised  # unwrap Ray's task error
+        summary["sink"] = {"error": str(err)}
+        _write_summary(summary, config)
+        raise SinkError(
+            f"{err}\nThe Parquet output in {config.output.path} is complete; once the store is back, load it with: "
+            f"splade-pipeline upsert --from {config.output.path} --config <this job's config>"
+        ) from None
+    _write_summary(summary, config)
+    sink = summary["sink"]
+    print(f"  upserted {sink['upserted']} vectors into {sink['store']} ({sink['vectors_per_s']} vectors/s); "
+          f"it now holds {sink['store_count']}; empty vectors rejected: {sink['rejected_empty_vectors']}", flush=True)
+
+
+def _write_summary(summary: dict[str, Any], config: JobConfig) -> None:
+    fs, root = output_fs(config.output)
+    with fs.open(join(root, SUMMARY_FILE), "w") as fh:
+        json.dump(summary, fh, indent=2)
+
+
+def count_duplicate_ids(data_files: list[str], config: JobConfig, rows: int) -> int:
+    """Rows whose id was already seen in the output (only the id column is read)."""
     if not data_files:
         return 0
+    import pyarrow.compute as pc
     import pyarrow.fs as pafs
-    import ray
+    import pyarrow.parquet as pq
 
     fs, _ = output_fs(config.output)
-    filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
     paths = [fs._strip_protocol(f) for f in data_files]
+    if rows <= DRIVER_DEDUP_MAX_ROWS:
+        # A few million ids fit the driver easily, and this costs no cluster round trip.
+        ids = pa.chunked_array([pq.read_table(fs.open(p, "rb"), columns=["id"])["id"] for p in paths])
+        return int(rows - pc.count_distinct(ids).as_py())
+    import ray
+
+    filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
     # Few partitions: each one is a task, and the ids column is small next to the vectors.
     partitions = max(1, min(200, len(paths) // 16))
     ids = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(["id"])
@@ -128,7 +166,7 @@ def count_duplicate_ids(data_files: list[str], config: JobConfig) -> int:
     return int(extra or 0)
 
 
-def _ensure_ray(compute: ComputeConfig) -> None:
+def ensure_ray(compute: ComputeConfig) -> None:
     import ray
 
     if not ray.is_initialized():

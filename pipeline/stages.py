@@ -8,8 +8,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import EncoderConfig, InputConfig
-from pipeline.schema import SPARSE_TYPE
+from pipeline.config import EncoderConfig, InputConfig, SinkConfig
+from pipeline.schema import SPARSE_TYPE, sparse_rows
 from pipeline.sources import Shard, read_shard
 
 
@@ -56,3 +56,30 @@ class EncodeBlocks:
         rest = rest.append_column("num_tokens", pa.nulls(rest.num_rows, pa.int32()))
         rest = rest.append_column("truncated", pa.nulls(rest.num_rows, pa.bool_()))
         return pa.concat_tables([good, rest], promote_options="permissive")
+
+
+def upsert_batch(sink: Any, cfg: SinkConfig, batch: pa.Table) -> tuple[int, int]:
+    """Upsert ``id`` + ``sparse`` rows in size-capped requests; return (upserted, empty vectors rejected)."""
+    from pipeline.sinks import request_batches
+
+    rows = batch
+    if not sink.accepts_empty_vectors:
+        rows = batch.filter(pc.greater(pc.list_value_length(pc.struct_field(batch["sparse"], "indices")), 0))
+    for request in request_batches(rows, cfg.batch_size, cfg.max_request_bytes):
+        pairs = sparse_rows(request["sparse"])
+        sink.upsert(request["id"].to_pylist(), [p[0] for p in pairs], [p[1] for p in pairs])
+    return rows.num_rows, batch.num_rows - rows.num_rows
+
+
+class UpsertBlocks:
+    """One store client per actor (server stores), loaded once; upserts each batch it is given."""
+
+    def __init__(self, sink: SinkConfig) -> None:
+        from pipeline.sinks import open_sink
+
+        self.cfg = sink
+        self.sink = open_sink(sink)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        upserted, empty = upsert_batch(self.sink, self.cfg, batch)
+        return pa.table({"upserted": [upserted], "empty": [empty]})

@@ -118,11 +118,37 @@ def ray_cluster(s3_endpoint: str, splade_tiny: Path, tmp_path_factory: pytest.Te
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
         f"--object-store-memory={512 * 2**20}", "--disable-usage-stats", f"--temp-dir={temp}",
     ]  # fmt: skip
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    # --block ties the cluster to this process: stopping it stops exactly this cluster (`ray stop`
+    # would stop every Ray cluster on the machine).
+    log = open(temp / "ray-start.log", "w")  # noqa: SIM115 - closed at teardown
+    head = subprocess.Popen([*cmd, "--block"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    _wait_for_ports([port, dashboard], head, temp / "ray-start.log")
     address = f"127.0.0.1:{port}"
     os.environ.update({"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
     ray.init(address=address, log_to_driver=False)
     os.environ["RAY_DASHBOARD_URL"] = f"http://127.0.0.1:{dashboard}"
     yield address
     ray.shutdown()
-    subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    head.terminate()
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        head.kill()
+    log.close()
+
+
+def _wait_for_ports(ports: list[int], process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    pending = list(ports)
+    while pending:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start exited with {process.returncode}: {log.read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Ray head did not open ports {pending} in {timeout} s: {log.read_text()[-2000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", pending[0])) == 0:
+                pending.pop(0)
+                continue
+        time.sleep(0.2)

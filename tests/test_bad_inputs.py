@@ -193,3 +193,13 @@ def test_secrets_refused_in_config(capsys: pytest.CaptureFixture, tmp_path: Path
     assert code == 2 and "input.storage_options.secret: credentials are not accepted" in err
     assert "hunter2hunter2" not in err + out
     assert ROOT.exists()
+
+
+def test_duplicate_count_on_the_cluster_path(bad_rows_run: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large outputs count duplicates with a Ray group-by instead of on the driver: same answer."""
+    import pipeline.run as run
+
+    files = [f"s3://{p}" for p in s3fs.S3FileSystem().find("badrows/out/data")]
+    monkeypatch.setattr(run, "DRIVER_DEDUP_MAX_ROWS", 0)
+    cfg = load_config(None, {"output.path": "s3://badrows/out"})
+    assert run.count_duplicate_ids(files, cfg, bad_rows_run["summary"]["rows_written"]) == 1

@@ -1,0 +1,22 @@
+"""Querying the store the job loaded: encode the query with the same model, ask the store."""
+
+from __future__ import annotations
+
+from pipeline.config import JobConfig
+from pipeline.schema import sparse_rows
+from pipeline.sinks import open_sink
+
+
+def search(config: JobConfig, queries: list[str], k: int) -> list[list[tuple[str, float]]]:
+    """Top ``k`` ``(doc_id, score)`` per query, by the store's dot product (zero-score hits dropped)."""
+    from pipeline.encoder import SpladeEncoder
+
+    settings = config.encoder.model_dump()
+    if config.sink.query_model:
+        settings["model"] = config.sink.query_model
+    encoder = SpladeEncoder(**settings)
+    store = open_sink(config.sink)
+    try:
+        return [store.search(indices, values, k) for indices, values in sparse_rows(encoder.encode(queries))]
+    finally:
+        store.close()

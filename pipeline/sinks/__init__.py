@@ -1,0 +1,82 @@
+"""Vector stores behind one small protocol: ensure, upsert, delete, search, count, close.
+
+Ids in a store are a pure function of the document id (see each store's ``point_id``), so a
+re-run overwrites instead of duplicating. Only transient failures are retried (throttling,
+5xx, timeouts, refused connections), with exponential backoff and jitter up to a deadline;
+then the error names the store, the batch and the cause.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from typing import Protocol, TypeVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import SinkConfig
+
+T = TypeVar("T")
+TRANSIENT_WORDS = ("429", "too many requests", "500", "502", "503", "504", "timed out", "timeout", "connection refused",
+                   "connection reset", "temporarily unavailable", "server closed the connection", "slowdown")  # fmt: skip
+
+
+class SinkError(RuntimeError):
+    """The store refused or failed; the message names the store, what was being done and why."""
+
+
+class Sink(Protocol):
+    name: str
+    accepts_empty_vectors: bool  # False: an empty vector is a counted reject, not an upsert
+
+    def ensure(self) -> None: ...
+    def upsert(self, ids: list[str], indices: list[np.ndarray], values: list[np.ndarray]) -> None: ...
+    def delete(self, ids: list[str]) -> None: ...
+    def search(self, indices: np.ndarray, values: np.ndarray, k: int) -> list[tuple[str, float]]: ...
+    def count(self) -> int: ...
+    def close(self) -> None: ...
+
+
+def open_sink(cfg: SinkConfig) -> Sink:
+    if cfg.type == "qdrant":
+        from pipeline.sinks.qdrant import QdrantSink
+
+        return QdrantSink(cfg)
+    raise ValueError(f"sink.type: {cfg.type!r} is not a known store; choose one of: qdrant")
+
+
+def is_transient(err: BaseException) -> bool:
+    if isinstance(err, (TimeoutError, ConnectionError)):
+        return True
+    text = f"{type(err).__name__} {err}".lower()
+    return any(word in text for word in TRANSIENT_WORDS)
+
+
+def with_retries(action: Callable[[], T], what: str, deadline_s: float, store: str) -> T:
+    """Run ``action``; retry transient errors with exponential backoff and jitter until ``deadline_s``."""
+    start, delay = time.monotonic(), 0.2
+    while True:
+        try:
+            return action()
+        except Exception as err:  # noqa: BLE001 - classified right below
+            if not is_transient(err) or time.monotonic() - start + delay > deadline_s:
+                raise SinkError(f"{store}: {what} failed: {type(err).__name__}: {err}") from err
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 10.0)
+
+
+def request_batches(rows: pa.Table, max_count: int, max_bytes: int, per_vector_overhead: int = 64) -> Iterator[pa.Table]:
+    """Cut ``rows`` (id + sparse) into requests of at most ``max_count`` vectors and ``max_bytes`` (estimated)."""
+    nnz = pc.list_value_length(pc.struct_field(rows["sparse"], "indices")).to_numpy()
+    sizes = nnz * 24 + per_vector_overhead + np.array([len(i) for i in rows["id"].to_pylist()])  # JSON-ish: ~24 B a term
+    start = 0
+    while start < rows.num_rows:
+        stop, total = start, 0
+        while stop < rows.num_rows and stop - start < max_count and (stop == start or total + sizes[stop] <= max_bytes):
+            total += sizes[stop]
+            stop += 1
+        yield rows.slice(start, stop - start)
+        start = stop

@@ -1,0 +1,99 @@
+"""Qdrant: embedded local mode (``path``, the built-in default) or a server (``url``), same code.
+
+Points carry the sparse vector under ``vector_name`` and the document id in the payload
+(``doc_id``); the point id is a UUIDv5 of the document id, since Qdrant takes only unsigned
+integers or UUIDs.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import SinkConfig
+from pipeline.sinks import SinkError, with_retries
+
+NAMESPACE = uuid.UUID("6f1c3b52-5a1d-4a52-9a55-2b9c1e6d0a71")  # fixed: ids must not change between runs
+
+
+def point_id(doc_id: str) -> str:
+    return str(uuid.uuid5(NAMESPACE, doc_id))
+
+
+class QdrantSink:
+    accepts_empty_vectors = True
+
+    def __init__(self, cfg: SinkConfig) -> None:
+        from qdrant_client import QdrantClient
+
+        self.cfg = cfg
+        if cfg.url:
+            self.name = f"qdrant {cfg.url} collection {cfg.collection!r}"
+            self.client = QdrantClient(url=cfg.url, api_key=os.environ.get(cfg.api_key_env) or None, timeout=60)
+        else:
+            self.name = f"qdrant (local {cfg.path}) collection {cfg.collection!r}"
+            os.makedirs(cfg.path, exist_ok=True)
+            self.client = QdrantClient(path=cfg.path)
+
+    def _call(self, what: str, action: Any) -> Any:
+        return with_retries(action, what, self.cfg.retry_deadline_s, self.name)
+
+    def ensure(self) -> None:
+        from qdrant_client import models
+
+        cfg = self.cfg
+        if not self._call("checking the collection", lambda: self.client.collection_exists(cfg.collection)):
+            if not cfg.create_if_missing:
+                raise SinkError(f"{self.name}: collection does not exist and sink.create_if_missing is false")
+            modifier = models.Modifier.IDF if cfg.idf_modifier else None
+            sparse = {cfg.vector_name: models.SparseVectorParams(modifier=modifier)}
+            self._call("creating the collection", lambda: self.client.create_collection(cfg.collection, vectors_config={}, sparse_vectors_config=sparse))
+            return
+        info = self._call("reading the collection", lambda: self.client.get_collection(cfg.collection))
+        existing = info.config.params.sparse_vectors or {}
+        if cfg.vector_name not in existing:
+            raise SinkError(
+                f"{self.name}: exists without a sparse vector named {cfg.vector_name!r} (it has {sorted(existing)}); "
+                "set sink.vector_name or use another collection"
+            )
+        has_idf = existing[cfg.vector_name].modifier == models.Modifier.IDF
+        if has_idf != cfg.idf_modifier:
+            raise SinkError(f"{self.name}: exists with idf_modifier={has_idf}, the config says {cfg.idf_modifier}")
+
+    def upsert(self, ids: list[str], indices: list[np.ndarray], values: list[np.ndarray]) -> None:
+        from qdrant_client import models
+
+        points = [
+            models.PointStruct(
+                id=point_id(doc_id),
+                vector={self.cfg.vector_name: models.SparseVector(indices=idx.tolist(), values=val.tolist())},
+                payload={"doc_id": doc_id},
+            )
+            for doc_id, idx, val in zip(ids, indices, values)
+        ]
+        self._call(f"upserting {len(points)} vectors (first id {ids[0]!r})", lambda: self.client.upsert(self.cfg.collection, points=points, wait=True))
+
+    def delete(self, ids: list[str]) -> None:
+        from qdrant_client import models
+
+        selector = models.PointIdsList(points=[point_id(i) for i in ids])
+        self._call(f"deleting {len(ids)} ids", lambda: self.client.delete(self.cfg.collection, points_selector=selector, wait=True))
+
+    def search(self, indices: np.ndarray, values: np.ndarray, k: int) -> list[tuple[str, float]]:
+        from qdrant_client import models
+
+        query = models.SparseVector(indices=indices.tolist(), values=values.tolist())
+        hits = self._call(
+            "searching",
+            lambda: self.client.query_points(self.cfg.collection, query=query, using=self.cfg.vector_name, limit=k, with_payload=True),
+        )
+        return [(p.payload["doc_id"], float(p.score)) for p in hits.points if p.score > 0]
+
+    def count(self) -> int:
+        return int(self._call("counting", lambda: self.client.count(self.cfg.collection, exact=True)).count)
+
+    def close(self) -> None:
+        self.client.close()
