@@ -160,16 +160,15 @@ def _yaml_value(value: str) -> Any:
 
 
 def explain(err: BaseException) -> tuple[str, bool]:
-    """The message a user should see, and whether the error is theirs (bad input or settings)."""
+    """The message a user should see, and whether the error is theirs (bad input or settings) or the store's."""
     from pipeline.config import ConfigError
-    from pipeline.output import OutputError
-    from pipeline.sources import InputError
+    from pipeline.errors import find_cause
+    from pipeline.sinks import SinkError
 
-    cause = getattr(err, "cause", None)  # Ray wraps errors raised in tasks and actors
-    while isinstance(cause, BaseException):
-        err, cause = cause, getattr(cause, "cause", None)
-    user = isinstance(err, (ConfigError, InputError, OutputError, ValueError, TypeError, OSError))
-    return str(err).strip().splitlines()[0] if not isinstance(err, ConfigError) else str(err), user
+    known = find_cause(err, (ConfigError, SinkError, ValueError, TypeError, OSError))  # type: ignore[arg-type]
+    if known is None:
+        return str(err).strip().splitlines()[0], False
+    return (str(known) if isinstance(known, (ConfigError, SinkError)) else str(known).strip().splitlines()[0]), True
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
@@ -139,11 +140,17 @@ class ComputeConfig(StrictModel):
 class SinkConfig(StrictModel):
     """Optional load of the vectors into a vector store, after the Parquet output is written."""
 
-    type: Literal["qdrant"] | None = Field(None, description="Vector store to upsert into (None: write Parquet only).")
-    collection: str = Field("splade", description="Collection (Qdrant) to upsert into.")
+    type: Literal["qdrant", "pgvector"] | None = Field(None, description="Vector store to upsert into (None: write Parquet only).")
+    collection: str = Field("splade", description="Collection (Qdrant) or table (pgvector) to upsert into.")
     path: str | None = Field("out/qdrant", description="Qdrant embedded local mode: folder of the store (used when url is not set).")
     url: str | None = Field(None, description="Qdrant server URL (e.g. http://qdrant:6333); its API key comes from the environment.")
     api_key_env: str = Field("QDRANT_API_KEY", description="Environment variable holding the store's API key, if it needs one.")
+    dsn: str | None = Field(
+        None,
+        description="pgvector: libpq connection string without a password (e.g. 'host=db port=5432 dbname=search user=splade'); "
+        "the password comes from PGPASSWORD or ~/.pgpass.",
+    )
+    hnsw_index: bool = Field(False, description="pgvector: build an HNSW index (sparsevec HNSW allows at most 1000 non-zeros: needs encoder.top_k <= 1000).")
     vector_name: str = Field("sparse", description="Name of the sparse vector in the collection.")
     idf_modifier: bool = Field(False, description="Qdrant: let the store apply IDF to the sparse vector at query time.")
     create_if_missing: bool = Field(True, description="Create the collection if it does not exist (an existing one is never dropped).")
@@ -152,6 +159,18 @@ class SinkConfig(StrictModel):
     writers: int = Field(1, ge=1, description="Concurrent upsert workers (bounded: a slow store applies back-pressure).")
     retry_deadline_s: float = Field(120.0, gt=0, description="Keep retrying transient store errors (429, 5xx, timeouts, refused connections) this long.")
     query_model: str | None = Field(None, description="Model for `search` queries when it differs from encoder.model (e.g. a SPLADE query encoder).")
+
+
+    @model_validator(mode="after")
+    def _store_settings(self) -> SinkConfig:
+        if self.type == "pgvector":
+            if not self.dsn:
+                raise ValueError("sink.dsn: pgvector needs a connection string, e.g. 'host=127.0.0.1 port=5432 dbname=postgres user=postgres'")
+            if "password" in self.dsn.lower() or re.search(r"://[^/@]*:[^/@]*@", self.dsn):
+                raise ValueError("sink.dsn: put no password in the config; set PGPASSWORD or use ~/.pgpass")
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.collection):
+                raise ValueError(f"sink.collection: {self.collection!r} is not a plain SQL table name (letters, digits, _)")
+        return self
 
 
 class JobConfig(StrictModel):

@@ -46,12 +46,16 @@ def weights_sha256(folder: Path) -> str:
 
 
 def fingerprint(config: EncoderConfig) -> dict[str, Any]:
+    from transformers import AutoConfig
+
     from pipeline import __version__
 
+    folder = model_folder(config)
     return {
         "model": config.model,
         "revision": config.revision,
-        "weights_sha256": weights_sha256(model_folder(config)),
+        "weights_sha256": weights_sha256(folder),
+        "vocab_size": int(AutoConfig.from_pretrained(folder).vocab_size),
         "max_length": config.max_length,
         "top_k": config.top_k,
         "min_weight": config.min_weight,

@@ -42,7 +42,7 @@ def make_plan(config: JobConfig) -> Plan:
     if config.sink.type:
         from pipeline.upsert import check_sink
 
-        check_sink(config)
+        check_sink(config, fp)
     return Plan(shards, fp)
 
 
@@ -119,10 +119,14 @@ def run_job(config: JobConfig) -> dict[str, Any]:
 def _load_sink(summary: dict[str, Any], config: JobConfig) -> None:
     from pipeline.upsert import SinkError, upsert_output
 
+    from pipeline.errors import find_cause
+
     try:
         summary["sink"] = upsert_output(config)
-    except SinkError as raised:
-        err = getattr(raised, "cause", None) or raised  # unwrap Ray's task error
+    except Exception as raised:
+        err = find_cause(raised, SinkError)  # the store's error, inside Ray's wrappers
+        if err is None:
+            raise
         summary["sink"] = {"error": str(err)}
         _write_summary(summary, config)
         raise SinkError(

@@ -15,7 +15,7 @@ def search(config: JobConfig, queries: list[str], k: int) -> list[list[tuple[str
     if config.sink.query_model:
         settings["model"] = config.sink.query_model
     encoder = SpladeEncoder(**settings)
-    store = open_sink(config.sink)
+    store = open_sink(config.sink, encoder.vocab_size)
     try:
         return [store.search(indices, values, k) for indices, values in sparse_rows(encoder.encode(queries))]
     finally:

@@ -72,14 +72,27 @@ def upsert_batch(sink: Any, cfg: SinkConfig, batch: pa.Table) -> tuple[int, int]
 
 
 class UpsertBlocks:
-    """One store client per actor (server stores), loaded once; upserts each batch it is given."""
+    """One store client per actor (server stores), loaded once; upserts each batch it is given.
 
-    def __init__(self, sink: SinkConfig) -> None:
+    A store failure that outlived the retries is returned as data (the ``error`` column), not
+    raised: Ray would wrap it beyond recognition, and the driver must name the store and cause.
+    After one such failure the actor stops trying, so a dead store costs one retry deadline.
+    """
+
+    def __init__(self, sink: SinkConfig, dimension: int) -> None:
         from pipeline.sinks import open_sink
 
         self.cfg = sink
-        self.sink = open_sink(sink)
+        self.sink = open_sink(sink, dimension)
+        self.failed: str | None = None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        upserted, empty = upsert_batch(self.sink, self.cfg, batch)
-        return pa.table({"upserted": [upserted], "empty": [empty]})
+        from pipeline.sinks import SinkError
+
+        upserted = empty = 0
+        if self.failed is None:
+            try:
+                upserted, empty = upsert_batch(self.sink, self.cfg, batch)
+            except SinkError as err:
+                self.failed = str(err)
+        return pa.table({"upserted": [upserted], "empty": [empty], "error": pa.array([self.failed], pa.string())})

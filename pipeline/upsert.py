@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import JobConfig, SinkConfig
 from pipeline.output import DATA_DIR, FINGERPRINT_KEY, join
-from pipeline.sinks import SinkError, open_sink
+from pipeline.sinks import SinkError, check_caps, open_sink
 from pipeline.stages import UpsertBlocks, upsert_batch
 
 
@@ -26,12 +26,13 @@ def is_embedded(sink: SinkConfig) -> bool:
     return sink.type == "qdrant" and not sink.url
 
 
-def check_sink(config: JobConfig) -> None:
-    """Plan-time checks of the sink settings; creates the collection if allowed and missing."""
+def check_sink(config: JobConfig, fingerprint: dict[str, Any]) -> None:
+    """Plan-time checks of the sink settings against the vectors' fingerprint; creates the collection if allowed and missing."""
     sink = config.sink
+    check_caps(sink, fingerprint["top_k"])
     if is_embedded(sink) and sink.writers > 1:
         raise ValueError("sink.writers: Qdrant local mode allows one writer (one client per folder); use a Qdrant server (sink.url) for more")
-    store = open_sink(sink)
+    store = open_sink(sink, fingerprint["vocab_size"])
     try:
         store.ensure()
     finally:
@@ -53,7 +54,10 @@ def output_files(output: str, storage_options: dict[str, Any]) -> tuple[fsspec.A
             prints.add(pq.ParquetFile(fh).schema_arrow.metadata.get(FINGERPRINT_KEY, b"{}"))
     if len(prints) > 1:
         raise ValueError(f"{output}: files were encoded under {len(prints)} different fingerprints; refusing to mix them in one store")
-    return fs, files, json.loads(prints.pop())
+    fingerprint = json.loads(prints.pop())
+    if "vocab_size" not in fingerprint:
+        raise ValueError(f"{output}: its files carry no encoding fingerprint; it was not written by splade-pipeline")
+    return fs, files, fingerprint
 
 
 def upsert_output(config: JobConfig, output: str | None = None) -> dict[str, Any]:
@@ -66,14 +70,15 @@ def upsert_output(config: JobConfig, output: str | None = None) -> dict[str, Any
     start = time.perf_counter()
     output = output or config.output.path
     fs, files, fingerprint = output_files(output, config.output.storage_options)
-    check_sink(config)
+    check_sink(config, fingerprint)
+    dimension = fingerprint["vocab_size"]
     ensure_ray(config.compute)
     filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
     ds = ray.data.read_parquet(files, filesystem=filesystem).select_columns(["id", "sparse"])
     if is_embedded(config.sink):
         # An embedded store is one process's files: the driver is its single writer, fed by
         # Ray Data's streaming reads.
-        store = open_sink(config.sink)
+        store = open_sink(config.sink, dimension)
         try:
             results = [dict(zip(("upserted", "empty"), upsert_batch(store, config.sink, batch)))
                        for batch in ds.iter_batches(batch_size=config.sink.batch_size * 4, batch_format="pyarrow")]
@@ -87,13 +92,16 @@ def upsert_output(config: JobConfig, output: str | None = None) -> dict[str, Any
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=config.sink.writers),
             num_cpus=config.compute.io_cpus,
-            fn_constructor_kwargs={"sink": config.sink},
+            fn_constructor_kwargs={"sink": config.sink, "dimension": dimension},
         ).take_all()
-        store = open_sink(config.sink)
+        store = open_sink(config.sink, dimension)
         try:
             name, count = store.name, store.count()
         finally:
             store.close()
+    errors = [r["error"] for r in results if r.get("error")]
+    if errors:
+        raise SinkError(f"{errors[0]} ({len(errors)} of {len(results)} batches not loaded)")
     upserted = sum(r["upserted"] for r in results)
     seconds = time.perf_counter() - start
     return {

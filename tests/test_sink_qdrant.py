@@ -2,84 +2,35 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pytest
-from reference import densify
-from test_job import corpus_rows
+from sink_checks import QUERIES, VOCAB, assert_idempotent_and_delete, assert_search_matches_brute_force, run_into_store
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.demo import load_sample_corpus
-from pipeline.run import run_job
-from pipeline.search import search
 from pipeline.sinks import SinkError, is_transient, open_sink, request_batches, with_retries
-from pipeline.upsert import upsert_output
-
-VOCAB = 30522
-QUERIES = [r["title"].lower() for r in load_sample_corpus()[:14]] + [
-    "moon gravity and water", "how bees make honey", "electric battery cars", "ancient rome emperors",
-    "coffee beans pressure", "plants sunlight oxygen",
-]  # fmt: skip
-
 
 @pytest.fixture(scope="module")
 def loaded(ray_cluster: str, splade_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("qdrant-job")
-    src = root / "corpus.jsonl"
-    src.write_text("\n".join(json.dumps(r) for r in corpus_rows(120)))
-    overrides = {
-        "input.paths": [str(src)], "input.title_column": "title", "output.path": str(root / "out"),
-        "encoder.model": str(splade_tiny), "sink.type": "qdrant", "sink.path": str(root / "qdrant"), "sink.batch_size": 50,
-    }  # fmt: skip
-    config = load_config(None, overrides)
-    summary = run_job(config)
-    return {"config": config, "summary": summary, "root": root}
-
-
-def brute_force(config, k: int = 10) -> list[list[tuple[str, float]]]:
-    from pipeline.encoder import SpladeEncoder
-
-    table = pads.dataset(f"{config.output.path}/data", format="parquet").to_table()
-    docs = densify(table["sparse"].combine_chunks(), VOCAB)
-    queries = densify(SpladeEncoder(config.encoder.model, device="cpu").encode(QUERIES), VOCAB)
-    ids = table["id"].to_pylist()
-    out = []
-    for scores in queries @ docs.T:
-        best = np.argsort(-scores, kind="stable")[:k]
-        out.append([(ids[i], float(scores[i])) for i in best if scores[i] > 0])
-    return out
+    config, summary = run_into_store(root, splade_tiny, {"type": "qdrant", "path": str(root / "qdrant"), "batch_size": 50})
+    return {"config": config, "summary": summary}
 
 
 def test_job_loads_store_and_search_matches_brute_force(loaded: dict) -> None:
-    config, summary = loaded["config"], loaded["summary"]
+    summary = loaded["summary"]
     assert summary["sink"]["upserted"] == summary["rows_written"] == 120
     assert summary["sink"]["store_count"] == 120
-    got = search(config, QUERIES, 10)
-    want = brute_force(config)
-    assert len(got) == 20
-    for g, w in zip(got, want):
-        assert [i for i, _ in g] == [i for i, _ in w]
-        np.testing.assert_allclose([s for _, s in g], [s for _, s in w], rtol=0, atol=1e-4)
+    assert_search_matches_brute_force(loaded["config"])
 
 
 def test_rerun_is_idempotent_and_delete_removes(loaded: dict, capsys: pytest.CaptureFixture) -> None:
     config = loaded["config"]
-    result = upsert_output(config)
-    assert result["upserted"] == 120 and result["store_count"] == 120  # same ids: overwritten, not added
-    first_hit = search(config, QUERIES[:1], 10)[0][0][0]
-    store = open_sink(config.sink)
-    try:
-        store.delete([first_hit])
-        assert store.count() == 119
-    finally:
-        store.close()
-    assert first_hit not in [i for i, _ in search(config, QUERIES[:1], 10)[0]]
+    first_hit = assert_idempotent_and_delete(config, 120)
     # `upsert --from` puts it back; `search` prints it first again
     args = ["--sink-type", "qdrant", "--sink-path", config.sink.path, "--model", config.encoder.model]
     assert main(["upsert", "--from", config.output.path, *args]) == 0
@@ -92,7 +43,7 @@ def test_rerun_is_idempotent_and_delete_removes(loaded: dict, capsys: pytest.Cap
 def test_incompatible_collection_is_an_error_not_a_drop(loaded: dict) -> None:
     config = loaded["config"]
     other = config.sink.model_copy(update={"vector_name": "other"})
-    store = open_sink(other)
+    store = open_sink(other, VOCAB)
     try:
         with pytest.raises(SinkError, match="without a sparse vector named 'other' \\(it has \\['sparse'\\]\\)"):
             store.ensure()
@@ -100,7 +51,7 @@ def test_incompatible_collection_is_an_error_not_a_drop(loaded: dict) -> None:
     finally:
         store.close()
     idf = config.sink.model_copy(update={"idf_modifier": True})
-    store = open_sink(idf)
+    store = open_sink(idf, VOCAB)
     try:
         with pytest.raises(SinkError, match="exists with idf_modifier=False"):
             store.ensure()
@@ -110,7 +61,7 @@ def test_incompatible_collection_is_an_error_not_a_drop(loaded: dict) -> None:
 
 def test_missing_collection_without_create(tmp_path: Path) -> None:
     cfg = load_config(None, {"sink.type": "qdrant", "sink.path": str(tmp_path), "sink.create_if_missing": False}).sink
-    store = open_sink(cfg)
+    store = open_sink(cfg, VOCAB)
     try:
         with pytest.raises(SinkError, match="collection does not exist and sink.create_if_missing is false"):
             store.ensure()
@@ -122,7 +73,7 @@ def test_local_mode_allows_one_writer(tmp_path: Path) -> None:
     from pipeline.upsert import check_sink
 
     with pytest.raises(ValueError, match="Qdrant local mode allows one writer"):
-        check_sink(load_config(None, {"sink.type": "qdrant", "sink.path": str(tmp_path), "sink.writers": 2}))
+        check_sink(load_config(None, {"sink.type": "qdrant", "sink.path": str(tmp_path), "sink.writers": 2}), {"top_k": None, "vocab_size": VOCAB})
 
 
 def test_retries_only_transient_errors() -> None:

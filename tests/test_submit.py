@@ -19,11 +19,18 @@ def test_submit_encode_job(ray_cluster: str, tmp_path: Path) -> None:
     runtime_env = yaml.safe_load((ROOT / "infra/runtime_env.yaml").read_text())
     runtime_env["working_dir"] = str(ROOT)
     out = tmp_path / "submitted"
-    job_id = client.submit_job(
-        entrypoint=f"python jobs/encode.py --config jobs/configs/sample.yaml --output {out}",
-        runtime_env=runtime_env,
-    )
     deadline = time.monotonic() + 240
+    while True:
+        try:
+            job_id = client.submit_job(
+                entrypoint=f"python jobs/encode.py --config jobs/configs/sample.yaml --output {out}",
+                runtime_env=runtime_env,
+            )
+            break
+        except RuntimeError as err:  # the head's job agent registers a little after the dashboard opens
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
     while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.monotonic() < deadline, "job did not finish in time"
         time.sleep(1)

@@ -21,7 +21,9 @@ from pipeline.config import SinkConfig
 
 T = TypeVar("T")
 TRANSIENT_WORDS = ("429", "too many requests", "500", "502", "503", "504", "timed out", "timeout", "connection refused",
-                   "connection reset", "temporarily unavailable", "server closed the connection", "slowdown")  # fmt: skip
+                   "connection reset", "temporarily unavailable", "server closed the connection", "slowdown",
+                   "terminating connection", "the database system is", "connection is lost", "connection is closed",
+                   "could not receive data", "eof detected")  # fmt: skip
 
 
 class SinkError(RuntimeError):
@@ -40,12 +42,26 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-def open_sink(cfg: SinkConfig) -> Sink:
+def open_sink(cfg: SinkConfig, dimension: int) -> Sink:
+    """A client for the configured store; ``dimension`` is the vocabulary size of the vectors."""
     if cfg.type == "qdrant":
         from pipeline.sinks.qdrant import QdrantSink
 
         return QdrantSink(cfg)
-    raise ValueError(f"sink.type: {cfg.type!r} is not a known store; choose one of: qdrant")
+    if cfg.type == "pgvector":
+        from pipeline.sinks.pgvector import PgvectorSink
+
+        return PgvectorSink(cfg, dimension)
+    raise ValueError(f"sink.type: {cfg.type!r} is not a known store; choose one of: qdrant, pgvector")
+
+
+def check_caps(cfg: SinkConfig, top_k: int | None) -> None:
+    """Store limits that the encoding settings must meet, checked before any work."""
+    if cfg.type == "pgvector" and cfg.hnsw_index and (top_k is None or top_k > 1000):
+        raise ValueError(
+            f"sink.hnsw_index: pgvector's HNSW index on sparsevec takes at most 1000 non-zeros per vector, but encoder.top_k is "
+            f"{top_k}; set encoder.top_k to 1000 or less, or sink.hnsw_index: false"
+        )
 
 
 def is_transient(err: BaseException) -> bool:

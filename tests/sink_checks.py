@@ -1,0 +1,73 @@
+"""The checks every store must pass: search equals brute force, re-runs are idempotent, deletes delete."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.dataset as pads
+from reference import densify
+from test_job import corpus_rows
+
+from pipeline.config import JobConfig, load_config
+from pipeline.demo import load_sample_corpus
+from pipeline.run import run_job
+from pipeline.search import search
+from pipeline.sinks import open_sink
+from pipeline.upsert import upsert_output
+
+VOCAB = 30522
+QUERIES = [r["title"].lower() for r in load_sample_corpus()[:14]] + [
+    "moon gravity and water", "how bees make honey", "electric battery cars", "ancient rome emperors",
+    "coffee beans pressure", "plants sunlight oxygen",
+]  # fmt: skip
+
+
+def run_into_store(root: Path, model: Path, sink: dict[str, Any], rows: int = 120, **extra: Any) -> tuple[JobConfig, dict]:
+    src = root / "corpus.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in corpus_rows(rows)))
+    overrides = {
+        "input.paths": [str(src)], "input.title_column": "title", "output.path": str(root / "out"),
+        "encoder.model": str(model), **{f"sink.{k}": v for k, v in sink.items()}, **extra,
+    }  # fmt: skip
+    config = load_config(None, overrides)
+    return config, run_job(config)
+
+
+def brute_force(config: JobConfig, k: int = 10) -> list[list[tuple[str, float]]]:
+    from pipeline.encoder import SpladeEncoder
+
+    table = pads.dataset(f"{config.output.path}/data", format="parquet").to_table()
+    docs = densify(table["sparse"].combine_chunks(), VOCAB)
+    queries = densify(SpladeEncoder(config.encoder.model, device="cpu").encode(QUERIES), VOCAB)
+    ids = table["id"].to_pylist()
+    out = []
+    for scores in queries @ docs.T:
+        best = np.argsort(-scores, kind="stable")[:k]
+        out.append([(ids[i], float(scores[i])) for i in best if scores[i] > 0])
+    return out
+
+
+def assert_search_matches_brute_force(config: JobConfig) -> None:
+    got, want = search(config, QUERIES, 10), brute_force(config)
+    assert len(got) == len(QUERIES) == 20
+    for g, w in zip(got, want):
+        assert [i for i, _ in g] == [i for i, _ in w]
+        np.testing.assert_allclose([s for _, s in g], [s for _, s in w], rtol=0, atol=1e-4)
+
+
+def assert_idempotent_and_delete(config: JobConfig, total: int) -> str:
+    """Upsert the same output again (count unchanged), delete the best hit (gone); return its id."""
+    result = upsert_output(config)
+    assert result["upserted"] == total and result["store_count"] == total
+    first_hit = search(config, QUERIES[:1], 10)[0][0][0]
+    store = open_sink(config.sink, VOCAB)
+    try:
+        store.delete([first_hit])
+        assert store.count() == total - 1
+    finally:
+        store.close()
+    assert first_hit not in [i for i, _ in search(config, QUERIES[:1], 10)[0]]
+    return first_hit
