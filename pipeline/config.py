@@ -140,11 +140,14 @@ class ComputeConfig(StrictModel):
 class SinkConfig(StrictModel):
     """Optional load of the vectors into a vector store, after the Parquet output is written."""
 
-    type: Literal["qdrant", "pgvector"] | None = Field(None, description="Vector store to upsert into (None: write Parquet only).")
-    collection: str = Field("splade", description="Collection (Qdrant) or table (pgvector) to upsert into.")
-    path: str | None = Field("out/qdrant", description="Qdrant embedded local mode: folder of the store (used when url is not set).")
-    url: str | None = Field(None, description="Qdrant server URL (e.g. http://qdrant:6333); its API key comes from the environment.")
-    api_key_env: str = Field("QDRANT_API_KEY", description="Environment variable holding the store's API key, if it needs one.")
+    type: Literal["qdrant", "pgvector", "milvus"] | None = Field(None, description="Vector store to upsert into (None: write Parquet only).")
+    collection: str = Field("splade", description="Collection (Qdrant, Milvus) or table (pgvector) to upsert into.")
+    path: str | None = Field(
+        None,
+        description="Embedded store file/folder when url is not set: Qdrant local mode (default out/qdrant) or a Milvus Lite file (default out/milvus.db).",
+    )
+    url: str | None = Field(None, description="Store server URL (Qdrant http://host:6333, Milvus http://host:19530); its key comes from the environment.")
+    api_key_env: str | None = Field(None, description="Environment variable holding the store's API key or token (default: QDRANT_API_KEY, MILVUS_TOKEN).")
     dsn: str | None = Field(
         None,
         description="pgvector: libpq connection string without a password (e.g. 'host=db port=5432 dbname=search user=splade'); "
@@ -160,6 +163,14 @@ class SinkConfig(StrictModel):
     retry_deadline_s: float = Field(120.0, gt=0, description="Keep retrying transient store errors (429, 5xx, timeouts, refused connections) this long.")
     query_model: str | None = Field(None, description="Model for `search` queries when it differs from encoder.model (e.g. a SPLADE query encoder).")
 
+
+    @property
+    def store_path(self) -> str:
+        return self.path or {"milvus": "out/milvus.db"}.get(self.type or "", "out/qdrant")
+
+    @property
+    def api_key_variable(self) -> str:
+        return self.api_key_env or {"milvus": "MILVUS_TOKEN"}.get(self.type or "", "QDRANT_API_KEY")
 
     @model_validator(mode="after")
     def _store_settings(self) -> SinkConfig:

@@ -22,8 +22,8 @@ from pipeline.stages import UpsertBlocks, upsert_batch
 
 
 def is_embedded(sink: SinkConfig) -> bool:
-    """Stores kept in local files by one process (Qdrant local mode)."""
-    return sink.type == "qdrant" and not sink.url
+    """Stores kept in local files by one process (Qdrant local mode, Milvus Lite)."""
+    return sink.type in ("qdrant", "milvus") and not sink.url
 
 
 def check_sink(config: JobConfig, fingerprint: dict[str, Any]) -> None:
@@ -31,7 +31,7 @@ def check_sink(config: JobConfig, fingerprint: dict[str, Any]) -> None:
     sink = config.sink
     check_caps(sink, fingerprint["top_k"])
     if is_embedded(sink) and sink.writers > 1:
-        raise ValueError("sink.writers: Qdrant local mode allows one writer (one client per folder); use a Qdrant server (sink.url) for more")
+        raise ValueError(f"sink.writers: an embedded {sink.type} store allows one writer (one process owns its files); use a server (sink.url) for more")
     store = open_sink(sink, fingerprint["vocab_size"])
     try:
         store.ensure()
@@ -75,33 +75,35 @@ def upsert_output(config: JobConfig, output: str | None = None) -> dict[str, Any
     ensure_ray(config.compute)
     filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
     ds = ray.data.read_parquet(files, filesystem=filesystem).select_columns(["id", "sparse"])
+    batch_size = config.sink.batch_size * 4
     if is_embedded(config.sink):
         # An embedded store is one process's files: the driver is its single writer, fed by
         # Ray Data's streaming reads.
         store = open_sink(config.sink, dimension)
         try:
             results = [dict(zip(("upserted", "empty"), upsert_batch(store, config.sink, batch)))
-                       for batch in ds.iter_batches(batch_size=config.sink.batch_size * 4, batch_format="pyarrow")]
-            name, count = store.name, store.count()
-        finally:
+                       for batch in ds.iter_batches(batch_size=batch_size, batch_format="pyarrow")]
+        except Exception:
             store.close()
+            raise
     else:
         results = ds.map_batches(
             UpsertBlocks,
-            batch_size=config.sink.batch_size * 4,
+            batch_size=batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=config.sink.writers),
             num_cpus=config.compute.io_cpus,
             fn_constructor_kwargs={"sink": config.sink, "dimension": dimension},
         ).take_all()
+        errors = [r["error"] for r in results if r.get("error")]
+        if errors:
+            raise SinkError(f"{errors[0]} ({len(errors)} of {len(results)} batches not loaded)")
         store = open_sink(config.sink, dimension)
-        try:
-            name, count = store.name, store.count()
-        finally:
-            store.close()
-    errors = [r["error"] for r in results if r.get("error")]
-    if errors:
-        raise SinkError(f"{errors[0]} ({len(errors)} of {len(results)} batches not loaded)")
+    try:
+        store.finish()
+        name, count = store.name, store.count()
+    finally:
+        store.close()
     upserted = sum(r["upserted"] for r in results)
     seconds = time.perf_counter() - start
     return {

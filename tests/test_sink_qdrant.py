@@ -72,7 +72,7 @@ def test_missing_collection_without_create(tmp_path: Path) -> None:
 def test_local_mode_allows_one_writer(tmp_path: Path) -> None:
     from pipeline.upsert import check_sink
 
-    with pytest.raises(ValueError, match="Qdrant local mode allows one writer"):
+    with pytest.raises(ValueError, match="an embedded qdrant store allows one writer"):
         check_sink(load_config(None, {"sink.type": "qdrant", "sink.path": str(tmp_path), "sink.writers": 2}), {"top_k": None, "vocab_size": VOCAB})
 
 

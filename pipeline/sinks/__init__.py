@@ -38,6 +38,7 @@ class Sink(Protocol):
     def upsert(self, ids: list[str], indices: list[np.ndarray], values: list[np.ndarray]) -> None: ...
     def delete(self, ids: list[str]) -> None: ...
     def search(self, indices: np.ndarray, values: np.ndarray, k: int) -> list[tuple[str, float]]: ...
+    def finish(self) -> None: ...  # make everything upserted so far searchable (Milvus: flush)
     def count(self) -> int: ...
     def close(self) -> None: ...
 
@@ -52,7 +53,11 @@ def open_sink(cfg: SinkConfig, dimension: int) -> Sink:
         from pipeline.sinks.pgvector import PgvectorSink
 
         return PgvectorSink(cfg, dimension)
-    raise ValueError(f"sink.type: {cfg.type!r} is not a known store; choose one of: qdrant, pgvector")
+    if cfg.type == "milvus":
+        from pipeline.sinks.milvus import MilvusSink
+
+        return MilvusSink(cfg)
+    raise ValueError(f"sink.type: {cfg.type!r} is not a known store; choose one of: qdrant, pgvector, milvus")
 
 
 def check_caps(cfg: SinkConfig, top_k: int | None) -> None:

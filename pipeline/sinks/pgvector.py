@@ -101,6 +101,9 @@ class PgvectorSink:
         )
         return [(doc_id, float(score)) for doc_id, score in rows if score > 0]
 
+    def finish(self) -> None:
+        """Every upsert is committed when it returns: nothing to do."""
+
     def count(self) -> int:
         return int(self._call("counting", f"SELECT count(*) FROM {self.table}", fetch=True)[0][0])
 

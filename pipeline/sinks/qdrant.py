@@ -32,11 +32,11 @@ class QdrantSink:
         self.cfg = cfg
         if cfg.url:
             self.name = f"qdrant {cfg.url} collection {cfg.collection!r}"
-            self.client = QdrantClient(url=cfg.url, api_key=os.environ.get(cfg.api_key_env) or None, timeout=60)
+            self.client = QdrantClient(url=cfg.url, api_key=os.environ.get(cfg.api_key_variable) or None, timeout=60)
         else:
-            self.name = f"qdrant (local {cfg.path}) collection {cfg.collection!r}"
-            os.makedirs(cfg.path, exist_ok=True)
-            self.client = QdrantClient(path=cfg.path)
+            self.name = f"qdrant (local {cfg.store_path}) collection {cfg.collection!r}"
+            os.makedirs(cfg.store_path, exist_ok=True)
+            self.client = QdrantClient(path=cfg.store_path)
 
     def _call(self, what: str, action: Any) -> Any:
         return with_retries(action, what, self.cfg.retry_deadline_s, self.name)
@@ -91,6 +91,9 @@ class QdrantSink:
             lambda: self.client.query_points(self.cfg.collection, query=query, using=self.cfg.vector_name, limit=k, with_payload=True),
         )
         return [(p.payload["doc_id"], float(p.score)) for p in hits.points if p.score > 0]
+
+    def finish(self) -> None:
+        """Qdrant makes upserts searchable as they land (wait=True): nothing to do."""
 
     def count(self) -> int:
         return int(self._call("counting", lambda: self.client.count(self.cfg.collection, exact=True)).count)
