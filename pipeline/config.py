@@ -140,14 +140,20 @@ class ComputeConfig(StrictModel):
 class SinkConfig(StrictModel):
     """Optional load of the vectors into a vector store, after the Parquet output is written."""
 
-    type: Literal["qdrant", "pgvector", "milvus"] | None = Field(None, description="Vector store to upsert into (None: write Parquet only).")
+    type: Literal["qdrant", "pgvector", "milvus", "pinecone"] | None = Field(None, description="Vector store to upsert into (None: write Parquet only).")
     collection: str = Field("splade", description="Collection (Qdrant, Milvus) or table (pgvector) to upsert into.")
     path: str | None = Field(
         None,
         description="Embedded store file/folder when url is not set: Qdrant local mode (default out/qdrant) or a Milvus Lite file (default out/milvus.db).",
     )
-    url: str | None = Field(None, description="Store server URL (Qdrant http://host:6333, Milvus http://host:19530); its key comes from the environment.")
-    api_key_env: str | None = Field(None, description="Environment variable holding the store's API key or token (default: QDRANT_API_KEY, MILVUS_TOKEN).")
+    url: str | None = Field(
+        None,
+        description="Store server URL (Qdrant http://host:6333, Milvus http://host:19530, the Pinecone index host); its key comes from the environment.",
+    )
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the store's API key or token (default: QDRANT_API_KEY, MILVUS_TOKEN, PINECONE_API_KEY)."
+    )
+    namespace: str = Field("", description="Pinecone namespace to upsert into.")
     dsn: str | None = Field(
         None,
         description="pgvector: libpq connection string without a password (e.g. 'host=db port=5432 dbname=search user=splade'); "
@@ -170,7 +176,7 @@ class SinkConfig(StrictModel):
 
     @property
     def api_key_variable(self) -> str:
-        return self.api_key_env or {"milvus": "MILVUS_TOKEN"}.get(self.type or "", "QDRANT_API_KEY")
+        return self.api_key_env or {"milvus": "MILVUS_TOKEN", "pinecone": "PINECONE_API_KEY"}.get(self.type or "", "QDRANT_API_KEY")
 
     @model_validator(mode="after")
     def _store_settings(self) -> SinkConfig:
@@ -181,6 +187,8 @@ class SinkConfig(StrictModel):
                 raise ValueError("sink.dsn: put no password in the config; set PGPASSWORD or use ~/.pgpass")
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.collection):
                 raise ValueError(f"sink.collection: {self.collection!r} is not a plain SQL table name (letters, digits, _)")
+        if self.type == "pinecone" and not self.url:
+            raise ValueError("sink.url: Pinecone needs the index host (from the console or describe_index), e.g. https://my-index-abc123.svc.pinecone.io")
         return self
 
 

@@ -60,12 +60,12 @@ class EncodeBlocks:
 
 def upsert_batch(sink: Any, cfg: SinkConfig, batch: pa.Table) -> tuple[int, int]:
     """Upsert ``id`` + ``sparse`` rows in size-capped requests; return (upserted, empty vectors rejected)."""
-    from pipeline.sinks import request_batches
+    from pipeline.sinks import request_batches, request_limits
 
     rows = batch
     if not sink.accepts_empty_vectors:
         rows = batch.filter(pc.greater(pc.list_value_length(pc.struct_field(batch["sparse"], "indices")), 0))
-    for request in request_batches(rows, cfg.batch_size, cfg.max_request_bytes):
+    for request in request_batches(rows, *request_limits(cfg)):
         pairs = sparse_rows(request["sparse"])
         sink.upsert(request["id"].to_pylist(), [p[0] for p in pairs], [p[1] for p in pairs])
     return rows.num_rows, batch.num_rows - rows.num_rows

@@ -75,6 +75,8 @@ import sys  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+# Store keys reach Ray workers the way they do on a cluster: in the nodes' environment.
+PINECONE_TEST_KEY = "pinecone-test-key"
 
 
 def free_port() -> int:
@@ -93,7 +95,7 @@ def s3_endpoint() -> Iterator[str]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     url = f"http://127.0.0.1:{port}"
-    os.environ.update(S3_ENV | {"AWS_ENDPOINT_URL": url})
+    os.environ.update(S3_ENV | {"AWS_ENDPOINT_URL": url, "PINECONE_API_KEY": PINECONE_TEST_KEY})
     yield url
     server.stop()
 

@@ -102,6 +102,7 @@ def test_retries_only_transient_errors() -> None:
     assert time.monotonic() - start < 3
     assert is_transient(RuntimeError("Unexpected Response: 503 (Service Unavailable)"))
     assert not is_transient(RuntimeError("Unexpected Response: 400 (Bad Request)"))
+    assert not is_transient(RuntimeError("[413] Request size 114 exceeds the maximum supported size of 50000"))
 
 
 def test_request_batches_respect_count_and_bytes() -> None:
@@ -111,6 +112,6 @@ def test_request_batches_respect_count_and_bytes() -> None:
     offsets = np.concatenate([[0], np.cumsum(nnz)]).astype(np.int32)
     sparse = sparse_array(offsets, np.zeros(offsets[-1], np.int32), np.ones(offsets[-1], np.float32))
     rows = pa.table({"id": [f"d{i}" for i in range(6)], "sparse": sparse})
-    sizes = [b.num_rows for b in request_batches(rows, max_count=3, max_bytes=20_000)]
-    assert sizes == [1, 1, 3, 1]  # 10 + 1000 terms overflow 20 kB; a too-large single vector still goes alone
+    sizes = [b.num_rows for b in request_batches(rows, max_count=3, max_bytes=30_000)]
+    assert sizes == [1, 1, 3, 1]  # 10 + 1000 terms overflow 30 kB; a too-large single vector still goes alone
     assert [b.num_rows for b in request_batches(rows, max_count=2, max_bytes=10**9)] == [2, 2, 2]

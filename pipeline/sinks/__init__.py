@@ -9,6 +9,7 @@ then the error names the store, the batch and the cause.
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Protocol, TypeVar
@@ -20,10 +21,13 @@ import pyarrow.compute as pc
 from pipeline.config import SinkConfig
 
 T = TypeVar("T")
-TRANSIENT_WORDS = ("429", "too many requests", "500", "502", "503", "504", "timed out", "timeout", "connection refused",
-                   "connection reset", "temporarily unavailable", "server closed the connection", "slowdown",
-                   "terminating connection", "the database system is", "connection is lost", "connection is closed",
-                   "could not receive data", "eof detected")  # fmt: skip
+TRANSIENT_STATUS = {429, 500, 502, 503, 504}
+# Whole-token HTTP codes only: "exceeds the maximum size of 50000" is no 500.
+_STATUS_IN_TEXT = re.compile(r"(?<![\d.])(429|500|502|503|504)(?![\d.])")
+TRANSIENT_PHRASES = ("too many requests", "service unavailable", "bad gateway", "gateway timeout", "internal server error",
+                     "timed out", "timeout", "connection refused", "connection reset", "temporarily unavailable",
+                     "server closed the connection", "slowdown", "terminating connection", "the database system is",
+                     "connection is lost", "connection is closed", "could not receive data", "eof detected")  # fmt: skip
 
 
 class SinkError(RuntimeError):
@@ -57,11 +61,29 @@ def open_sink(cfg: SinkConfig, dimension: int) -> Sink:
         from pipeline.sinks.milvus import MilvusSink
 
         return MilvusSink(cfg)
-    raise ValueError(f"sink.type: {cfg.type!r} is not a known store; choose one of: qdrant, pgvector, milvus")
+    if cfg.type == "pinecone":
+        from pipeline.sinks.pinecone import PineconeSink
+
+        return PineconeSink(cfg)
+    raise ValueError(f"sink.type: {cfg.type!r} is not a known store; choose one of: qdrant, pgvector, milvus, pinecone")
+
+
+def request_limits(cfg: SinkConfig) -> tuple[int, int]:
+    """Vectors and bytes per request: the configured ones, within the store's hard limits."""
+    if cfg.type == "pinecone":
+        from pipeline.sinks.pinecone import MAX_REQUEST_BYTES, MAX_VECTORS_PER_REQUEST
+
+        return min(cfg.batch_size, MAX_VECTORS_PER_REQUEST), min(cfg.max_request_bytes, MAX_REQUEST_BYTES)
+    return cfg.batch_size, cfg.max_request_bytes
 
 
 def check_caps(cfg: SinkConfig, top_k: int | None) -> None:
     """Store limits that the encoding settings must meet, checked before any work."""
+    if cfg.type == "pinecone" and (top_k is None or top_k > 2048):
+        raise ValueError(
+            f"encoder.top_k: Pinecone takes at most 2048 non-zeros per sparse vector, but encoder.top_k is {top_k}; "
+            "set encoder.top_k to 2048 or less"
+        )
     if cfg.type == "pgvector" and cfg.hnsw_index and (top_k is None or top_k > 1000):
         raise ValueError(
             f"sink.hnsw_index: pgvector's HNSW index on sparsevec takes at most 1000 non-zeros per vector, but encoder.top_k is "
@@ -70,10 +92,15 @@ def check_caps(cfg: SinkConfig, top_k: int | None) -> None:
 
 
 def is_transient(err: BaseException) -> bool:
+    """Throttling, server errors, timeouts and dropped connections: worth another try."""
     if isinstance(err, (TimeoutError, ConnectionError)):
         return True
+    for attr in ("status", "status_code"):  # HTTP clients' structured status, when they give one
+        status = getattr(err, attr, None)
+        if isinstance(status, int) and 100 <= status < 600:
+            return status in TRANSIENT_STATUS
     text = f"{type(err).__name__} {err}".lower()
-    return any(word in text for word in TRANSIENT_WORDS)
+    return bool(_STATUS_IN_TEXT.search(text)) or any(phrase in text for phrase in TRANSIENT_PHRASES)
 
 
 def with_retries(action: Callable[[], T], what: str, deadline_s: float, store: str) -> T:
@@ -89,10 +116,14 @@ def with_retries(action: Callable[[], T], what: str, deadline_s: float, store: s
             delay = min(delay * 2, 10.0)
 
 
-def request_batches(rows: pa.Table, max_count: int, max_bytes: int, per_vector_overhead: int = 64) -> Iterator[pa.Table]:
-    """Cut ``rows`` (id + sparse) into requests of at most ``max_count`` vectors and ``max_bytes`` (estimated)."""
+def request_batches(rows: pa.Table, max_count: int, max_bytes: int) -> Iterator[pa.Table]:
+    """Cut ``rows`` (id + sparse) into requests of at most ``max_count`` vectors and ``max_bytes``.
+
+    Bytes are estimated generously for a JSON body (about 32 bytes a term, the id twice for id
+    and metadata, plus framing); a single vector larger than ``max_bytes`` still goes alone.
+    """
     nnz = pc.list_value_length(pc.struct_field(rows["sparse"], "indices")).to_numpy()
-    sizes = nnz * 24 + per_vector_overhead + np.array([len(i) for i in rows["id"].to_pylist()])  # JSON-ish: ~24 B a term
+    sizes = nnz * 32 + 96 + 2 * np.array([len(i.encode()) for i in rows["id"].to_pylist()], dtype=np.int64)
     start = 0
     while start < rows.num_rows:
         stop, total = start, 0

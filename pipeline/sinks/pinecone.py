@@ -1,0 +1,89 @@
+"""Pinecone: the official SDK against an index host (a sparse index, or sparse-dense).
+
+Pinecone's limits are the store's caps: at most 2048 non-zeros per sparse vector (checked
+against encoder.top_k before any work), 1000 vectors and 2 MB per upsert request (requests
+are cut to fit), ids of at most 512 ASCII characters (longer or non-ASCII document ids map to
+``sha256-<hex>``; the document id always travels in the metadata as ``doc_id``). Empty
+vectors are refused by Pinecone and become counted rejects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import SinkConfig
+from pipeline.sinks import SinkError, with_retries
+
+MAX_NONZEROS = 2048
+MAX_VECTORS_PER_REQUEST = 1000
+MAX_REQUEST_BYTES = 2 * 1024 * 1024
+MAX_ID_LENGTH = 512
+
+
+def point_id(doc_id: str) -> str:
+    if doc_id.isascii() and len(doc_id) <= MAX_ID_LENGTH:
+        return doc_id
+    return "sha256-" + hashlib.sha256(doc_id.encode()).hexdigest()
+
+
+class PineconeSink:
+    accepts_empty_vectors = False
+
+    def __init__(self, cfg: SinkConfig) -> None:
+        from pinecone import Pinecone
+
+        key = os.environ.get(cfg.api_key_variable)
+        if not key:
+            raise SinkError(f"pinecone {cfg.url}: no API key; set the {cfg.api_key_variable} environment variable")
+        self.cfg, self.namespace = cfg, cfg.namespace
+        self.name = f"pinecone {cfg.url} namespace {cfg.namespace!r}"
+        self.index = Pinecone(api_key=key).Index(host=cfg.url)
+
+    def _call(self, what: str, action: Any) -> Any:
+        return with_retries(action, what, self.cfg.retry_deadline_s, self.name)
+
+    def ensure(self) -> None:
+        # Indexes are created in Pinecone's control plane (console, terraform); here we only
+        # check that the host answers with this key.
+        self._call("reaching the index", self.index.describe_index_stats)
+
+    def upsert(self, ids: list[str], indices: list[np.ndarray], values: list[np.ndarray]) -> None:
+        vectors = [
+            {"id": point_id(doc_id), "sparse_values": {"indices": idx.tolist(), "values": val.tolist()}, "metadata": {"doc_id": doc_id}}
+            for doc_id, idx, val in zip(ids, indices, values)
+        ]
+        self._call(
+            f"upserting {len(vectors)} vectors (first id {ids[0]!r})",
+            lambda: self.index.upsert(vectors=vectors, namespace=self.namespace, show_progress=False),
+        )
+
+    def delete(self, ids: list[str]) -> None:
+        mapped = [point_id(i) for i in ids]
+        self._call(f"deleting {len(ids)} ids", lambda: self.index.delete(ids=mapped, namespace=self.namespace))
+
+    def finish(self) -> None:
+        """Pinecone indexes upserts on its own (eventually consistent): nothing to do."""
+
+    def search(self, indices: np.ndarray, values: np.ndarray, k: int) -> list[tuple[str, float]]:
+        result = self._call(
+            "searching",
+            lambda: self.index.query(
+                sparse_vector={"indices": indices.tolist(), "values": values.tolist()}, top_k=k,
+                namespace=self.namespace, include_metadata=True,
+            ),
+        )  # fmt: skip
+        return [(m.metadata["doc_id"], float(m.score)) for m in result.matches if m.score > 0]
+
+    def count(self) -> int:
+        stats = self._call("counting", self.index.describe_index_stats)
+        space = stats.namespaces.get(self.namespace)
+        return int(space.vector_count) if space else 0
+
+    def close(self) -> None:
+        close = getattr(self.index, "close", None)
+        if close:
+            close()
