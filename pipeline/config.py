@@ -41,7 +41,7 @@ class EncoderConfig(StrictModel):
         None,
         ge=1,
         description="Padded tokens per forward pass (documents are sorted by length and cut by this budget). "
-        "None: 16384 on CPU, 32768 on CUDA.",
+        "None: 1024 on CPU, 32768 on CUDA.",
     )
     head_chunk_tokens: int | None = Field(
         None,
