@@ -220,6 +220,15 @@ def main() -> None:
         fpt = flops_per_token(model_dir)
         rate = matmul_rate(device, dtype)
         rate_fp32 = rate if dtype == torch.float32 else matmul_rate(device, torch.float32)
+        rates = {dtype_name: rate, "float32": rate_fp32}
+
+        def rate_for(method: str) -> float:
+            """The matmul rate of the dtype a method computes in (named in its label)."""
+            named = next((d for d in DTYPES if d in method), dtype_name)
+            if named not in rates:
+                rates[named] = matmul_rate(device, DTYPES[named])
+            return rates[named]
+
         ref_encoder = SeedLoop(model_dir, device, torch.float32)
         tokens = int(sum(len(ids) for ids in ref_encoder.tok(texts, truncation=True, max_length=512)["input_ids"]))
         check = texts[:256]
@@ -283,8 +292,7 @@ def main() -> None:
     for name, r in results.items():
         t = statistics.median(r["times"])
         r |= {"docs_per_s": len(texts) / t, "tokens_per_s": tokens / t}
-        used_rate = rate_fp32 if ("float32" in name) else rate
-        r["mfu"] = fpt * tokens / t / used_rate
+        r["mfu"] = fpt * tokens / t / rate_for(name)
         print(f"{name:<58}{r['docs_per_s']:>10.1f}{r['tokens_per_s']:>12.0f}{r['mfu']:>7.1%}{r['peak_bytes'] / 2**20:>10.0f}"
               f"{r['max_abs_diff']:>10.1e}{r['top64_overlap']:>7.3f}")
     ours = results[next(n for n in results if n.startswith("ours (defaults"))]
