@@ -233,7 +233,8 @@ def main() -> None:
         tokens = int(sum(len(ids) for ids in ref_encoder.tok(texts, truncation=True, max_length=512)["input_ids"]))
         check = texts[:256]
         reference = dense(ref_encoder(check))
-        tokenize_s = min(_timed(lambda: ref_encoder.tok.backend_tokenizer.encode_batch(texts)) for _ in range(3))
+        backend = ref_encoder.tok.backend_tokenizer
+        tokenize_s = min(_timed(lambda: backend.encode_batch(texts)) for _ in range(3))
         del ref_encoder
 
         methods: dict[str, Callable] = {}

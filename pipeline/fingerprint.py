@@ -45,12 +45,13 @@ def weights_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(config: EncoderConfig) -> dict[str, Any]:
+def fingerprint(config: EncoderConfig, folder: Path | None = None) -> dict[str, Any]:
+    """The fingerprint of ``config``'s model (``folder``: its already resolved local folder)."""
     from transformers import AutoConfig
 
     from pipeline import __version__
 
-    folder = model_folder(config)
+    folder = folder or model_folder(config)
     return {
         "model": config.model,
         "revision": config.revision,

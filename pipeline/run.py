@@ -11,12 +11,13 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from pipeline.config import ComputeConfig, JobConfig, redacted
-from pipeline.fingerprint import fingerprint
+from pipeline.fingerprint import fingerprint, model_folder
 from pipeline.output import SUMMARY_FILE, join, output_fs, prepare_output, write_blocks
 from pipeline.sources import Shard, check_columns, list_shards
 from pipeline.stages import EncodeBlocks, read_shards
@@ -37,8 +38,9 @@ def make_plan(config: JobConfig) -> Plan:
     """Driver-side checks and the facts every stage needs; starts nothing."""
     shards = list_shards(config.input)
     check_columns(shards[0], config.input)
-    fp = fingerprint(config.encoder)
-    _check_model_limits(config)
+    folder = model_folder(config.encoder)  # resolved (downloaded, verified) once
+    _check_model_limits(config, folder)
+    fp = fingerprint(config.encoder, folder)
     if config.sink.type:
         from pipeline.upsert import check_sink
 
@@ -186,12 +188,10 @@ def ensure_ray(compute: ComputeConfig) -> None:
         )
 
 
-def _check_model_limits(config: JobConfig) -> None:
+def _check_model_limits(config: JobConfig, folder: Path) -> None:
     from transformers import AutoConfig
 
-    from pipeline.fingerprint import model_folder
-
-    model_config = AutoConfig.from_pretrained(model_folder(config.encoder))
+    model_config = AutoConfig.from_pretrained(folder)
     limit = getattr(model_config, "max_position_embeddings", None)
     if limit and config.encoder.max_length > limit:
         raise ValueError(f"encoder.max_length: {config.encoder.max_length} exceeds what the model accepts ({limit} positions)")

@@ -11,11 +11,13 @@ import pyarrow.dataset as pads
 from reference import densify
 from test_job import corpus_rows
 
-from pipeline.config import JobConfig, load_config
+import pytest
+
+from pipeline.config import JobConfig, SinkConfig, load_config
 from pipeline.demo import load_sample_corpus
 from pipeline.run import run_job
 from pipeline.search import search
-from pipeline.sinks import open_sink
+from pipeline.sinks import SinkError, open_sink
 from pipeline.upsert import upsert_output
 
 VOCAB = 30522
@@ -56,6 +58,17 @@ def assert_search_matches_brute_force(config: JobConfig) -> None:
     for g, w in zip(got, want):
         assert [i for i, _ in g] == [i for i, _ in w]
         np.testing.assert_allclose([s for _, s in g], [s for _, s in w], rtol=0, atol=1e-4)
+
+
+def assert_ensure_refused(sink: SinkConfig, match: str, *, count_after: bool = True) -> int | None:
+    """``ensure()`` must refuse with ``match``; returns what the store holds afterwards (to show it untouched)."""
+    store = open_sink(sink, VOCAB)
+    try:
+        with pytest.raises(SinkError, match=match):
+            store.ensure()
+        return store.count() if count_after else None
+    finally:
+        store.close()
 
 
 def assert_idempotent_and_delete(config: JobConfig, total: int) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -23,4 +22,3 @@ def test_quickstart_notebook(ray_cluster: str, tmp_path: Path, monkeypatch: pyte
     assert namespace["summary"]["rows_written"] == 32
     assert namespace["top_hits"][0][0] == "doc-000"  # the tides passage answers the tides query
     assert all(reject is None and nnz > 10 for _, nnz, reject in [(r["id"], len(r["sparse"]["indices"]), r["_reject"]) for r in namespace["first"]])
-    assert os.environ["NOTEBOOK_OUTPUT"] == str(tmp_path / "out")

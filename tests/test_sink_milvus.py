@@ -7,12 +7,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from sink_checks import VOCAB, assert_idempotent_and_delete, assert_search_matches_brute_force, run_into_store
+from sink_checks import assert_ensure_refused, assert_idempotent_and_delete, assert_search_matches_brute_force, run_into_store
 
 from pipeline.config import load_config
 from pipeline.output import FINGERPRINT_KEY
 from pipeline.schema import SPARSE_TYPE
-from pipeline.sinks import SinkError, open_sink
 from pipeline.upsert import upsert_output
 
 
@@ -48,20 +47,9 @@ def test_empty_vector_is_a_counted_reject(loaded: dict, tmp_path: Path) -> None:
 
 def test_incompatible_collection_is_an_error_not_a_drop(loaded: dict) -> None:
     other = loaded["config"].sink.model_copy(update={"vector_name": "other_vector"})
-    store = open_sink(other, VOCAB)
-    try:
-        with pytest.raises(SinkError, match="needs primary key 'id' and a SPARSE_FLOAT_VECTOR 'other_vector'"):
-            store.ensure()
-        assert store.count() >= 119  # untouched
-    finally:
-        store.close()
+    assert assert_ensure_refused(other, "needs primary key 'id' and a SPARSE_FLOAT_VECTOR 'other_vector'") >= 119  # untouched
 
 
 def test_missing_collection_without_create(tmp_path: Path) -> None:
     cfg = load_config(None, {"sink.type": "milvus", "sink.path": str(tmp_path / "m.db"), "sink.create_if_missing": False}).sink
-    store = open_sink(cfg, VOCAB)
-    try:
-        with pytest.raises(SinkError, match="collection does not exist"):
-            store.ensure()
-    finally:
-        store.close()
+    assert_ensure_refused(cfg, "collection does not exist", count_after=False)

@@ -9,11 +9,17 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from sink_checks import VOCAB, assert_idempotent_and_delete, assert_search_matches_brute_force, run_into_store
+from sink_checks import (
+    VOCAB,
+    assert_ensure_refused,
+    assert_idempotent_and_delete,
+    assert_search_matches_brute_force,
+    run_into_store,
+)
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.sinks import SinkError, open_sink
+from pipeline.sinks import SinkError
 from pipeline.sinks.pgvector import to_sparsevec
 from pipeline.upsert import upsert_output
 
@@ -49,13 +55,7 @@ def test_incompatible_table_is_an_error_not_a_drop(postgres) -> None:
         conn.execute("CREATE TABLE small (id text PRIMARY KEY, embedding sparsevec(100))")
         conn.execute("INSERT INTO small VALUES ('keep', '{1:1}/100')")
     cfg = load_config(None, {"sink.type": "pgvector", "sink.dsn": postgres.dsn, "sink.collection": "small"}).sink
-    store = open_sink(cfg, VOCAB)
-    try:
-        with pytest.raises(SinkError, match=r"exists with sparsevec\(100\), this model needs embedding sparsevec\(30522\)"):
-            store.ensure()
-        assert store.count() == 1
-    finally:
-        store.close()
+    assert assert_ensure_refused(cfg, r"exists with sparsevec\(100\), this model needs embedding sparsevec\(30522\)") == 1
 
 
 def test_hnsw_cap_enforced_before_encoding(ray_cluster: str, splade_tiny: Path, postgres, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -8,11 +8,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from sink_checks import QUERIES, VOCAB, assert_idempotent_and_delete, assert_search_matches_brute_force, run_into_store
+from sink_checks import (
+    QUERIES,
+    VOCAB,
+    assert_ensure_refused,
+    assert_idempotent_and_delete,
+    assert_search_matches_brute_force,
+    run_into_store,
+)
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.sinks import SinkError, is_transient, open_sink, request_batches, with_retries
+from pipeline.sinks import SinkError, is_transient, request_batches, with_retries
 
 @pytest.fixture(scope="module")
 def loaded(ray_cluster: str, splade_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
@@ -43,30 +50,14 @@ def test_rerun_is_idempotent_and_delete_removes(loaded: dict, capsys: pytest.Cap
 def test_incompatible_collection_is_an_error_not_a_drop(loaded: dict) -> None:
     config = loaded["config"]
     other = config.sink.model_copy(update={"vector_name": "other"})
-    store = open_sink(other, VOCAB)
-    try:
-        with pytest.raises(SinkError, match="without a sparse vector named 'other' \\(it has \\['sparse'\\]\\)"):
-            store.ensure()
-        assert store.count() == 120  # nothing was dropped or recreated
-    finally:
-        store.close()
+    assert assert_ensure_refused(other, r"without a sparse vector named 'other' \(it has \['sparse'\]\)") == 120  # nothing dropped
     idf = config.sink.model_copy(update={"idf_modifier": True})
-    store = open_sink(idf, VOCAB)
-    try:
-        with pytest.raises(SinkError, match="exists with idf_modifier=False"):
-            store.ensure()
-    finally:
-        store.close()
+    assert assert_ensure_refused(idf, "exists with idf_modifier=False") == 120
 
 
 def test_missing_collection_without_create(tmp_path: Path) -> None:
     cfg = load_config(None, {"sink.type": "qdrant", "sink.path": str(tmp_path), "sink.create_if_missing": False}).sink
-    store = open_sink(cfg, VOCAB)
-    try:
-        with pytest.raises(SinkError, match="collection does not exist and sink.create_if_missing is false"):
-            store.ensure()
-    finally:
-        store.close()
+    assert_ensure_refused(cfg, "collection does not exist and sink.create_if_missing is false", count_after=False)
 
 
 def test_local_mode_allows_one_writer(tmp_path: Path) -> None:
