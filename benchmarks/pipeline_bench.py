@@ -10,26 +10,15 @@ on a local Ray cluster of the same cores, reading Parquet shards from S3 and wri
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import logging
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from corpus import passages  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from corpus import passages
+from harness import put_shards, start_s3
 
 
 def main() -> None:
@@ -41,28 +30,14 @@ def main() -> None:
     args = p.parse_args()
     cores = os.cpu_count() or 1
 
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    os.environ.update(
-        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-        AWS_DEFAULT_REGION="us-east-1", RAY_AUTH_MODE="disabled", RAY_DATA_DISABLE_PROGRESS_BARS="1", HF_HUB_OFFLINE="1",
-    )  # fmt: skip
+    server = start_s3()
     import s3fs
 
     texts = passages(args.n)
     fs = s3fs.S3FileSystem()
     fs.mkdir("bench-in")
     fs.mkdir("bench-out")
-    per = -(-args.n // args.shards)
-    for i in range(args.shards):
-        chunk = texts[i * per : (i + 1) * per]
-        buf = io.BytesIO()
-        pq.write_table(pa.table({"id": [f"p{i * per + j}" for j in range(len(chunk))], "text": chunk}), buf)
-        fs.pipe(f"bench-in/shard-{i:03d}.parquet", buf.getvalue())
+    put_shards(fs, "bench-in", [f"p{i}" for i in range(args.n)], texts, args.shards)
 
     import torch
 

@@ -22,10 +22,12 @@ _EXPORTS = {
     "EncoderConfig": "pipeline.config",
     "JobConfig": "pipeline.config",
     "SpladeEncoder": "pipeline.encoder",
+    "committed_files": "pipeline.manifest",
     "encoded_dataset": "pipeline.run",
     "fetch_splade_tiny": "pipeline.bundled",
     "load_config": "pipeline.config",
     "run_job": "pipeline.run",
+    "run_reindex": "pipeline.reindex",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from pipeline.bundled import SPLADE_TINY
 from pipeline.config import JobConfig, load_config, redacted
 
-SECTIONS = ("input", "encoder", "output", "compute", "sink")
+SECTIONS = ("input", "encoder", "output", "compute", "sink", "reindex")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     encode.add_argument("--config", type=Path, help="YAML job config (sections: input, encoder, output, compute)")
     encode.add_argument("--show-config", action="store_true", help="print the resolved config (secrets masked) and exit")
     flags = _add_config_flags(encode)
+
+    reindex = sub.add_parser(
+        "reindex",
+        help="update an output (and its store) to the corpus now: encode new and changed documents, delete removed ones",
+        description="Incremental reindex against the output's last commit (per document: id + content hash + encoding "
+        "fingerprint). Takes the same flags as encode.",
+    )
+    reindex.add_argument("--config", type=Path, help="YAML job config (the same as the encoding job's)")
+    reindex.add_argument("--dry-run", action="store_true", help="print new / changed / unchanged / deleted counts; encode and change nothing")
+    reindex.add_argument("--allow-mass-delete", action="store_true", help="allow deleting more than reindex.max_delete_percent of the indexed documents")
+    reindex_flags = _add_config_flags(reindex)
 
     upsert = sub.add_parser(
         "upsert", help="load an encoded output into the configured vector store (no re-encoding)",
@@ -55,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("fetch-model", help=f"download and verify {SPLADE_TINY} into the cache; print its folder")
 
     args = parser.parse_args(argv)
-    flags = {"encode": flags, "upsert": upsert_flags, "search": search_flags}.get(args.command, {})
+    flags = {"encode": flags, "reindex": reindex_flags, "upsert": upsert_flags, "search": search_flags}.get(args.command, {})
     try:
         return _dispatch(args, flags)
     except Exception as err:  # noqa: BLE001 - users get one clear line, not a traceback
@@ -92,6 +103,10 @@ def _dispatch(args: argparse.Namespace, flags: dict[str, str]) -> int:
         from pipeline.run import run_job
 
         run_job(config)
+    elif args.command == "reindex":
+        from pipeline.reindex import run_reindex
+
+        run_reindex(config, dry_run=args.dry_run, allow_mass_delete=args.allow_mass_delete)
     elif args.command == "demo":
         from pipeline.demo import run_demo
 
@@ -119,7 +134,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
     flags = {}
     groups = {section: parser.add_argument_group(f"{section} settings") for section in SECTIONS}
     for (section, name, field), flag in zip(leaves, names):
-        if names.count(flag) > 1 or (section == "sink" and not flag.startswith("sink")):
+        if names.count(flag) > 1 or (section in ("sink", "reindex") and not flag.startswith(section)):
             flag = f"{section}_{flag}"
         dest = f"cfg_{section}_{name}"
         default = field.get_default(call_default_factory=True)
@@ -165,10 +180,14 @@ def explain(err: BaseException) -> tuple[str, bool]:
     from pipeline.errors import find_cause
     from pipeline.sinks import SinkError
 
-    known = find_cause(err, (ConfigError, SinkError, ValueError, TypeError, OSError))  # type: ignore[arg-type]
+    from pipeline.lock import LockedError
+    from pipeline.output import OutputError
+
+    known = find_cause(err, (ConfigError, SinkError, LockedError, ValueError, TypeError, OSError))  # type: ignore[arg-type]
     if known is None:
         return str(err).strip().splitlines()[0], False
-    return (str(known) if isinstance(known, (ConfigError, SinkError)) else str(known).strip().splitlines()[0]), True
+    whole = (ConfigError, SinkError, LockedError, OutputError)  # messages written to be read in full
+    return (str(known) if isinstance(known, whole) else str(known).strip().splitlines()[0]), True
 
 
 if __name__ == "__main__":

@@ -108,8 +108,20 @@ class OutputConfig(StrictModel):
 
     path: str = Field("out/encoded", description="Output folder or prefix (local or any fsspec URL).", json_schema_extra={"flag": "output"})
     storage_options: dict[str, Any] = Field(default_factory=dict, description="Extra fsspec options for the output; never credentials.")
-    overwrite: bool = Field(False, description="Replace an existing output (otherwise a non-empty output folder is an error).")
+    overwrite: bool = Field(
+        False,
+        description="Start over: delete the existing output first. Otherwise a re-run resumes: committed work is kept, "
+        "and an output encoded with settings that change the vectors is refused.",
+    )
     compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet compression.")
+    commit_interval_s: float = Field(
+        30.0, ge=0, description="Record finished blocks (what a re-run after a crash keeps) at most this often; 0: after every block."
+    )
+    lock_ttl_s: float = Field(
+        120.0, gt=0,
+        description="The output's run lock (one run at a time) expires this long after its holder stops renewing it "
+        "(renewed every third of it); a crashed run's lock on the same host is taken over at once.",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _no_secrets(self) -> OutputConfig:
@@ -192,6 +204,15 @@ class SinkConfig(StrictModel):
         return self
 
 
+class ReindexConfig(StrictModel):
+    """Incremental reindexing: how much a reindex may delete from the store on its own."""
+
+    max_delete_percent: float = Field(
+        10.0, ge=0, le=100,
+        description="Refuse a reindex that would delete more than this percent of the indexed documents, unless --allow-mass-delete.",
+    )  # fmt: skip
+
+
 class JobConfig(StrictModel):
     """One encoding job: input -> encoder -> output (-> sink), on a Ray cluster."""
 
@@ -200,6 +221,7 @@ class JobConfig(StrictModel):
     output: OutputConfig = Field(default_factory=OutputConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     sink: SinkConfig = Field(default_factory=SinkConfig)
+    reindex: ReindexConfig = Field(default_factory=ReindexConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:

@@ -1,8 +1,10 @@
-"""The encoding job as a Ray Data plan: list -> read + validate -> encode (actor pool) -> write -> summary.
+"""The encoding job as a Ray Data plan: list -> read + validate -> encode (actor pool) -> write
+-> record progress -> commit -> summary (-> load the store).
 
 Everything that can fail because of the user's input or settings (nothing matched, unknown
 format, missing columns, an unusable output, an unknown model) fails here on the driver,
-before any cluster work.
+before any cluster work. A re-run after a crash keeps what was committed (see
+:mod:`pipeline.resume`).
 """
 
 from __future__ import annotations
@@ -10,15 +12,19 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.config import ComputeConfig, JobConfig, redacted
+from pipeline.faults import crash_point
 from pipeline.fingerprint import fingerprint, model_folder
-from pipeline.output import SUMMARY_FILE, join, output_fs, prepare_output, write_blocks
+from pipeline.manifest import Progress, clean, empty_entries, join, listed_files, write_commit
+from pipeline.output import DATA_DIR, REJECTS_DIR, SUMMARY_FILE, lock_output, output_fs, write_blocks
+from pipeline.resume import Resume, assign_units, plan_resume
 from pipeline.sources import Shard, check_columns, list_shards
 from pipeline.stages import EncodeBlocks, read_shards
 from pipeline.summary import render, summarize
@@ -26,6 +32,7 @@ from pipeline.summary import render, summarize
 log = logging.getLogger(__name__)
 READER_MEMORY = 256 * 2**20
 DRIVER_DEDUP_MAX_ROWS = 5_000_000
+PROGRESS_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -45,22 +52,23 @@ def make_plan(config: JobConfig) -> Plan:
         from pipeline.upsert import check_sink
 
         check_sink(config, fp)
-    return Plan(shards, fp)
+    return Plan(assign_units(shards, config, fp), fp)
 
 
-def encoded_dataset(config: JobConfig, plan: Plan | None = None) -> Any:
+def encoded_dataset(config: JobConfig, plan: Plan | None = None, work: list[Shard] | None = None) -> Any:
     """The lazy ``ray.data.Dataset`` of encoded rows, for custom use (notebooks).
 
     Columns: ``id``, ``sparse``, ``num_tokens``, ``truncated``, the passthrough columns, and
     the bookkeeping columns of :mod:`pipeline.sources`: rows whose ``_reject`` is not null are
-    rejects (with ``sparse`` null) and are kept so that nothing disappears unseen.
+    rejects (with ``sparse`` null) and are kept so that nothing disappears unseen. ``work``:
+    the shards to read (default: all of the plan's).
     """
     import ray
 
     plan = plan or make_plan(config)
     ensure_ray(config.compute)
     compute = config.compute
-    shards = [{"index": s.index, "url": s.url, "format": s.format} for s in plan.shards]
+    shards = [asdict(s) for s in (plan.shards if work is None else work)]
     ds = ray.data.from_items(shards, override_num_blocks=len(shards))
     ds = ds.map_batches(
         read_shards,
@@ -89,39 +97,83 @@ def encoded_dataset(config: JobConfig, plan: Plan | None = None) -> Any:
 
 
 def run_job(config: JobConfig) -> dict[str, Any]:
-    """Run the whole job; write ``_SUMMARY.json`` beside the output and return the summary."""
+    """Run the whole job (or finish an interrupted one); write ``_SUMMARY.json`` beside the output and return the summary."""
     start = time.perf_counter()
     log.info("config: %s", json.dumps(redacted(config)))
     plan = make_plan(config)
-    prepare_output(config.output)
-    encoded = encoded_dataset(config, plan)
-    written = encoded.map_batches(
-        write_blocks,
-        batch_size=None,
-        batch_format="pyarrow",
-        fn_kwargs={"cfg": config.output, "fingerprint": plan.fingerprint, "passthrough": config.input.passthrough_columns},
-        num_cpus=config.compute.io_cpus,
-    )
-    stats = pa.Table.from_pylist(written.take_all())
-    data_files = [f for f in stats["data_file"].to_pylist() if f] if stats.num_rows else []
-    rows_written = int(sum(stats["written"].to_pylist())) if stats.num_rows else 0
-    duplicates = count_duplicate_ids(data_files, config, rows_written)
-    summary = summarize(
-        stats, files=len(plan.shards), duplicate_ids=duplicates, seconds=time.perf_counter() - start, fingerprint=plan.fingerprint
-    )
-    summary["output"] = config.output.path
-    summary["config"] = redacted(config)
-    _write_summary(summary, config)
+    fs, root = output_fs(config.output)
+    with lock_output(config.output, "encode") as lock:
+        resume = plan_resume(config, plan.shards, plan.fingerprint)
+        _announce(resume, config)
+        progress = Progress(fs, root, resume.generation, resume.meta, config.output.commit_interval_s)
+        new = write_work(config, plan, resume.work, progress)
+        entries = pa.concat_tables([resume.reused, new])
+        generation = commit_output(config, resume, entries, lock)
+        data_files = [fs.unstrip_protocol(join(root, f)) for f in entries["data_file"].to_pylist() if f]
+        duplicates = count_duplicate_ids(data_files, config, int(pc.sum(entries["written"]).as_py() or 0))
+        summary = summarize(
+            entries, files=len(plan.shards), duplicate_ids=duplicates, seconds=time.perf_counter() - start,
+            fingerprint=plan.fingerprint, reused_rows=resume.reused_rows,
+        )  # fmt: skip
+        summary |= {"generation": generation, "output": config.output.path, "config": redacted(config)}
+        _write_summary(summary, config)
     print(render(summary, config.output.path), flush=True)
     if config.sink.type:
         _load_sink(summary, config)
     return summary
 
 
-def _load_sink(summary: dict[str, Any], config: JobConfig) -> None:
-    from pipeline.upsert import SinkError, upsert_output
+def _announce(resume: Resume, config: JobConfig) -> None:
+    if resume.reused.num_rows or resume.previous is not None:
+        print(f"splade-pipeline: resuming {config.output.path}: {resume.reused_rows} rows already committed are kept; "
+              f"{len(resume.work)} input files left to read", flush=True)
 
+
+def write_work(config: JobConfig, plan: Plan, work: list[Shard], progress: Progress) -> pa.Table:
+    """Encode and write ``work``, recording finished blocks as they arrive; return their entries."""
+    if not work:
+        return empty_entries()
+    written = encoded_dataset(config, plan, work).map_batches(
+        write_blocks,
+        batch_size=None,
+        batch_format="pyarrow",
+        fn_kwargs={"cfg": config.output, "fingerprint": plan.fingerprint, "passthrough": config.input.passthrough_columns},
+        num_cpus=config.compute.io_cpus,
+    )
+    rows = blocks = 0
+    started = last_report = time.monotonic()
+    for stats in written.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for i in range(stats.num_rows):  # one entry per written block (piece)
+            crash_point("written")
+            if progress.add(stats.slice(i, 1)):
+                crash_point("progress")
+        rows, blocks = rows + int(pc.sum(stats["rows"]).as_py() or 0), blocks + stats.num_rows
+        if time.monotonic() - last_report >= PROGRESS_EVERY_S:
+            last_report = time.monotonic()
+            print(f"  ... {rows} rows in {blocks} blocks written ({rows / (last_report - started):.1f} rows/s)", flush=True)
+    if progress.flush():
+        crash_point("progress")
+    return progress.entries()
+
+
+def commit_output(config: JobConfig, resume: Resume, entries: pa.Table, lock: Any) -> int:
+    """Commit ``entries`` as the output (unless nothing changed) and delete what no commit lists."""
+    fs, root = output_fs(config.output)
+    generation = resume.generation
+    unchanged = resume.previous is not None and not resume.work and listed_files(entries) == listed_files(resume.previous.entries)
+    if unchanged:
+        generation = resume.previous.generation
+    else:
+        lock.check()
+        write_commit(fs, root, generation, entries, resume.meta)
+        crash_point("commit")
+    clean(fs, root, entries, generation, (DATA_DIR, REJECTS_DIR))
+    return generation
+
+
+def _load_sink(summary: dict[str, Any], config: JobConfig) -> None:
     from pipeline.errors import find_cause
+    from pipeline.upsert import SinkError, upsert_output
 
     try:
         summary["sink"] = upsert_output(config)
@@ -151,7 +203,6 @@ def count_duplicate_ids(data_files: list[str], config: JobConfig, rows: int) -> 
     """Rows whose id was already seen in the output (only the id column is read)."""
     if not data_files:
         return 0
-    import pyarrow.compute as pc
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 

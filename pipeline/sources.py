@@ -3,8 +3,11 @@
 Each block is an Arrow table with the mapped columns ``id`` and ``text`` (title joined in front),
 the passthrough columns, and bookkeeping columns: ``_source`` (file URL), ``_line`` (1-based line
 for JSONL/CSV, 0-based row for Parquet), ``_reject`` (null for a good row, else the reason),
-``_detail`` (what exactly was wrong), ``_shard``/``_block`` (where the block came from) and
-``_block_rows`` (rows in that block: the writer checks that none went missing on the way).
+``_detail`` (what exactly was wrong), ``_hash`` (64-bit content hash of exactly the text that is
+encoded, title included; null for rejects), ``_shard``/``_unit``/``_block`` (where the block came
+from: the shard's position, its unit of resumable work, the block within it), ``_block_rows``
+(rows in that block: the writer checks that none went missing on the way) and ``_last`` (the
+shard's final block: a unit is complete once all blocks up to it are committed).
 
 A bad row never stops a run: it becomes a reject with its reason. A file that cannot be read
 at all stops the run with its URL named, or with ``on_bad_file: skip`` becomes one
@@ -14,6 +17,7 @@ at all stops the run with its URL named, or with ``on_bad_file: skip`` becomes o
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from collections.abc import Iterator
@@ -28,7 +32,7 @@ from pipeline.config import InputConfig
 
 GLOB_CHARS = "*?["
 BAD_FILE = "bad_file"
-BOOKKEEPING = ["_source", "_line", "_reject", "_detail", "_shard", "_block", "_block_rows"]
+BOOKKEEPING = ["_source", "_line", "_reject", "_detail", "_hash", "_shard", "_unit", "_block", "_block_rows", "_last"]
 _SUFFIXES = {
     ".parquet": "parquet", ".pq": "parquet",
     ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
@@ -43,9 +47,21 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class Shard:
+    """One input file, and what of it a run reads.
+
+    ``version`` identifies the file's content (ETag on object stores, size and mtime on local
+    disks); ``unit`` names the work of reading it under one config (see :mod:`pipeline.manifest`);
+    ``skip_blocks`` are blocks already committed; ``lines`` (when set) restricts reading to
+    those rows (``_line`` values), as a reindex does for new and changed documents.
+    """
+
     index: int
     url: str
     format: str
+    version: str = ""
+    unit: str = ""
+    skip_blocks: tuple[int, ...] = ()
+    lines: tuple[int, ...] | None = None
 
 
 def detect_format(url: str) -> str | None:
@@ -57,25 +73,36 @@ def detect_format(url: str) -> str | None:
 
 def list_shards(cfg: InputConfig) -> list[Shard]:
     """Every input file, sorted by URL, with its format; fails before any cluster work."""
-    found: dict[str, str] = {}
+    found: dict[str, tuple[str, str]] = {}
     for path in cfg.paths:
-        for url in _expand(path, cfg.storage_options):
+        for url, version in _expand(path, cfg.storage_options):
             fmt = cfg.format if cfg.format != "auto" else detect_format(url)
             if fmt is None:
                 raise InputError(f"{url}: unknown file format; use .parquet, .jsonl/.json/.ndjson or .csv (optionally .gz), or set input.format")
-            found[url] = fmt
-    return [Shard(i, url, found[url]) for i, url in enumerate(sorted(found))]
+            found[url] = (fmt, version)
+    return [Shard(i, url, *found[url]) for i, url in enumerate(sorted(found))]
 
 
-def _expand(path: str, storage_options: dict[str, Any]) -> list[str]:
+def file_version(info: dict[str, Any]) -> str:
+    """What identifies a file's content without reading it: its ETag/generation where the store
+    has one, else size and modification time."""
+    for key in ("ETag", "etag", "md5Hash", "generation", "content_md5"):
+        if info.get(key):
+            return f"{key}:{str(info[key]).strip(chr(34))}"
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("updated") or ""
+    return f"size:{info.get('size')}:mtime:{mtime}"
+
+
+def _expand(path: str, storage_options: dict[str, Any]) -> list[tuple[str, str]]:
+    """(URL, version) of every file ``path`` names; the listing's details give the versions."""
     try:
         fs, root = fsspec.core.url_to_fs(path, **storage_options)
         if any(c in root for c in GLOB_CHARS):
-            matches = [p for p in fs.glob(root) if fs.isfile(p)]
+            matches = {p: info for p, info in fs.glob(root, detail=True).items() if info.get("type") == "file"}
         elif fs.isdir(root):
-            matches = fs.find(root)
+            matches = fs.find(root, detail=True)
         elif fs.isfile(root):
-            return [fs.unstrip_protocol(root)]
+            return [(fs.unstrip_protocol(root), file_version(fs.info(root)))]
         else:
             raise InputError(f"{path}: no such file or folder")
     except InputError:
@@ -86,7 +113,7 @@ def _expand(path: str, storage_options: dict[str, Any]) -> list[str]:
     files = [p for p in matches if not p.rsplit("/", 1)[-1].startswith((".", "_"))]
     if not files:
         raise InputError(f"{path}: no input files matched")
-    return [fs.unstrip_protocol(p) for p in files]
+    return [(fs.unstrip_protocol(p), file_version(matches[p])) for p in files]
 
 
 def _describe(err: BaseException) -> str:
@@ -139,14 +166,14 @@ class _BlockBuilder:
         row = {"id": None, "text": None, **{c: None for c in self.cfg.passthrough_columns}}
         if reject is None:
             reject, detail = _map_record(record, self.cfg, row)
-        row.update(_source=self.shard.url, _line=line, _reject=reject, _detail=detail)
+        row.update(_source=self.shard.url, _line=line, _reject=reject, _detail=detail, _hash=None if reject else content_hash(row["text"]))
         self.rows.append(row)
         return self.flush() if len(self.rows) >= self.cfg.rows_per_block else None
 
     def flush(self) -> pa.Table:
         n = len(self.rows)
         for row in self.rows:
-            row.update(_shard=self.shard.index, _block=self.block, _block_rows=n)
+            row.update(_shard=self.shard.index, _unit=self.shard.unit, _block=self.block, _block_rows=n)
         table = _to_table(self.rows, self.cfg)
         self.rows, self.block = [], self.block + 1
         return table
@@ -164,11 +191,19 @@ def _to_table(rows: list[dict[str, Any]], cfg: InputConfig) -> pa.Table:
         "_line": pa.array([r["_line"] for r in rows], pa.int64()),
         "_reject": pa.array([r["_reject"] for r in rows], pa.string()),
         "_detail": pa.array([r["_detail"] for r in rows], pa.string()),
+        "_hash": pa.array([r["_hash"] for r in rows], pa.int64()),
         "_shard": pa.array([r["_shard"] for r in rows], pa.int32()),
+        "_unit": pa.array([r["_unit"] for r in rows], pa.string()),
         "_block": pa.array([r["_block"] for r in rows], pa.int32()),
         "_block_rows": pa.array([r["_block_rows"] for r in rows], pa.int32()),
+        "_last": pa.array([False] * len(rows), pa.bool_()),
     }
     return pa.table(columns)
+
+
+def content_hash(text: str) -> int:
+    """64-bit hash of the text that is encoded (the reindex compares it per document id)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
 def _map_record(record: dict[str, Any], cfg: InputConfig, row: dict[str, Any]) -> tuple[str | None, str | None]:
@@ -203,14 +238,25 @@ def _map_record(record: dict[str, Any], cfg: InputConfig, row: dict[str, Any]) -
 
 
 def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
-    """Blocks of validated rows from one file (see the module docstring for the columns)."""
+    """Blocks of validated rows from one file (see the module docstring for the columns).
+
+    Blocks in ``shard.skip_blocks`` are read (to find where the next one starts) but not
+    yielded; with ``shard.lines`` set, only those rows are taken. Each block is held back until
+    the next one exists, so the final block can be flagged ``_last``.
+    """
     builder = _BlockBuilder(shard, cfg)
+    skip, wanted = set(shard.skip_blocks), None if shard.lines is None else set(shard.lines)
+    held: pa.Table | None = None
     try:
         with _open(shard, cfg) as fh:
             reader = {"parquet": _parquet_rows, "jsonl": _jsonl_rows, "csv": _csv_rows}[shard.format]
             for record, line, reject, detail in reader(fh, shard, cfg):
+                if wanted is not None and line not in wanted:
+                    continue
                 if (block := builder.add(record, line, reject, detail)) is not None:
-                    yield block
+                    if held is not None and held["_block"][0].as_py() not in skip:
+                        yield held
+                    held = block
     except InputError:
         raise
     except Exception as err:  # noqa: BLE001 - a file we cannot read at all
@@ -218,13 +264,19 @@ def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
             raise InputError(f"{shard.url}: cannot read as {shard.format}: {_describe(err)} (set input.on_bad_file: skip to skip such files)") from None
         # Rows of blocks already handed on stay (they were read and are valid); the marker says
         # how far the file got, and the rows of the unfinished block are dropped with the file.
+        if held is not None and held["_block"][0].as_py() not in skip:
+            yield held
         done = builder.block * cfg.rows_per_block
         builder.rows.clear()
         builder.add({}, -1, BAD_FILE, f"{_describe(err)}" + (f" (after {done} rows)" if done else ""))
         yield builder.flush()
         return
     if builder.rows or builder.block == 0:
-        yield builder.flush()
+        if held is not None and held["_block"][0].as_py() not in skip:
+            yield held
+        held = builder.flush()
+    if held is not None and held["_block"][0].as_py() not in skip:
+        yield held.set_column(held.schema.get_field_index("_last"), "_last", pa.array([True] * held.num_rows, pa.bool_()))
 
 
 def _parquet_rows(fh: Any, shard: Shard, cfg: InputConfig) -> Iterator[tuple[dict, int, None, None]]:

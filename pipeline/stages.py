@@ -16,7 +16,9 @@ from pipeline.sources import Shard, read_shard
 def read_shards(batch: pa.Table, cfg: InputConfig) -> Iterator[pa.Table]:
     """Rows of shard descriptors in, blocks of validated rows out (streamed, one block at a time)."""
     for row in batch.to_pylist():
-        yield from read_shard(Shard(row["index"], row["url"], row["format"]), cfg)
+        lines = row.pop("lines")
+        shard = Shard(**{**row, "skip_blocks": tuple(row["skip_blocks"] or ()), "lines": None if lines is None else tuple(lines)})
+        yield from read_shard(shard, cfg)
 
 
 class EncodeBlocks:

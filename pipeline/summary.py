@@ -14,8 +14,9 @@ class RowsLostError(RuntimeError):
     """Rows read did not all reach the output or the rejects: a bug, never a user error."""
 
 
-def summarize(stats: pa.Table, *, files: int, duplicate_ids: int, seconds: float, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    rows = stats.to_pylist()
+def summarize(entries: pa.Table, *, files: int, duplicate_ids: int, seconds: float, fingerprint: dict[str, Any], reused_rows: int = 0) -> dict[str, Any]:
+    """The summary of a committed output, from its entries (see :mod:`pipeline.manifest`)."""
+    rows = entries.to_pylist()
     _check_blocks(rows)
     rejected: Counter[str] = Counter()
     hist: Counter[int] = Counter()
@@ -28,6 +29,7 @@ def summarize(stats: pa.Table, *, files: int, duplicate_ids: int, seconds: float
         "rows_read": read,
         "rows_written": written,
         "rows_rejected": sum(rejected.values()),
+        "rows_reused": reused_rows,  # committed by an earlier attempt or run: not read or encoded again
         "rejected_by_reason": dict(sorted(rejected.items())),
         "duplicate_ids": duplicate_ids,
         "truncated": sum(r["truncated"] for r in rows),
@@ -37,7 +39,8 @@ def summarize(stats: pa.Table, *, files: int, duplicate_ids: int, seconds: float
         "skipped_files": sorted(r["bad_file"] for r in rows if r["bad_file"]),
         "output_files": sum(1 for r in rows if r["data_file"]),
         "wall_seconds": round(seconds, 3),
-        "docs_per_s": round(written / seconds, 1) if seconds > 0 else None,
+        # Throughput of this run's own work (rows reused from earlier attempts excluded).
+        "docs_per_s": round((read - reused_rows) / seconds, 1) if seconds > 0 else None,
         "fingerprint": fingerprint,
     }
     if summary["rows_read"] != summary["rows_written"] + summary["rows_rejected"]:
@@ -46,16 +49,16 @@ def summarize(stats: pa.Table, *, files: int, duplicate_ids: int, seconds: float
 
 
 def _check_blocks(rows: list[dict[str, Any]]) -> None:
-    seen: Counter[tuple[int, int]] = Counter()
-    expected: dict[tuple[int, int], int] = {}
+    seen: Counter[tuple[str, int]] = Counter()
+    expected: dict[tuple[str, int], int] = {}
     for r in rows:
         if r["bad_file"]:
             continue
-        seen[(r["shard"], r["block"])] += r["rows"]
-        expected[(r["shard"], r["block"])] = r["block_rows"]
+        seen[(r["unit"], r["block"])] += r["rows"]
+        expected[(r["unit"], r["block"])] = r["block_rows"]
     lost = {k: (expected[k], n) for k, n in seen.items() if n != expected[k]}
     if lost:
-        raise RowsLostError(f"blocks whose rows did not all arrive (shard, block): (read, arrived) = {lost}")
+        raise RowsLostError(f"blocks whose rows did not all arrive or arrived twice (unit, block): (read, arrived) = {lost}")
 
 
 def _percentiles(hist: Counter[int]) -> dict[str, float]:
@@ -73,6 +76,7 @@ def render(summary: dict[str, Any], output: str) -> str:
     lines = [
         f"splade-pipeline: {summary['rows_read']} rows read = {summary['rows_written']} written + {summary['rows_rejected']} rejected",
         f"  rejected by reason: {summary['rejected_by_reason'] or 'none'}; duplicate ids: {summary['duplicate_ids']}; truncated: {summary['truncated']}",
+        f"  reused from earlier attempts (not encoded again): {summary['rows_reused']} rows",
         f"  tokens: {summary['tokens']}; non-zeros per doc: mean {nz['mean']}, p50 {nz['p50']:.0f}, p99 {nz['p99']:.0f}",
         f"  {summary['input_files']} input files, {summary['output_files']} output files, skipped files: {len(summary['skipped_files'])}",
         f"  {summary['wall_seconds']} s, {summary['docs_per_s']} docs/s",

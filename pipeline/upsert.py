@@ -8,15 +8,14 @@ A bounded pool of writer actors (``sink.writers``) applies back-pressure to a sl
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import fsspec
-import pyarrow.parquet as pq
 
 from pipeline.config import JobConfig, SinkConfig
-from pipeline.output import DATA_DIR, FINGERPRINT_KEY, join
+from pipeline.faults import crash_point
+from pipeline.manifest import COMMITS_DIR, join, latest_commit
 from pipeline.sinks import SinkError, check_caps, open_sink
 from pipeline.stages import UpsertBlocks, upsert_batch
 
@@ -40,37 +39,51 @@ def check_sink(config: JobConfig, fingerprint: dict[str, Any]) -> None:
 
 
 def output_files(output: str, storage_options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, list[str], dict[str, Any]]:
-    """The data files of an encoded output and their (single) fingerprint."""
+    """The committed data files of an encoded output and their (single) fingerprint."""
     fs, root = fsspec.core.url_to_fs(output, **storage_options)
-    folder = join(root, DATA_DIR)
-    if not fs.isdir(folder):
-        raise ValueError(f"{output}: no encoded output here (no {DATA_DIR}/ folder)")
-    files = sorted(p for p in fs.find(folder) if p.endswith(".parquet"))
+    commit = latest_commit(fs, root)
+    if commit is None:
+        raise ValueError(f"{output}: no committed encoded output here (no {COMMITS_DIR}/ record); run or finish the encode job first")
+    files = sorted(join(root, f) for f in commit.entries["data_file"].to_pylist() if f)
     if not files:
-        raise ValueError(f"{output}: the {DATA_DIR}/ folder holds no Parquet files")
-    prints = set()
-    for path in files:
-        with fs.open(path, "rb") as fh:
-            prints.add(pq.ParquetFile(fh).schema_arrow.metadata.get(FINGERPRINT_KEY, b"{}"))
-    if len(prints) > 1:
-        raise ValueError(f"{output}: files were encoded under {len(prints)} different fingerprints; refusing to mix them in one store")
-    fingerprint = json.loads(prints.pop())
+        raise ValueError(f"{output}: the committed output holds no data files (every row was rejected?)")
+    fingerprint = commit.meta.get("fingerprint") or {}
     if "vocab_size" not in fingerprint:
-        raise ValueError(f"{output}: its files carry no encoding fingerprint; it was not written by splade-pipeline")
+        raise ValueError(f"{output}: its commit carries no encoding fingerprint; it was not written by splade-pipeline")
     return fs, files, fingerprint
 
 
 def upsert_output(config: JobConfig, output: str | None = None) -> dict[str, Any]:
     """Upsert every vector of ``output`` (default: the job's output) into ``config.sink``."""
+    output = output or config.output.path
+    fs, files, fingerprint = output_files(output, config.output.storage_options)
+    return upsert_files(config, fs, files, fingerprint)
+
+
+def delete_ids(config: JobConfig, fingerprint: dict[str, Any], ids: list[str]) -> int:
+    """Delete ``ids`` from the store (absent ones are no error), in requests of ``sink.batch_size``."""
+    store = open_sink(config.sink, fingerprint["vocab_size"])
+    try:
+        for i in range(0, len(ids), config.sink.batch_size):
+            store.delete(ids[i : i + config.sink.batch_size])
+            crash_point("delete")
+        store.finish()
+    finally:
+        store.close()
+    return len(ids)
+
+
+def upsert_files(config: JobConfig, fs: fsspec.AbstractFileSystem, files: list[str], fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """Upsert the vectors of the data ``files`` (paths on ``fs``) into ``config.sink``."""
     import pyarrow.fs as pafs
     import ray
 
     from pipeline.run import ensure_ray
 
     start = time.perf_counter()
-    output = output or config.output.path
-    fs, files, fingerprint = output_files(output, config.output.storage_options)
     check_sink(config, fingerprint)
+    for folder in {f.rsplit("/", 1)[0] for f in files}:
+        fs.invalidate_cache(folder)  # files Ray workers wrote since this client last listed them
     dimension = fingerprint["vocab_size"]
     ensure_ray(config.compute)
     filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
@@ -81,20 +94,26 @@ def upsert_output(config: JobConfig, output: str | None = None) -> dict[str, Any
         # Ray Data's streaming reads.
         store = open_sink(config.sink, dimension)
         try:
-            results = [dict(zip(("upserted", "empty"), upsert_batch(store, config.sink, batch)))
-                       for batch in ds.iter_batches(batch_size=batch_size, batch_format="pyarrow")]
+            results = []
+            for batch in ds.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
+                results.append(dict(zip(("upserted", "empty"), upsert_batch(store, config.sink, batch))))
+                crash_point("upsert")
         except Exception:
             store.close()
             raise
     else:
-        results = ds.map_batches(
+        loaded = ds.map_batches(
             UpsertBlocks,
             batch_size=batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=config.sink.writers),
             num_cpus=config.compute.io_cpus,
             fn_constructor_kwargs={"sink": config.sink, "dimension": dimension},
-        ).take_all()
+        )
+        results = []
+        for row in loaded.iter_rows():
+            results.append(row)
+            crash_point("upsert")
         errors = [r["error"] for r in results if r.get("error")]
         if errors:
             raise SinkError(f"{errors[0]} ({len(errors)} of {len(results)} batches not loaded)")
@@ -117,4 +136,4 @@ def upsert_output(config: JobConfig, output: str | None = None) -> dict[str, Any
     }
 
 
-__all__ = ["SinkError", "check_sink", "output_files", "upsert_output"]
+__all__ = ["SinkError", "check_sink", "delete_ids", "output_files", "upsert_files", "upsert_output"]

@@ -63,3 +63,25 @@ def test_every_job_config_validates() -> None:
     assert configs
     for path in configs:
         load_config(path)
+
+
+def test_reindex_schedules() -> None:
+    cron = yaml.safe_load((ROOT / "infra/kuberay/reindex-cronjob.yaml").read_text())
+    assert cron["kind"] == "CronJob" and cron["apiVersion"] == "batch/v1"
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid" and len(cron["spec"]["schedule"].split()) == 5
+    container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == f"{IMAGE}:{_version()}"
+    command = container["command"]
+    assert command[:3] == ["ray", "job", "submit"]
+    script, config = _entrypoint_paths(" ".join(command[command.index("--") + 1 :]))
+    assert script == ROOT / "jobs/reindex.py" and config.is_file()
+    load_config(config)
+    # The cluster it submits to: the head service KubeRay names after the RayCluster.
+    cluster = yaml.safe_load((ROOT / "infra/kuberay/raycluster.yaml").read_text())
+    assert cluster["kind"] == "RayCluster"
+    assert f"--address=http://{cluster['metadata']['name']}-head-svc:8265" in command
+
+    lines = [ln for ln in (ROOT / "infra/cron/splade-reindex.cron").read_text().splitlines() if ln and not ln.startswith("#")]
+    assert len(lines) == 1
+    fields = lines[0].split(maxsplit=6)
+    assert len(fields) == 7 and "flock -n" in fields[6] and "jobs/reindex.py --config jobs/configs/s3-gpu.yaml" in fields[6]

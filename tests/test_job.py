@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from reference import densify
 
 from pipeline import SPARSE_TYPE, SpladeEncoder
 from pipeline.demo import load_sample_corpus
+from pipeline.manifest import committed_files
 from pipeline.output import FINGERPRINT_KEY
 
 VOCAB = 30522
@@ -49,8 +51,13 @@ def put_corpus(fs: s3fs.S3FileSystem, prefix: str) -> list[dict[str, str]]:
 
 
 def read_output(fs: s3fs.S3FileSystem, root: str) -> tuple[pa.Table, pa.Table | None, dict]:
-    data = [pq.read_table(fs.open(p, "rb")) for p in sorted(fs.find(f"{root}/data"))]
-    rejects = [pq.read_table(fs.open(p, "rb")) for p in sorted(fs.find(f"{root}/rejects"))] if fs.exists(f"{root}/rejects") else []
+    """The committed output (through its commit record), checking that the folders hold nothing else."""
+    data_files = committed_files(f"s3://{root}")
+    reject_files = committed_files(f"s3://{root}", kind="rejects_file")
+    listed = {p for folder in ("data", "rejects") if fs.exists(f"{root}/{folder}") for p in fs.find(f"{root}/{folder}")}
+    assert listed == {f.removeprefix("s3://") for f in data_files + reject_files}  # nothing uncommitted left behind
+    data = [pq.read_table(fs.open(p, "rb")) for p in data_files]
+    rejects = [pq.read_table(fs.open(p, "rb")) for p in reject_files]
     summary = json.loads(fs.cat(f"{root}/_SUMMARY.json"))
     return pa.concat_tables(data), (pa.concat_tables(rejects) if rejects else None), summary
 
@@ -77,7 +84,7 @@ def test_s3_job_via_cli(ray_cluster: str, splade_tiny: Path) -> None:
     assert rejects is None
     assert sorted(data["id"].to_pylist()) == sorted(r["id"] for r in rows)  # each input id exactly once
     assert data.schema.field("sparse").type == SPARSE_TYPE
-    assert data.column_names == ["id", "sparse", "num_tokens", "truncated", "lang"]
+    assert data.column_names == ["id", "content_hash", "sparse", "num_tokens", "truncated", "lang"]
     assert set(data["lang"].to_pylist()) == {"en"}
     fp = json.loads(data.schema.metadata[FINGERPRINT_KEY])
     assert fp["model"] == str(splade_tiny) and fp["max_length"] == 64 and len(fp["weights_sha256"]) == 64
@@ -106,6 +113,7 @@ def test_same_input_same_files(ray_cluster: str, splade_tiny: Path, tmp_path: Pa
         cfg = load_config(None, {"input.paths": [str(src)], "output.path": str(tmp_path / run), "encoder.model": str(splade_tiny), "input.rows_per_block": 16})
         run_job(cfg)
         names.append(sorted(p.name for p in (tmp_path / run / "data").iterdir()))
-    assert names[0] == names[1] == ["part-000000-000000.parquet", "part-000000-000001.parquet", "part-000000-000002.parquet"]
+    assert names[0] == names[1] and len(names[0]) == 3  # named by input file, its version, the config and the block
+    assert [re.fullmatch(r"part-[0-9a-f]{16}-(\d{6})\.parquet", n).group(1) for n in names[0]] == ["000000", "000001", "000002"]
     first = pq.read_table(tmp_path / "a" / "data" / names[0][0])
     assert first["id"].to_pylist() == [f"d{i:05d}" for i in range(16)]

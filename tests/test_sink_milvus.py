@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from sink_checks import assert_ensure_refused, assert_idempotent_and_delete, assert_search_matches_brute_force, run_into_store
+from sink_checks import (
+    assert_ensure_refused,
+    assert_idempotent_and_delete,
+    assert_search_matches_brute_force,
+    run_into_store,
+)
 
 from pipeline.config import load_config
 from pipeline.output import FINGERPRINT_KEY
 from pipeline.schema import SPARSE_TYPE
-from pipeline.upsert import upsert_output
+from pipeline.upsert import upsert_files
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +44,11 @@ def test_empty_vector_is_a_counted_reject(loaded: dict, tmp_path: Path) -> None:
     source = next((Path(config.output.path) / "data").glob("*.parquet"))
     table = pq.read_table(source).select(["id", "sparse"])
     empty = pa.table({"id": ["empty-doc"], "sparse": pa.array([{"indices": [], "values": []}], SPARSE_TYPE)})
-    (tmp_path / "out" / "data").mkdir(parents=True)
-    combined = pa.concat_tables([table.slice(0, 5), empty]).replace_schema_metadata({FINGERPRINT_KEY: table.schema.metadata[FINGERPRINT_KEY]})
-    pq.write_table(combined, tmp_path / "out" / "data" / "part-000000-000000.parquet")
+    combined = pa.concat_tables([table.slice(0, 5), empty])
+    pq.write_table(combined, tmp_path / "with-empty.parquet")
     sink = config.sink.model_copy(update={"collection": "with_empty"})
-    result = upsert_output(config.model_copy(update={"sink": sink}), str(tmp_path / "out"))
+    fingerprint = json.loads(table.schema.metadata[FINGERPRINT_KEY])
+    result = upsert_files(config.model_copy(update={"sink": sink}), fsspec.filesystem("file"), [str(tmp_path / "with-empty.parquet")], fingerprint)
     assert result["upserted"] == 5 and result["rejected_empty_vectors"] == 1 and result["store_count"] == 5
 
 

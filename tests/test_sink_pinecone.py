@@ -7,8 +7,10 @@ and 413s included; its search is an exact dot product.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,6 +21,7 @@ from sink_checks import assert_idempotent_and_delete, assert_search_matches_brut
 
 from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.manifest import ENTRY_SCHEMA, write_commit
 from pipeline.output import FINGERPRINT_KEY
 from pipeline.schema import sparse_array
 from pipeline.sinks import SinkError
@@ -63,6 +66,8 @@ def _big_output(loaded: dict, folder: Path, rows: int, nnz: int) -> Path:
     table = pa.table({"id": [f"big-{i}" for i in range(rows)], "sparse": sparse_array(offsets, indices, rng.random(rows * nnz, dtype=np.float32) + 0.1)})
     (folder / "data").mkdir(parents=True)
     pq.write_table(table.replace_schema_metadata({FINGERPRINT_KEY: fingerprint}), folder / "data" / "part-000000-000000.parquet")
+    entry = {"unit": "big", "block": 0, "block_rows": rows, "last": True, "rows": rows, "written": rows, "data_file": "data/part-000000-000000.parquet"}
+    write_commit(fsspec.filesystem("file"), str(folder), 1, pa.Table.from_pylist([entry], schema=ENTRY_SCHEMA), {"fingerprint": json.loads(fingerprint)})
     return folder
 
 
