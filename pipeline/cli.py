@@ -67,8 +67,16 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     flags = {"encode": flags, "reindex": reindex_flags, "upsert": upsert_flags, "search": search_flags}.get(args.command, {})
+    from pipeline import run
+
+    run.STOP_ON_SIGTERM = True  # a command-line run stops on SIGTERM as on Ctrl-C (see ensure_ray)
+    run.stop_on_sigterm()
     try:
         return _dispatch(args, flags)
+    except KeyboardInterrupt:
+        print(f"splade-pipeline {args.command}: interrupted. Work already recorded is kept (the output's last commit "
+              "and its progress records); run the same command again to resume.", file=sys.stderr, flush=True)
+        return 130
     except Exception as err:  # noqa: BLE001 - users get one clear line, not a traceback
         message, user_error = explain(err)
         print(f"splade-pipeline {args.command}: error: {message}", file=sys.stderr)
@@ -178,10 +186,9 @@ def explain(err: BaseException) -> tuple[str, bool]:
     """The message a user should see, and whether the error is theirs (bad input or settings) or the store's."""
     from pipeline.config import ConfigError
     from pipeline.errors import find_cause
-    from pipeline.sinks import SinkError
-
     from pipeline.lock import LockedError
     from pipeline.output import OutputError
+    from pipeline.sinks import SinkError
 
     known = find_cause(err, (ConfigError, SinkError, LockedError, ValueError, TypeError, OSError))  # type: ignore[arg-type]
     if known is None:

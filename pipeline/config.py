@@ -141,6 +141,13 @@ class ComputeConfig(StrictModel):
     io_cpus: float = Field(
         0.25, gt=0, description="CPUs Ray reserves per reader and writer task (mostly waiting on storage)."
     )
+    max_actor_restarts: int = Field(8, ge=0, description="Restarts of an encoder actor that died (killed, OOM-killed, node lost) before the job fails.")
+    max_task_retries: int = Field(8, ge=0, description="Retries of a block whose encoder actor died while encoding it.")
+    isolate_after: int = Field(
+        2, ge=1,
+        description="A block whose encoder actor died this many times is encoded in small pieces, so that documents "
+        "that kill the encoder are found and rejected (encoder_crash) instead of failing the job.",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _sizes(self) -> ComputeConfig:

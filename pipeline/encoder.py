@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from itertools import chain
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ from pipeline import splade
 from pipeline.batching import padded_length, plan_micro_batches
 from pipeline.bundled import resolve_model
 from pipeline.config import EncoderConfig
+from pipeline.faults import out_of_memory_point
 from pipeline.heads import MaskedLMParts, split_masked_lm
 from pipeline.schema import sparse_array, sparse_rows
 
@@ -37,6 +38,7 @@ class EncodedBatch:
     sparse: pa.StructArray
     num_tokens: np.ndarray  # int32, [CLS]/[SEP] included, after truncation
     truncated: np.ndarray  # bool
+    oom_splits: int = 0  # micro-batches halved after running out of memory
 
 
 class SpladeEncoder:
@@ -90,11 +92,25 @@ class SpladeEncoder:
         encodings = self._backend.encode_batch(list(texts), add_special_tokens=True)
         lengths = np.fromiter((len(e) for e in encodings), dtype=np.int32, count=len(encodings))
         truncated = np.fromiter((bool(e.overflowing) for e in encodings), dtype=bool, count=len(encodings))
-        plan = plan_micro_batches(lengths, self.max_batch_tokens, self.config.pad_to_multiple_of, self.max_length)
-        pieces = []
+        queue = plan_micro_batches(lengths, self.max_batch_tokens, self.config.pad_to_multiple_of, self.max_length)
+        queue.reverse()  # popped from the end: in plan order
+        plan, pieces, splits = [], [], 0
         pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
-        for rows in plan:
-            weights = self._weights([encodings[r] for r in rows], lengths[rows])
+        while queue:
+            rows = queue.pop()
+            try:
+                weights = self._weights([encodings[r] for r in rows], lengths[rows])
+            except Exception as err:
+                if not is_out_of_memory(err) or len(rows) == 1:
+                    raise
+                # Half the token budget for this micro-batch, and try again (down to one text).
+                splits += 1
+                log.warning("out of memory on %d texts x %d tokens; retrying as two halves", len(rows), int(lengths[rows].max()))
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                queue += [rows[len(rows) // 2 :], rows[: len(rows) // 2]]
+                continue
+            plan.append(rows)
             event = None
             if self.device.type == "cuda":
                 event = torch.cuda.Event()
@@ -110,7 +126,7 @@ class SpladeEncoder:
         inverse = np.empty_like(processed)
         inverse[processed] = np.arange(len(processed))
         offsets, indices, values = splade.csr_take_rows(offsets, indices, values, inverse)
-        return EncodedBatch(sparse_array(offsets, indices, values), lengths, truncated)
+        return EncodedBatch(sparse_array(offsets, indices, values), lengths, truncated, splits)
 
     def _weights(self, encodings: list, lengths: np.ndarray) -> torch.Tensor:
         """Pruned ``[B, V]`` SPLADE weights of one micro-batch, left on the device (no sync)."""
@@ -119,6 +135,7 @@ class SpladeEncoder:
         ids = np.full((len(encodings), width), self._pad_id, dtype=np.int64)
         # Row-major boolean assignment walks the documents in order: one flat copy, no per-row loop.
         ids[real] = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int64, count=int(lengths.sum()))
+        out_of_memory_point(ids.size)  # test-only fault injection; a no-op unless configured
         ids_t, mask_t = self._to_device(ids), self._to_device(real.astype(np.int64))
         with self._autocast():
             hidden = self.parts.hidden(ids_t, mask_t)
@@ -168,6 +185,14 @@ def decode(tokenizer: Any, vectors: pa.StructArray | pa.ChunkedArray, top: int |
         tokens = tokenizer.convert_ids_to_tokens(indices[order].tolist())
         out.append(dict(zip(tokens, values[order].tolist())))
     return out
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure."""
+    if isinstance(err, torch.OutOfMemoryError | MemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text or "not enough memory" in text)
 
 
 def _resolve_device(device: str) -> torch.device:

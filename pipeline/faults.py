@@ -1,10 +1,20 @@
-"""Test-only crash points for the kill-and-resume tests.
+"""Test-only fault injection: crash points for the kill-and-resume tests, a poisoned document and
+an out-of-memory trigger for the chaos tests. Every hook is a no-op unless its variable is set,
+which is never the case in production.
 
 ``SPLADE_PIPELINE_CRASH_AT=<point>[:<n>]`` makes the driver kill itself with SIGKILL the n-th
 time (default 1st) it passes ``<point>``: ``written`` (a block's files are durable, not yet
 recorded), ``progress`` (a progress record was just written), ``upsert`` (a store request
 succeeded), ``delete`` (deletions done), ``commit`` (the commit is written, old files not yet
-cleaned). Nothing happens when the variable is unset, which is always the case in production.
+cleaned).
+
+``SPLADE_PIPELINE_POISON=<text>``: an encoder process that is given a document containing
+``<text>`` dies at once (SIGKILL), every time: a document that kills its worker.
+
+``SPLADE_PIPELINE_OOM_ABOVE=<tokens>``: a micro-batch of more than ``<tokens>`` padded tokens
+raises ``torch.OutOfMemoryError``, as a GPU too small for the token budget would.
+
+The driver forwards these variables to its Ray workers (see :func:`forwarded`).
 """
 
 from __future__ import annotations
@@ -15,6 +25,8 @@ import sys
 from collections import Counter
 
 VARIABLE = "SPLADE_PIPELINE_CRASH_AT"
+POISON = "SPLADE_PIPELINE_POISON"
+OOM_ABOVE = "SPLADE_PIPELINE_OOM_ABOVE"
 _passed: Counter[str] = Counter()
 
 
@@ -29,3 +41,23 @@ def crash_point(point: str) -> None:
     if _passed[point] == int(nth or 1):
         print(f"[{VARIABLE}] killing the driver at {point} #{_passed[point]}", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def poison_point(texts: list[str]) -> None:
+    marker = os.environ.get(POISON)
+    if marker and any(marker in t for t in texts):
+        print(f"[{POISON}] a poisoned document: killing this worker (pid {os.getpid()})", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def out_of_memory_point(padded_tokens: int) -> None:
+    limit = os.environ.get(OOM_ABOVE)
+    if limit and padded_tokens > int(limit):
+        import torch
+
+        raise torch.OutOfMemoryError(f"[{OOM_ABOVE}] injected: {padded_tokens} padded tokens > {limit}")
+
+
+def forwarded() -> dict[str, str]:
+    """The fault variables set in this (driver) process, for the workers' runtime environment."""
+    return {name: os.environ[name] for name in (POISON, OOM_ABOVE) if os.environ.get(name)}

@@ -21,7 +21,7 @@ from typing import Any
 
 import fsspec
 
-from pipeline.manifest import join
+from pipeline.manifest import ensure_folder, join
 
 LOCK_FILE = "_lock"
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class RunLock:
     def acquire(self) -> RunLock:
         for _ in range(3):
             try:
-                self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
+                ensure_folder(self.fs, self.path.rsplit("/", 1)[0])
                 with self.fs.open(self.path, "xb") as fh:
                     fh.write(json.dumps(self._record()).encode())
                 break
@@ -74,6 +74,8 @@ class RunLock:
                 held = self._read()
                 if held is None:
                     continue  # released meanwhile: try again
+                if held.get("owner") == self.owner:
+                    break  # our own create, retried by the client after a lost answer
                 if held.get("expires", 0) > time.time() and not _holder_died(held):
                     until = time.strftime("%H:%M:%S UTC", time.gmtime(held["expires"]))
                     raise LockedError(

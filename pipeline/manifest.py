@@ -31,6 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.storage import url_to_fs
+
 COMMITS_DIR = "_commits"
 PROGRESS_DIR = "_progress"
 TMP_DIR = "_tmp"
@@ -41,12 +43,19 @@ ENTRY_SCHEMA = pa.schema(
         ("block_rows", pa.int32()), ("last", pa.bool_()), ("rows", pa.int64()), ("written", pa.int64()),
         ("rejected", pa.string()), ("tokens", pa.int64()), ("truncated", pa.int64()), ("nnz_hist", pa.string()),
         ("bad_file", pa.string()), ("data_file", pa.string()), ("rejects_file", pa.string()), ("attempt", pa.string()),
+        ("oom_splits", pa.int64()),
     ]
 )  # fmt: skip
 
 
 def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
+
+
+def ensure_folder(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Create a local folder; object stores have no folders (and a bucket is never created implicitly)."""
+    if is_local(fs):
+        fs.makedirs(path, exist_ok=True)
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -56,13 +65,13 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 def write_bytes(fs: fsspec.AbstractFileSystem, root: str, path: str, data: bytes) -> None:
     """Write ``data`` so that ``path`` is either absent or complete, whatever happens meanwhile."""
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     if not is_local(fs):
         # One PUT (or a multipart upload completed on close): the object appears whole or not at all.
         with fs.open(path, "wb") as fh:
             fh.write(data)
         return
     tmp = join(root, TMP_DIR, uuid.uuid4().hex)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     fs.makedirs(tmp.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(tmp, "wb") as fh:
         fh.write(data)
@@ -109,7 +118,10 @@ def _read_entries(fs: fsspec.AbstractFileSystem, path: str) -> tuple[pa.Table, d
     with fs.open(path, "rb") as fh:
         table = pq.read_table(fh)
     meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
-    return table.replace_schema_metadata(None).cast(ENTRY_SCHEMA), meta
+    for field in ENTRY_SCHEMA:  # records written before a column existed
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(ENTRY_SCHEMA.names).replace_schema_metadata(None).cast(ENTRY_SCHEMA), meta
 
 
 def _with_meta(entries: pa.Table, meta: dict[str, Any]) -> pa.Table:
@@ -242,7 +254,7 @@ def committed_files(output: str, storage_options: dict[str, Any] | None = None, 
     Read the output through this (or the newest ``_commits/*.parquet``) while a run may be in
     progress: files an unfinished attempt wrote are not committed until its commit lists them.
     """
-    fs, root = fsspec.core.url_to_fs(output, **(storage_options or {}))
+    fs, root = url_to_fs(output, storage_options)
     commit = latest_commit(fs, root)
     if commit is None:
         raise ValueError(f"{output}: no committed output here (no {COMMITS_DIR}/ record); was the run finished?")

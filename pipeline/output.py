@@ -23,8 +23,9 @@ import pyarrow.compute as pc
 
 from pipeline.config import OutputConfig
 from pipeline.lock import LOCK_FILE, LockedError, RunLock
-from pipeline.manifest import ENTRY_SCHEMA, join, write_parquet
+from pipeline.manifest import ENTRY_SCHEMA, ensure_folder, join, write_parquet
 from pipeline.sources import BAD_FILE
+from pipeline.storage import url_to_fs
 
 DATA_DIR = "data"
 REJECTS_DIR = "rejects"
@@ -37,7 +38,7 @@ class OutputError(ValueError):
 
 
 def output_fs(cfg: OutputConfig) -> tuple[fsspec.AbstractFileSystem, str]:
-    return fsspec.core.url_to_fs(cfg.path, **cfg.storage_options)
+    return url_to_fs(cfg.path, cfg.storage_options)
 
 
 def existing_files(cfg: OutputConfig) -> list[str]:
@@ -69,7 +70,7 @@ def clear_output(cfg: OutputConfig) -> None:
         doomed = existing_files(cfg)
         if doomed:
             fs.rm(doomed)
-        fs.makedirs(root, exist_ok=True)
+        ensure_folder(fs, root)
     except OutputError:
         raise
     except Exception as err:  # noqa: BLE001 - any storage failure is reported with the URL
@@ -117,6 +118,7 @@ def _write_piece(piece: pa.Table, fs: Any, root: str, cfg: OutputConfig, fingerp
     if bad.num_rows:
         stats["bad_file"] = f"{bad['_source'][0].as_py()}: {bad['_detail'][0].as_py()}"
     stats |= {"rejected": json.dumps(Counter(rejects["_reject"].to_pylist())), **data_stats(good)}
+    stats["oom_splits"] = int(pc.sum(piece["_oom"]).as_py() or 0) if "_oom" in piece.column_names else 0
     return stats
 
 

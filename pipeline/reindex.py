@@ -104,7 +104,7 @@ def run_reindex(config: JobConfig, *, dry_run: bool = False, allow_mass_delete: 
             return summary
         reused, work = reusable(_work(diff, plan, generation, meta), pa.concat_tables([empty_entries(), *(t for t, _ in read_progress(fs, root, generation))]))
         progress = Progress(fs, root, generation, meta, config.output.commit_interval_s)
-        fresh = write_work(config, plan, work, progress)
+        fresh, faults = write_work(config, plan, work, progress)
         encoded = pa.concat_tables([reused, fresh])
         entries = pa.concat_tables([
             _kept_entries(commit, diff), rewrite_files(config, diff.rewrite, generation, commit), encoded,
@@ -120,6 +120,7 @@ def run_reindex(config: JobConfig, *, dry_run: bool = False, allow_mass_delete: 
             fingerprint=plan.fingerprint, reused_rows=int(pc.sum(reused["rows"]).as_py() or 0),
         )  # fmt: skip
         summary["skipped_files"] = sorted(diff.bad_files)
+        summary["faults"] |= faults
         summary["reindex"] = {"full": full, "reason": reason, **diff.counts, "rewritten_files": len(diff.rewrite),
                               "encoded_now": int(pc.sum(fresh["rows"]).as_py() or 0)}  # fmt: skip
         summary |= {"generation": generation, "output": config.output.path, "config": redacted(config)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 READER_MEMORY = 256 * 2**20
 DRIVER_DEDUP_MAX_ROWS = 5_000_000
 PROGRESS_EVERY_S = 10.0
+STOP_ON_SIGTERM = False  # set by the command line; notebooks keep their own signal handling
 
 
 @dataclass(frozen=True)
@@ -55,13 +57,14 @@ def make_plan(config: JobConfig) -> Plan:
     return Plan(assign_units(shards, config, fp), fp)
 
 
-def encoded_dataset(config: JobConfig, plan: Plan | None = None, work: list[Shard] | None = None) -> Any:
+def encoded_dataset(config: JobConfig, plan: Plan | None = None, work: list[Shard] | None = None, attempts: Any = None) -> Any:
     """The lazy ``ray.data.Dataset`` of encoded rows, for custom use (notebooks).
 
     Columns: ``id``, ``sparse``, ``num_tokens``, ``truncated``, the passthrough columns, and
     the bookkeeping columns of :mod:`pipeline.sources`: rows whose ``_reject`` is not null are
     rejects (with ``sparse`` null) and are kept so that nothing disappears unseen. ``work``:
-    the shards to read (default: all of the plan's).
+    the shards to read (default: all of the plan's); ``attempts``: the run's
+    :class:`pipeline.attempts.AttemptLog` (counts retries, isolates documents that kill encoders).
     """
     import ray
 
@@ -81,6 +84,17 @@ def encoded_dataset(config: JobConfig, plan: Plan | None = None, work: list[Shar
         # parsing must not hold a GPU (or the encoder's cores) while storage answers.
         memory=READER_MEMORY,
     )
+    with warnings.catch_warnings():
+        # Actor restart and retry limits have no named parameter in Ray Data yet (2.60): they go
+        # through ray_remote_args, which warns about a future rename.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        return _encode_stage(ds, config, plan, attempts)
+
+
+def _encode_stage(ds: Any, config: JobConfig, plan: Plan, attempts: Any) -> Any:
+    import ray
+
+    compute = config.compute
     return ds.map_batches(
         EncodeBlocks,
         batch_size=None,  # one reader block per call: blocks stay whole from reader to writer
@@ -88,10 +102,14 @@ def encoded_dataset(config: JobConfig, plan: Plan | None = None, work: list[Shar
         compute=ray.data.ActorPoolStrategy(min_size=compute.min_actors, max_size=compute.max_actors),
         num_cpus=compute.num_cpus_per_actor,
         num_gpus=compute.num_gpus_per_actor,
+        max_restarts=compute.max_actor_restarts,
+        max_task_retries=compute.max_task_retries,
         fn_constructor_kwargs={
             "encoder": config.encoder,
             "expected_fingerprint": plan.fingerprint,
             "threads": compute.torch_threads or max(1, int(compute.num_cpus_per_actor)),
+            "attempts": attempts,
+            "isolate_after": compute.isolate_after,
         },
     )
 
@@ -106,7 +124,7 @@ def run_job(config: JobConfig) -> dict[str, Any]:
         resume = plan_resume(config, plan.shards, plan.fingerprint)
         _announce(resume, config)
         progress = Progress(fs, root, resume.generation, resume.meta, config.output.commit_interval_s)
-        new = write_work(config, plan, resume.work, progress)
+        new, faults = write_work(config, plan, resume.work, progress)
         entries = pa.concat_tables([resume.reused, new])
         generation = commit_output(config, resume, entries, lock)
         data_files = [fs.unstrip_protocol(join(root, f)) for f in entries["data_file"].to_pylist() if f]
@@ -115,6 +133,7 @@ def run_job(config: JobConfig) -> dict[str, Any]:
             entries, files=len(plan.shards), duplicate_ids=duplicates, seconds=time.perf_counter() - start,
             fingerprint=plan.fingerprint, reused_rows=resume.reused_rows,
         )  # fmt: skip
+        summary["faults"] |= faults
         summary |= {"generation": generation, "output": config.output.path, "config": redacted(config)}
         _write_summary(summary, config)
     print(render(summary, config.output.path), flush=True)
@@ -123,17 +142,28 @@ def run_job(config: JobConfig) -> dict[str, Any]:
     return summary
 
 
+def ray_get(ref: Any) -> Any:
+    import ray
+
+    return ray.get(ref)
+
+
 def _announce(resume: Resume, config: JobConfig) -> None:
     if resume.reused.num_rows or resume.previous is not None:
         print(f"splade-pipeline: resuming {config.output.path}: {resume.reused_rows} rows already committed are kept; "
               f"{len(resume.work)} input files left to read", flush=True)
 
 
-def write_work(config: JobConfig, plan: Plan, work: list[Shard], progress: Progress) -> pa.Table:
-    """Encode and write ``work``, recording finished blocks as they arrive; return their entries."""
+def write_work(config: JobConfig, plan: Plan, work: list[Shard], progress: Progress) -> tuple[pa.Table, dict[str, int]]:
+    """Encode and write ``work``, recording finished blocks as they arrive; return their entries
+    and the failures ridden through (actor restarts, retried blocks)."""
     if not work:
-        return empty_entries()
-    written = encoded_dataset(config, plan, work).map_batches(
+        return empty_entries(), {}
+    from pipeline.attempts import start_log
+
+    ensure_ray(config.compute)  # before the first Ray call, which would otherwise start Ray its own way
+    attempts = start_log()
+    written = encoded_dataset(config, plan, work, attempts).map_batches(
         write_blocks,
         batch_size=None,
         batch_format="pyarrow",
@@ -142,18 +172,25 @@ def write_work(config: JobConfig, plan: Plan, work: list[Shard], progress: Progr
     )
     rows = blocks = 0
     started = last_report = time.monotonic()
-    for stats in written.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for i in range(stats.num_rows):  # one entry per written block (piece)
-            crash_point("written")
-            if progress.add(stats.slice(i, 1)):
-                crash_point("progress")
-        rows, blocks = rows + int(pc.sum(stats["rows"]).as_py() or 0), blocks + stats.num_rows
-        if time.monotonic() - last_report >= PROGRESS_EVERY_S:
-            last_report = time.monotonic()
-            print(f"  ... {rows} rows in {blocks} blocks written ({rows / (last_report - started):.1f} rows/s)", flush=True)
+    try:
+        for stats in written.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for i in range(stats.num_rows):  # one entry per written block (piece)
+                crash_point("written")
+                if progress.add(stats.slice(i, 1)):
+                    crash_point("progress")
+            rows, blocks = rows + int(pc.sum(stats["rows"]).as_py() or 0), blocks + stats.num_rows
+            if time.monotonic() - last_report >= PROGRESS_EVERY_S:
+                last_report = time.monotonic()
+                print(f"  ... {rows} rows in {blocks} blocks written ({rows / (last_report - started):.1f} rows/s)", flush=True)
+    except BaseException:
+        try:
+            progress.flush()  # interrupted or failed: what is durable stays recorded for the re-run
+        except Exception as err:  # noqa: BLE001 - the original failure is the one to report
+            log.warning("could not record progress before stopping: %s: %s", type(err).__name__, err)
+        raise
     if progress.flush():
         crash_point("progress")
-    return progress.entries()
+    return progress.entries(), ray_get(attempts.report.remote())
 
 
 def commit_output(config: JobConfig, resume: Resume, entries: pa.Table, lock: Any) -> int:
@@ -223,11 +260,29 @@ def count_duplicate_ids(data_files: list[str], config: JobConfig, rows: int) -> 
     return int(extra or 0)
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (``kill``, ``ray job stop``, a pod being evicted) stops the run as Ctrl-C does:
+    progress recorded, lock released, a hint to resume."""
+    import signal
+    import threading
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
 def ensure_ray(compute: ComputeConfig) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=compute.ray_address, log_to_driver=True)
+        from pipeline.faults import forwarded
+
+        env = forwarded()  # test-only fault injection reaches the workers; empty in production
+        ray.init(address=compute.ray_address, log_to_driver=True, **({"runtime_env": {"env_vars": env}} if env else {}))
+        if STOP_ON_SIGTERM:
+            stop_on_sigterm()  # ray.init installed its own handler, which exits without the resume hint
     cpus = ray.cluster_resources().get("CPU", 0)
     needed = compute.min_actors * compute.num_cpus_per_actor + compute.io_cpus
     if needed > cpus:

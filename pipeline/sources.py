@@ -24,11 +24,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import InputConfig
+from pipeline.storage import open_url, url_to_fs
 
 GLOB_CHARS = "*?["
 BAD_FILE = "bad_file"
@@ -96,7 +96,7 @@ def file_version(info: dict[str, Any]) -> str:
 def _expand(path: str, storage_options: dict[str, Any]) -> list[tuple[str, str]]:
     """(URL, version) of every file ``path`` names; the listing's details give the versions."""
     try:
-        fs, root = fsspec.core.url_to_fs(path, **storage_options)
+        fs, root = url_to_fs(path, storage_options)
         if any(c in root for c in GLOB_CHARS):
             matches = {p: info for p, info in fs.glob(root, detail=True).items() if info.get("type") == "file"}
         elif fs.isdir(root):
@@ -147,7 +147,7 @@ def _require_columns(shard: Shard, cfg: InputConfig, found: list[str]) -> None:
 
 def _open(shard: Shard, cfg: InputConfig) -> Any:
     compression = None if shard.format == "parquet" else "infer"  # Parquet needs a seekable file
-    return fsspec.open(shard.url, "rb", compression=compression, **cfg.storage_options).open()
+    return open_url(shard.url, "rb", cfg.storage_options, compression=compression)
 
 
 # ---- reading -----------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
     """
     builder = _BlockBuilder(shard, cfg)
     skip, wanted = set(shard.skip_blocks), None if shard.lines is None else set(shard.lines)
-    held: pa.Table | None = None
+    held: tuple[int, pa.Table] | None = None  # (block number, block): an empty file's one block has no rows to ask
     try:
         with _open(shard, cfg) as fh:
             reader = {"parquet": _parquet_rows, "jsonl": _jsonl_rows, "csv": _csv_rows}[shard.format]
@@ -254,9 +254,9 @@ def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
                 if wanted is not None and line not in wanted:
                     continue
                 if (block := builder.add(record, line, reject, detail)) is not None:
-                    if held is not None and held["_block"][0].as_py() not in skip:
-                        yield held
-                    held = block
+                    if held is not None and held[0] not in skip:
+                        yield held[1]
+                    held = (builder.block - 1, block)
     except InputError:
         raise
     except Exception as err:  # noqa: BLE001 - a file we cannot read at all
@@ -264,19 +264,20 @@ def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
             raise InputError(f"{shard.url}: cannot read as {shard.format}: {_describe(err)} (set input.on_bad_file: skip to skip such files)") from None
         # Rows of blocks already handed on stay (they were read and are valid); the marker says
         # how far the file got, and the rows of the unfinished block are dropped with the file.
-        if held is not None and held["_block"][0].as_py() not in skip:
-            yield held
+        if held is not None and held[0] not in skip:
+            yield held[1]
         done = builder.block * cfg.rows_per_block
         builder.rows.clear()
         builder.add({}, -1, BAD_FILE, f"{_describe(err)}" + (f" (after {done} rows)" if done else ""))
         yield builder.flush()
         return
     if builder.rows or builder.block == 0:
-        if held is not None and held["_block"][0].as_py() not in skip:
-            yield held
-        held = builder.flush()
-    if held is not None and held["_block"][0].as_py() not in skip:
-        yield held.set_column(held.schema.get_field_index("_last"), "_last", pa.array([True] * held.num_rows, pa.bool_()))
+        if held is not None and held[0] not in skip:
+            yield held[1]
+        held = (builder.block, builder.flush())
+    if held is not None and held[0] not in skip:
+        last = held[1]
+        yield last.set_column(last.schema.get_field_index("_last"), "_last", pa.array([True] * last.num_rows, pa.bool_()))
 
 
 def _parquet_rows(fh: Any, shard: Shard, cfg: InputConfig) -> Iterator[tuple[dict, int, None, None]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -29,9 +30,16 @@ class EncodeBlocks:
     tokenize 256 passages against 1.4 s to encode them), and on an H200 host it was 30% of the
     encoder's time per call (40,800 docs/s tokenizing alone vs 12,500 docs/s encoding) — a
     separate stage would only pay off with the GPU pipelined behind it, which is future work.
+
+    Failures (see :mod:`pipeline.attempts`): a document whose encoding raises is isolated by
+    splitting the rows in halves and rejected (``encoder_error``), the rest encoded; a block whose
+    actor died ``isolate_after`` times is encoded in pieces so that the documents that kill the
+    process are found and rejected (``encoder_crash``). Out of memory halves the micro-batch
+    (in :class:`SpladeEncoder`); the count travels with the block (``_oom``).
     """
 
-    def __init__(self, encoder: EncoderConfig, expected_fingerprint: dict[str, Any], threads: int) -> None:
+    def __init__(self, encoder: EncoderConfig, expected_fingerprint: dict[str, Any], threads: int, attempts: Any = None,
+                 isolate_after: int = 2) -> None:  # fmt: skip
         import torch
 
         from pipeline.encoder import SpladeEncoder
@@ -45,19 +53,108 @@ class EncodeBlocks:
                 f"driver's ({expected_fingerprint['weights_sha256'][:12]}); pin encoder.revision or use one model folder"
             )
         self.encoder = SpladeEncoder.from_config(encoder)
+        self.attempts, self.isolate_after = attempts, isolate_after
+        if attempts is not None:
+            import ray
+
+            if ray.get_runtime_context().was_current_actor_reconstructed:
+                attempts.restarted.remote()
 
     def __call__(self, block: pa.Table) -> pa.Table:
         good_mask = pc.is_null(block["_reject"])
         good = block.filter(good_mask)
         rest = block.filter(pc.invert(good_mask)).drop_columns(["text"])
-        encoded = self.encoder.encode_batch(good["text"].to_pylist())
-        good = good.drop_columns(["text"]).append_column("sparse", encoded.sparse)
-        good = good.append_column("num_tokens", pa.array(encoded.num_tokens, pa.int32()))
-        good = good.append_column("truncated", pa.array(encoded.truncated, pa.bool_()))
+        texts = good["text"].to_pylist()
+        key = ("block", block["_unit"][0].as_py(), block["_block"][0].as_py(), pc.min(block["_line"]).as_py()) if block.num_rows else None
+        died = self._begin(key)
+        if died < self.isolate_after:
+            pieces, failed = self._encode_rows(texts, np.arange(len(texts)))
+        else:
+            pieces, failed = self._isolate(key, texts)
+        self._end(key)
+        if len(texts) > 1 and len(failed) == len(texts) and all(reason == "encoder_error" for reason, _ in failed.values()):
+            # Every document failing alone is the encoder's problem (a broken device), not the data's.
+            raise RuntimeError(f"every document of the block failed to encode, e.g.: {next(iter(failed.values()))[1]}")
+        encoded = pa.concat_tables([_EMPTY_PIECE, *pieces]).sort_by("_pos")
+        done = encoded["_pos"]
+        out = good.take(done).drop_columns(["text"])
+        for name in ("sparse", "num_tokens", "truncated"):
+            out = out.append_column(name, encoded[name])
+        if failed:
+            bad = good.take(pa.array(sorted(failed), pa.int64())).drop_columns(["text"])
+            reasons = [failed[i] for i in sorted(failed)]
+            bad = bad.set_column(bad.schema.get_field_index("_reject"), "_reject", pa.array([r[0] for r in reasons], pa.string()))
+            bad = bad.set_column(bad.schema.get_field_index("_detail"), "_detail", pa.array([r[1] for r in reasons], pa.string()))
+            rest = pa.concat_tables([rest, bad])
         rest = rest.append_column("sparse", pa.nulls(rest.num_rows, SPARSE_TYPE))
         rest = rest.append_column("num_tokens", pa.nulls(rest.num_rows, pa.int32()))
         rest = rest.append_column("truncated", pa.nulls(rest.num_rows, pa.bool_()))
-        return pa.concat_tables([good, rest], promote_options="permissive")
+        table = pa.concat_tables([out, rest], promote_options="permissive")
+        ooms = np.zeros(table.num_rows, np.int32)
+        if table.num_rows:
+            ooms[0] = sum(int((p.schema.metadata or {}).get(b"oom", b"0")) for p in pieces)
+        return table.append_column("_oom", pa.array(ooms, pa.int32()))
+
+    def _encode_rows(self, texts: list[str], rows: np.ndarray) -> tuple[list[pa.Table], dict[int, tuple[str, str]]]:
+        """Encode ``texts[rows]``; a failure splits the rows in halves until the failing documents are alone."""
+        from pipeline.encoder import is_out_of_memory
+        from pipeline.faults import poison_point
+
+        subset = [texts[i] for i in rows]
+        poison_point(subset)  # test-only fault injection; a no-op unless configured
+        try:
+            batch = self.encoder.encode_batch(subset)
+        except Exception as err:
+            if len(rows) == 1:
+                what = "out of memory even alone" if is_out_of_memory(err) else "encoding raised"
+                return [], {int(rows[0]): ("encoder_error", f"{what}: {type(err).__name__}: {str(err)[:300]}")}
+            half = len(rows) // 2
+            left, bad_left = self._encode_rows(texts, rows[:half])
+            right, bad_right = self._encode_rows(texts, rows[half:])
+            return left + right, bad_left | bad_right
+        piece = pa.table({
+            "_pos": pa.array(rows, pa.int64()), "sparse": batch.sparse, "num_tokens": pa.array(batch.num_tokens, pa.int32()),
+            "truncated": pa.array(batch.truncated, pa.bool_()),
+        })  # fmt: skip
+        return [piece.replace_schema_metadata({b"oom": str(batch.oom_splits).encode()})], {}
+
+    def _isolate(self, key: tuple, texts: list[str]) -> tuple[list[pa.Table], dict[int, tuple[str, str]]]:
+        """Encode a block that keeps killing its actor in announced pieces (see :mod:`pipeline.attempts`)."""
+        from pipeline.attempts import CHUNK_ROWS
+
+        pieces: list[pa.Table] = []
+        failed: dict[int, tuple[str, str]] = {}
+        for start in range(0, len(texts), CHUNK_ROWS):
+            chunk = np.arange(start, min(len(texts), start + CHUNK_ROWS))
+            parts = [("chunk", chunk)] if self._begin(("chunk", key, start)) == 0 else [("row", np.array([i])) for i in chunk]
+            for kind, rows in parts:
+                row_key = ("row", key, int(rows[0]))
+                if kind == "row" and (died := self._begin(row_key)):
+                    failed[int(rows[0])] = ("encoder_crash", f"the encoder process died on this document ({died} times)")
+                    continue
+                done, bad = self._encode_rows(texts, rows)
+                pieces += done
+                failed |= bad
+                if kind == "row":
+                    self._end(row_key)
+            self._end(("chunk", key, start))
+        return pieces, failed
+
+    def _begin(self, key: tuple | None) -> int:
+        if self.attempts is None or key is None:
+            return 0
+        import ray
+
+        return int(ray.get(self.attempts.begin.remote(key)))
+
+    def _end(self, key: tuple | None) -> None:
+        if self.attempts is not None and key is not None:
+            self.attempts.end.remote(key)
+
+
+_EMPTY_PIECE = pa.schema(
+    [("_pos", pa.int64()), ("sparse", SPARSE_TYPE), ("num_tokens", pa.int32()), ("truncated", pa.bool_())]
+).empty_table()
 
 
 def upsert_batch(sink: Any, cfg: SinkConfig, batch: pa.Table) -> tuple[int, int]:

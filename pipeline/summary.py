@@ -42,6 +42,8 @@ def summarize(entries: pa.Table, *, files: int, duplicate_ids: int, seconds: flo
         # Throughput of this run's own work (rows reused from earlier attempts excluded).
         "docs_per_s": round((read - reused_rows) / seconds, 1) if seconds > 0 else None,
         "fingerprint": fingerprint,
+        # Failures ridden through (the run adds actor restarts and retried blocks).
+        "faults": {"oom_splits": sum(r["oom_splits"] or 0 for r in rows), "rows_isolated": rejected.get("encoder_crash", 0) + rejected.get("encoder_error", 0)},
     }
     if summary["rows_read"] != summary["rows_written"] + summary["rows_rejected"]:
         raise RowsLostError(f"rows_read {read} != rows_written {written} + rows_rejected {summary['rows_rejected']}")
@@ -77,6 +79,7 @@ def render(summary: dict[str, Any], output: str) -> str:
         f"splade-pipeline: {summary['rows_read']} rows read = {summary['rows_written']} written + {summary['rows_rejected']} rejected",
         f"  rejected by reason: {summary['rejected_by_reason'] or 'none'}; duplicate ids: {summary['duplicate_ids']}; truncated: {summary['truncated']}",
         f"  reused from earlier attempts (not encoded again): {summary['rows_reused']} rows",
+        "  failures ridden through: " + (", ".join(f"{k} {v}" for k, v in summary["faults"].items() if v) or "none"),
         f"  tokens: {summary['tokens']}; non-zeros per doc: mean {nz['mean']}, p50 {nz['p50']:.0f}, p99 {nz['p99']:.0f}",
         f"  {summary['input_files']} input files, {summary['output_files']} output files, skipped files: {len(summary['skipped_files'])}",
         f"  {summary['wall_seconds']} s, {summary['docs_per_s']} docs/s",

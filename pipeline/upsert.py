@@ -18,6 +18,7 @@ from pipeline.faults import crash_point
 from pipeline.manifest import COMMITS_DIR, join, latest_commit
 from pipeline.sinks import SinkError, check_caps, open_sink
 from pipeline.stages import UpsertBlocks, upsert_batch
+from pipeline.storage import url_to_fs
 
 
 def is_embedded(sink: SinkConfig) -> bool:
@@ -40,7 +41,7 @@ def check_sink(config: JobConfig, fingerprint: dict[str, Any]) -> None:
 
 def output_files(output: str, storage_options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, list[str], dict[str, Any]]:
     """The committed data files of an encoded output and their (single) fingerprint."""
-    fs, root = fsspec.core.url_to_fs(output, **storage_options)
+    fs, root = url_to_fs(output, storage_options)
     commit = latest_commit(fs, root)
     if commit is None:
         raise ValueError(f"{output}: no committed encoded output here (no {COMMITS_DIR}/ record); run or finish the encode job first")

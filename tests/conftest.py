@@ -12,7 +12,6 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 from pg_server import Postgres, free_port  # noqa: E402
 
 from pipeline.bundled import fetch_splade_tiny  # noqa: E402

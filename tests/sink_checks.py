@@ -8,10 +8,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow.dataset as pads
+import pytest
 from reference import densify
 from test_job import corpus_rows
-
-import pytest
 
 from pipeline.config import JobConfig, SinkConfig, load_config
 from pipeline.demo import load_sample_corpus

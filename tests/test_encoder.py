@@ -122,3 +122,22 @@ def test_bad_inputs_and_settings(splade_tiny: Path) -> None:
         SpladeEncoder(str(splade_tiny), dtype="float8")
     with pytest.raises(ValueError, match="unknown bundled model"):
         SpladeEncoder("bundled:nope")
+
+
+def test_out_of_memory_halves_the_micro_batch(splade_tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A micro-batch that runs out of memory is retried as two halves, down to one text: same vectors."""
+    import torch
+
+    from pipeline.faults import OOM_ABOVE
+
+    texts = [f"{t} {i}" for i, t in enumerate(TEXTS * 4)]
+    encoder = SpladeEncoder(str(splade_tiny), device="cpu", max_batch_tokens=4096)
+    clean = encoder.encode_batch(texts)
+    assert clean.oom_splits == 0
+    monkeypatch.setenv(OOM_ABOVE, "600")  # far below the 4096-token budget, above one 512-token text
+    squeezed = encoder.encode_batch(texts)
+    assert squeezed.oom_splits >= 3
+    np.testing.assert_allclose(densify(squeezed.sparse, 30522), densify(clean.sparse, 30522), rtol=0, atol=1e-5)
+    monkeypatch.setenv(OOM_ABOVE, "4")  # not even one text fits: the error is raised, not looped on
+    with pytest.raises(torch.OutOfMemoryError, match="injected"):
+        encoder.encode_batch(texts[:3])

@@ -9,7 +9,9 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +35,19 @@ def corpus_rows(n: int, offset: int = 0) -> list[dict[str, str]]:
         base = sample[(i + offset) % len(sample)]
         rows.append({"id": f"d{i + offset:05d}", "title": base["title"], "text": f"{base['text']} (variant {i + offset})", "lang": "en"})
     return rows
+
+
+def put_jsonl_shards(fs: s3fs.S3FileSystem, prefix: str, rows: list[dict], files: int) -> None:
+    """``rows`` as ``files`` JSONL files of equal size under ``prefix``."""
+    per = -(-len(rows) // files)
+    for i in range(files):
+        fs.pipe(f"{prefix}/part-{i}.jsonl", "\n".join(json.dumps(r) for r in rows[i * per : (i + 1) * per]).encode())
+
+
+def reference_vectors(model: Path, rows: list[dict], max_length: int = 64) -> dict[str, np.ndarray]:
+    """Each row's vector (of its ``text``) from the bare encoder: what the pipeline must write."""
+    dense = densify(SpladeEncoder(str(model), device="cpu", max_length=max_length).encode([r["text"] for r in rows]), VOCAB)
+    return {r["id"]: dense[i] for i, r in enumerate(rows)}
 
 
 def put_corpus(fs: s3fs.S3FileSystem, prefix: str) -> list[dict[str, str]]:
@@ -66,6 +81,18 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     return subprocess.run(
         [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env or os.environ.copy()
     )
+
+
+def start_until_progress(args: list[str], root: str, timeout: float = 180, **popen: Any) -> subprocess.Popen:
+    """Start ``splade-pipeline <args>``; return it once its first progress record is on S3 (mid-run)."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, text=True, **popen)
+    fs = s3fs.S3FileSystem()
+    deadline = time.monotonic() + timeout
+    while not (fs.exists(f"{root}/_progress") and fs.find(f"{root}/_progress")):
+        assert time.monotonic() < deadline and proc.poll() is None, "the run ended or stalled before recording progress"
+        time.sleep(0.05)
+        fs.invalidate_cache()
+    return proc
 
 
 def test_s3_job_via_cli(ray_cluster: str, splade_tiny: Path) -> None:

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,9 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 from reference import densify
-from test_job import ROOT, cli, corpus_rows
+from test_job import cli, corpus_rows, put_jsonl_shards, reference_vectors, start_until_progress
 
-from pipeline import SpladeEncoder
 from pipeline.faults import VARIABLE
 from pipeline.lock import RunLock
 from pipeline.manifest import committed_files, complete_blocks, read_progress
@@ -38,12 +36,8 @@ def corpus(ray_cluster: str, splade_tiny: Path) -> dict[str, np.ndarray]:
     fs = s3fs.S3FileSystem()
     fs.mkdir("resume")
     rows = corpus_rows(FILES * ROWS_PER_FILE)
-    for i in range(FILES):
-        part = rows[i * ROWS_PER_FILE : (i + 1) * ROWS_PER_FILE]
-        fs.pipe(f"resume/corpus/part-{i}.jsonl", "\n".join(json.dumps(r) for r in part).encode())
-    encoder = SpladeEncoder(str(splade_tiny), device="cpu", max_length=64)
-    dense = densify(encoder.encode([r["text"] for r in rows]), VOCAB)
-    return {r["id"]: dense[i] for i, r in enumerate(rows)}
+    put_jsonl_shards(fs, "resume/corpus", rows, FILES)
+    return reference_vectors(splade_tiny, rows)
 
 
 def encode_args(splade_tiny: Path, output: str, *extra: str) -> list[str]:
@@ -115,13 +109,7 @@ def test_killed_after_commit_reencodes_nothing(corpus: dict, splade_tiny: Path) 
 def test_killed_from_outside_at_any_moment(corpus: dict, splade_tiny: Path) -> None:
     output = "s3://resume/out-outside"
     fs = s3fs.S3FileSystem()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *encode_args(splade_tiny, output)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (fs.exists("resume/out-outside/_progress") and fs.find("resume/out-outside/_progress")):
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.05)
-        fs.invalidate_cache()
+    proc = start_until_progress(encode_args(splade_tiny, output), "resume/out-outside", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     fs.invalidate_cache()

@@ -21,6 +21,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.sinks import SinkError, is_transient, request_batches, with_retries
 
+
 @pytest.fixture(scope="module")
 def loaded(ray_cluster: str, splade_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("qdrant-job")

@@ -56,3 +56,10 @@ def test_detect_format() -> None:
     assert detect_format("s3://b/x.JSONL.GZ") == "jsonl"
     assert detect_format("x.ndjson") == "jsonl" and detect_format("x.csv.bz2") == "csv" and detect_format("x.pq") == "parquet"
     assert detect_format("x.txt") is None
+
+
+def test_empty_file_is_one_empty_block(tmp_path: Path) -> None:
+    (tmp_path / "empty.jsonl").write_text("")
+    cfg = InputConfig(paths=[str(tmp_path / "empty.jsonl")])
+    blocks = list(read_shard(list_shards(cfg)[0], cfg))
+    assert len(blocks) == 1 and blocks[0].num_rows == 0

@@ -1,0 +1,59 @@
+"""The encoder stage's handling of documents that fail: isolated, rejected with the reason, the rest encoded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from reference import densify
+
+from pipeline import SpladeEncoder
+from pipeline.config import EncoderConfig, InputConfig
+from pipeline.fingerprint import fingerprint
+from pipeline.sources import Shard, read_shard
+from pipeline.stages import EncodeBlocks
+
+
+@pytest.fixture(scope="module")
+def stage(splade_tiny: Path) -> EncodeBlocks:
+    config = EncoderConfig(model=str(splade_tiny), device="cpu")
+    return EncodeBlocks(config, fingerprint(config), threads=1)
+
+
+def _block(tmp_path: Path, texts: list[str]):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"id": f"d{i}", "text": t}) for i, t in enumerate(texts)) + "\n" + json.dumps({"id": "e", "text": " "}))
+    cfg = InputConfig(paths=[str(path)])
+    return next(read_shard(Shard(0, str(path), "jsonl", unit="u"), cfg))
+
+
+def test_a_document_that_raises_is_rejected_alone(stage: EncodeBlocks, splade_tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    texts = [f"document {i} about tides and honey" for i in range(13)]
+    texts[5] = "BREAKS THE TOKENIZER"
+    original = stage.encoder.encode_batch
+
+    def fragile(batch: list[str]):
+        if any(t.startswith("BREAKS") for t in batch):
+            raise ValueError("cannot encode this one")
+        return original(batch)
+
+    monkeypatch.setattr(stage.encoder, "encode_batch", fragile)
+    out = stage(_block(tmp_path, texts))
+    assert out.num_rows == 14  # 12 encoded + 1 failed + 1 empty text: nothing dropped
+    reasons = dict(zip(out["id"].to_pylist(), out["_reject"].to_pylist()))
+    assert reasons["d5"] == "encoder_error" and reasons["e"] == "empty_text"
+    assert "ValueError: cannot encode this one" in out["_detail"].to_pylist()[out["id"].to_pylist().index("d5")]
+    good = out.filter(out["_reject"].is_null())
+    want = densify(SpladeEncoder(str(splade_tiny), device="cpu").encode([texts[int(i[1:])] for i in good["id"].to_pylist()]), 30522)
+    assert np.abs(densify(good["sparse"].combine_chunks(), 30522) - want).max() <= 1e-5
+
+
+def test_every_document_failing_is_an_error_not_rejects(stage: EncodeBlocks, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(batch: list[str]):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(stage.encoder, "encode_batch", broken)
+    with pytest.raises(RuntimeError, match="every document of the block failed"):
+        stage(_block(tmp_path, ["one text", "another text", "a third"]))
