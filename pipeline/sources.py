@@ -97,6 +97,7 @@ def _expand(path: str, storage_options: dict[str, Any]) -> list[tuple[str, str]]
     """(URL, version) of every file ``path`` names; the listing's details give the versions."""
     try:
         fs, root = url_to_fs(path, storage_options)
+        fs.invalidate_cache()  # a long-lived process (notebook, scheduler) must see the input as it is now
         if any(c in root for c in GLOB_CHARS):
             matches = {p: info for p, info in fs.glob(root, detail=True).items() if info.get("type") == "file"}
         elif fs.isdir(root):

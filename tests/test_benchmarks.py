@@ -1,0 +1,58 @@
+"""Every benchmark runs end to end at a tiny size (seconds), so none of them rots unnoticed.
+
+These are smoke runs: they check that each script works and reports what it should, never a
+timing. The numbers in the README come from the full-size runs named there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(tmp_path: Path, script: str, *args: str) -> dict | list:
+    out = tmp_path / f"{Path(script).stem}.json"
+    # A benchmark starts its own local Ray (and S3) so that it measures one machine: not the tests' cluster.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "AWS_ENDPOINT_URL")} | {"HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}", *args, "--json", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.usefixtures("splade_tiny")
+def test_encoder_bench(tmp_path: Path) -> None:
+    result = bench(tmp_path, "encoder_bench.py", "--model", "splade-tiny", "--n", "8", "--reps", "1", "--st-batch-sizes", "4")
+    methods = result["results"]
+    assert len(methods) >= 3 and any(m.startswith("ours") for m in methods) and any(m.startswith("sentence-transformers") for m in methods)
+    assert all(r["max_abs_diff"] <= 1e-5 and r["docs_per_s"] > 0 for r in methods.values())  # same vectors before timing counts
+    assert result["matmul_rate"] > 0
+
+
+def test_pooling_memory(tmp_path: Path) -> None:
+    result = bench(tmp_path, "pooling_memory.py", "--batch", "2", "--seq", "64")
+    assert result["max_abs_diff"] <= 1e-5 and result["naive"]["peak_extra_bytes"] > 0
+
+
+@pytest.mark.usefixtures("splade_tiny")
+def test_pipeline_bench(tmp_path: Path) -> None:
+    result = bench(tmp_path, "pipeline_bench.py", "--n", "200", "--shards", "2")
+    assert result["bare_encoder_docs_per_s"] > 0 and len(result) == 3
+
+
+@pytest.mark.usefixtures("splade_tiny")
+def test_reindex_bench(tmp_path: Path) -> None:
+    runs = bench(tmp_path, "reindex_bench.py", "--n", "200", "--shards", "2", "--changed", "0.05")
+    assert [r["encoded"] for r in runs] == [200, 10, 0]
+
+
+def test_sink_bench(tmp_path: Path) -> None:
+    result = bench(tmp_path, "sink_bench.py", "--n", "300")
+    assert len(result) == 4 and all(rate > 0 for rate in result.values())
