@@ -47,7 +47,14 @@ class EncoderConfig(StrictModel):
         None,
         ge=1,
         description="(row, position) pairs per MLM-head step; bounds pooling memory to about "
-        "head_chunk_tokens x vocab floats. None: 512 on CPU, 4096 on CUDA.",
+        "head_chunk_tokens x vocab floats (packed: x 2048 vocabulary columns). "
+        "None: 2048 packed and 512 padded on CPU, 4096 on CUDA.",
+    )
+    packed: bool | None = Field(
+        None,
+        description="BERT/DistilBERT without padding FLOPs: every linear layer, activation and LayerNorm on the "
+        "real tokens only (attention alone sees the padded micro-batch), the MLM head on packed rows in "
+        "vocabulary slices. None: on for CPU, off for CUDA (the padded path is the one measured on GPUs).",
     )
     pad_to_multiple_of: int = Field(8, ge=1, description="Pad each micro-batch's length to a multiple of this.")
 

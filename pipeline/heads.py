@@ -1,9 +1,11 @@
 """How to split a masked-LM into "encoder -> hidden states" and "hidden states -> logits".
 
 The split is what lets the SPLADE head run over a few sequence positions at a time
-(:func:`pipeline.splade.pooled_max_logits`). BERT and DistilBERT heads are split explicitly;
-any other ``AutoModelForMaskedLM`` runs whole (full logits per micro-batch) and gives the same
-vectors at a higher peak memory.
+(:func:`pipeline.splade.pooled_max_logits`, or :func:`pipeline.splade.packed_max_logits` on
+packed rows). BERT and DistilBERT are split explicitly (head = ``transform`` then ``decoder``)
+and also get a padding-free encoder (:mod:`pipeline.packed`); any other
+``AutoModelForMaskedLM`` runs whole (full logits per micro-batch) and gives the same vectors
+at a higher peak memory.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from pipeline.packed import PackedEncoder, packed_encoder
 from pipeline.splade import Head
 
 
@@ -21,13 +24,16 @@ from pipeline.splade import Head
 class MaskedLMParts:
     """``hidden(ids, mask) -> [B, L, H]`` plus ``head(hidden) -> [B, L, V]``.
 
-    For ``kind == "generic"`` there is no split: ``hidden`` already returns the logits and
-    ``head`` is the identity.
+    For ``kind == "generic"`` there is no split: ``hidden`` already returns the logits,
+    ``head`` is the identity and there is no ``decoder`` or ``packed`` form.
     """
 
     kind: Literal["bert", "distilbert", "generic"]
     module: nn.Module
     head: Head
+    transform: Head | None = None  # head == decoder(transform(.))
+    decoder: nn.Linear | None = None
+    packed: PackedEncoder | None = None
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # Documents are single sequences: token types are all 0, which is every model's default.
@@ -40,15 +46,23 @@ def split_masked_lm(model: nn.Module) -> MaskedLMParts:
     from transformers import BertForMaskedLM, DistilBertForMaskedLM
 
     if isinstance(model, BertForMaskedLM):
-        return MaskedLMParts("bert", model.bert, model.cls)
+        predictions = model.cls.predictions
+        return MaskedLMParts(
+            "bert", model.bert, model.cls, predictions.transform, predictions.decoder, packed_encoder(model.bert)
+        )
     if isinstance(model, DistilBertForMaskedLM):
 
-        def distilbert_head(hidden: torch.Tensor) -> torch.Tensor:
+        def distilbert_transform(hidden: torch.Tensor) -> torch.Tensor:
             # Same order as DistilBertForMaskedLM.forward.
-            x = model.activation(model.vocab_transform(hidden))
-            return model.vocab_projector(model.vocab_layer_norm(x))
+            return model.vocab_layer_norm(model.activation(model.vocab_transform(hidden)))
 
-        return MaskedLMParts("distilbert", model.distilbert, distilbert_head)
+        def distilbert_head(hidden: torch.Tensor) -> torch.Tensor:
+            return model.vocab_projector(distilbert_transform(hidden))
+
+        return MaskedLMParts(
+            "distilbert", model.distilbert, distilbert_head, distilbert_transform, model.vocab_projector,
+            packed_encoder(model.distilbert),
+        )  # fmt: skip
     return MaskedLMParts("generic", model, _identity)
 
 

@@ -35,11 +35,15 @@ def _check_rows(vectors: pa.StructArray, vocab: int) -> None:
         assert np.all(values > 0)
 
 
+@pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("kind", ["bert", "distilbert", "roberta"])
-def test_random_models_match_reference(tiny_models: dict[str, Path], kind: str) -> None:
+def test_random_models_match_reference(tiny_models: dict[str, Path], kind: str, packed: bool) -> None:
     # Small budgets and head chunks force several micro-batches and many head steps.
-    enc = SpladeEncoder(str(tiny_models[kind]), device="cpu", max_length=64, max_batch_tokens=96, head_chunk_tokens=7)
+    enc = SpladeEncoder(
+        str(tiny_models[kind]), device="cpu", max_length=64, max_batch_tokens=96, head_chunk_tokens=7, packed=packed
+    )
     assert enc.parts.kind == {"bert": "bert", "distilbert": "distilbert", "roberta": "generic"}[kind]
+    assert (enc.packed is not None) == (packed and kind != "roberta")  # roberta: always the library's forward
     got = enc.encode(TEXTS)
     _check_rows(got, VOCAB)
     want = reference_splade(str(tiny_models[kind]), TEXTS, max_length=64)
@@ -47,12 +51,22 @@ def test_random_models_match_reference(tiny_models: dict[str, Path], kind: str) 
     assert np.abs(densify(got, VOCAB) - want).max() <= 1e-5
 
 
-def test_splade_tiny_matches_reference(splade_tiny: Path) -> None:
-    enc = SpladeEncoder(str(splade_tiny), device="cpu", max_batch_tokens=256, head_chunk_tokens=33)
+@pytest.mark.parametrize("packed", [True, False])
+def test_splade_tiny_matches_reference(splade_tiny: Path, packed: bool) -> None:
+    enc = SpladeEncoder(str(splade_tiny), device="cpu", max_batch_tokens=256, head_chunk_tokens=33, packed=packed)
     got = enc.encode(TEXTS)
     _check_rows(got, VOCAB)
     want = reference_splade(str(splade_tiny), TEXTS)
     assert np.abs(densify(got, VOCAB) - want).max() <= 1e-5
+
+
+def test_packed_is_the_cpu_default_and_equal_lengths_need_no_padding(splade_tiny: Path) -> None:
+    enc = SpladeEncoder(str(splade_tiny), device="cpu")
+    assert enc.packed is not None and "packed=True" in repr(enc)
+    same = ["alpha beta gamma", "delta epsilon zeta", "one two three"]  # 5 tokens each: no padded layout
+    assert len({len(ids) for ids in enc.tokenizer(same)["input_ids"]}) == 1
+    want = reference_splade(str(splade_tiny), same)
+    assert np.abs(densify(enc.encode(same), VOCAB) - want).max() <= 1e-5
 
 
 def test_batch_invariance_and_order(splade_tiny: Path) -> None:

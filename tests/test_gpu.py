@@ -19,9 +19,12 @@ pytestmark = [
 VOCAB = 30522
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("kind", ["bert", "distilbert", "roberta"])
-def test_cuda_fp32_matches_cpu_reference(tiny_models: dict[str, Path], kind: str) -> None:
-    enc = SpladeEncoder(str(tiny_models[kind]), device="cuda", dtype="float32", max_length=64, max_batch_tokens=96)
+def test_cuda_fp32_matches_cpu_reference(tiny_models: dict[str, Path], kind: str, packed: bool) -> None:
+    enc = SpladeEncoder(
+        str(tiny_models[kind]), device="cuda", dtype="float32", max_length=64, max_batch_tokens=96, packed=packed
+    )
     want = reference_splade(str(tiny_models[kind]), TEXTS, max_length=64)
     assert np.abs(densify(enc.encode(TEXTS), VOCAB) - want).max() <= 1e-5
 

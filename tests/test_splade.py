@@ -67,6 +67,36 @@ def test_pooling_skips_chunks_past_each_document() -> None:
     assert all(rows * cols <= 3 for rows, cols in seen)
 
 
+@pytest.mark.parametrize("chunk_tokens", [1, 2, 3, 4, 5, 9, 100])
+def test_head_steps_cover_every_row_once(chunk_tokens: int) -> None:
+    lengths = [4, 2, 3]
+    steps = splade.head_steps(lengths, chunk_tokens)
+    assert [s[0] for s in steps] == [0] + [s[1] for s in steps[:-1]] and steps[-1][1] == 9  # contiguous
+    assert all(stop - start <= chunk_tokens for start, stop, _ in steps)
+    rows_of = {doc: [] for doc in range(3)}
+    for start, stop, pieces in steps:
+        assert pieces[0][1] == start and pieces[-1][2] == stop
+        for doc, a, b in pieces:
+            rows_of[doc] += list(range(a, b))
+    assert rows_of == {0: [0, 1, 2, 3], 1: [4, 5], 2: [6, 7, 8]}
+    assert splade.head_steps([4, 2, 3], 3)[1] == (3, 6, [(0, 3, 4), (1, 4, 6)])
+
+
+@pytest.mark.parametrize(("chunk_tokens", "vocab_chunk"), [(1, 1), (2, 3), (3, 2), (5, 5), (100, 7)])
+def test_packed_pooling_matches_definition(chunk_tokens: int, vocab_chunk: int) -> None:
+    logits, mask, lengths = _hand_made()
+    # Packed rows: each document's real positions back to back; the "decoder" is the identity
+    # matrix plus a bias, so its outputs are the hand-made logits plus that bias.
+    packed = torch.cat([logits[b, :n] for b, n in enumerate(lengths)])
+    decoder = torch.nn.Linear(5, 5).requires_grad_(False)
+    decoder.weight.copy_(torch.eye(5))
+    decoder.bias.copy_(torch.tensor([0.5, -0.25, 0.0, 1.0, -3.0]))
+    got = splade.packed_max_logits(packed, lengths, _identity, decoder, chunk_tokens, vocab_chunk)
+    assert got.max() < 10, "a padded position leaked into the max"
+    shifted = logits + decoder.bias
+    torch.testing.assert_close(splade.splade_activation_(got), _definition(shifted, mask), rtol=0, atol=0)
+
+
 def test_masked_max_counts_negative_logits_and_bf16() -> None:
     running = torch.full((1, 3), float("-inf"))
     chunk = torch.tensor([[[-2.0, -1.0, HUGE], [-3.0, 0.5, HUGE]]], dtype=torch.bfloat16)
