@@ -155,3 +155,14 @@ def test_out_of_memory_halves_the_micro_batch(splade_tiny: Path, monkeypatch: py
     monkeypatch.setenv(OOM_ABOVE, "4")  # not even one text fits: the error is raised, not looped on
     with pytest.raises(torch.OutOfMemoryError, match="injected"):
         encoder.encode_batch(texts[:3])
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_cpu_bfloat16_keeps_the_top_terms(splade_tiny: Path, packed: bool) -> None:
+    enc = SpladeEncoder(str(splade_tiny), device="cpu", dtype="bfloat16", packed=packed)
+    got = densify(enc.encode(TEXTS), VOCAB)
+    want = reference_splade(str(splade_tiny), TEXTS)
+    k = 32
+    overlap = np.mean([len(set(np.argsort(-a)[:k]) & set(np.argsort(-b)[:k])) / k for a, b in zip(got, want)])
+    assert overlap >= 0.9
+    assert 0 < np.abs(got - want).max() < 0.5  # bf16 rounding shows, but only as rounding
