@@ -300,6 +300,12 @@ def main() -> None:
         r["mfu"] = fpt * tokens / t / rate_for(name)
         print(f"{name:<58}{r['docs_per_s']:>10.1f}{r['tokens_per_s']:>12.0f}{r['mfu']:>7.1%}{r['peak_bytes'] / 2**20:>10.0f}"
               f"{r['max_abs_diff']:>10.1e}{r['top64_overlap']:>7.3f}")
+    for name, fn in methods.items():
+        screen = getattr(getattr(fn, "encoder", None), "screen", None)
+        if screen is not None and screen.documents:
+            results[name]["screen_terms_per_doc"] = screen.kept / screen.documents
+            print(f"{name}: bf16 screen kept {screen.kept / screen.documents:.0f} of {fn.encoder.vocab_size} terms "
+                  "per document for the fp32 recompute")
     ours = results[next(n for n in results if n.startswith("ours (defaults"))]
     for name, r in results.items():
         if not name.startswith("ours (defaults"):

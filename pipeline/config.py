@@ -56,6 +56,12 @@ class EncoderConfig(StrictModel):
         "real tokens only (attention alone sees the padded micro-batch), the MLM head on packed rows in "
         "vocabulary slices. None: on for CPU, off for CUDA (the padded path is the one measured on GPUs).",
     )
+    screen: bool | None = Field(
+        None,
+        description="fp32 MLM decoder with a certified bf16 pre-pass: terms whose largest logit provably "
+        "cannot be positive are skipped, the rest recomputed in fp32 (same vectors). Needs the packed path "
+        "and fp32. None: on where that holds on CPU and bf16 products check out on the device.",
+    )
     pad_to_multiple_of: int = Field(8, ge=1, description="Pad each micro-batch's length to a multiple of this.")
 
     @model_validator(mode="after")

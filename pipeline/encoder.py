@@ -26,6 +26,7 @@ from pipeline.faults import out_of_memory_point
 from pipeline.heads import MaskedLMParts, split_masked_lm
 from pipeline.packed import Layout
 from pipeline.schema import sparse_array, sparse_rows
+from pipeline.screen import MAX_HIDDEN, ScreenedDecoder, bf16_products_accumulate_in_fp32
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class SpladeEncoder:
         use_packed = self.config.packed if self.config.packed is not None else not on_gpu
         self.packed = self.parts.packed if use_packed else None
         self.head_chunk_tokens = self.config.head_chunk_tokens or (4096 if on_gpu else 2048 if self.packed else 512)
+        self.screen = self._screened_decoder(on_gpu)
         # Measured: on an H200 (bert-base shape, bf16) 32768 tokens per pass was 14% faster than
         # 16384; on this 2-core CPU (fp32) bert-base ran 17.9 docs/s at 1024 tokens against 9.4 at
         # 16384 (large batches thrash the caches), SPLADE-tiny 185 vs 162.
@@ -142,9 +144,12 @@ class SpladeEncoder:
                 positions = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
                 layout = Layout.of(lengths, self.device)
                 hidden = self.packed(self._to_device(ids), self._to_device(positions), layout)
-                max_logits = splade.packed_max_logits(
-                    hidden, lengths, self.parts.transform, self.parts.decoder, self.head_chunk_tokens
-                )
+                if self.screen is not None:
+                    max_logits = self.screen.max_logits(self.parts.transform(hidden), lengths, self.head_chunk_tokens)
+                else:
+                    max_logits = splade.packed_max_logits(
+                        hidden, lengths, self.parts.transform, self.parts.decoder, self.head_chunk_tokens
+                    )
             else:
                 real = np.arange(width) < lengths[:, None]
                 padded = np.full((len(encodings), width), self._pad_id, dtype=np.int64)
@@ -156,6 +161,26 @@ class SpladeEncoder:
                 )
         weights = splade.splade_activation_(max_logits)
         return splade.prune_(weights, self.config.top_k, self.config.min_weight)
+
+    def _screened_decoder(self, on_gpu: bool) -> ScreenedDecoder | None:
+        """The bf16-screened decoder where it applies (see :mod:`pipeline.screen`), else None."""
+        wanted = self.config.screen
+        if wanted is False or (wanted is None and on_gpu):
+            return None
+        reasons = []
+        if self.packed is None:
+            reasons.append("it needs the packed path (packed: true, a BERT or DistilBERT model)")
+        if self.compute_dtype != torch.float32:
+            reasons.append(f"it screens fp32 logits, and dtype is {str(self.compute_dtype).removeprefix('torch.')}")
+        if self.parts.decoder is not None and self.parts.decoder.in_features > MAX_HIDDEN:
+            reasons.append(f"its error bound is derived for hidden sizes up to {MAX_HIDDEN}")
+        if not reasons and not bf16_products_accumulate_in_fp32(self.device):
+            reasons.append(f"bf16 matrix products on {self.device} exceed the error bound it relies on")
+        if reasons:
+            if wanted:
+                raise ValueError("encoder.screen: true cannot be used: " + "; ".join(reasons))
+            return None
+        return ScreenedDecoder(self.parts.decoder)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(array)
@@ -185,7 +210,7 @@ class SpladeEncoder:
         return (
             f"SpladeEncoder(model={self.config.model!r}, device={self.device.type!r}, "
             f"dtype={str(self.compute_dtype).removeprefix('torch.')!r}, path={self.parts.kind!r}, "
-            f"packed={self.packed is not None}, "
+            f"packed={self.packed is not None}, screen={self.screen is not None}, "
             f"max_length={self.max_length}, top_k={self.config.top_k}, min_weight={self.config.min_weight})"
         )
 

@@ -115,20 +115,29 @@ def packed_max_logits(
     """Per-document max over positions of ``decoder(transform(hidden))`` for packed rows.
 
     ``hidden`` is ``[T, H]``: document ``b``'s real tokens back to back, ``lengths[b]`` rows
-    each, no padding, so no masking is needed. The decoder runs on at most ``chunk_tokens``
-    rows x ``vocab_chunk`` columns at a time. Its bias is added after the max:
+    each, no padding, so no masking is needed. The decoder's bias is added after the max:
     ``max_i fl(a_i + b) == fl(max_i a_i + b)`` because rounding is monotonic, so that is exact.
     Returns the fp32 ``[B, V]`` max of the raw logits.
     """
-    rows = transform(hidden)
-    weight, bias = decoder.weight, decoder.bias
-    vocab = weight.shape[0]
+    out = segment_max_products(transform(hidden), lengths, decoder.weight.t(), chunk_tokens, vocab_chunk)
+    if decoder.bias is not None:
+        out += decoder.bias.float()
+    return out
+
+
+def segment_max_products(
+    rows: torch.Tensor, lengths: Sequence[int], weight_t: torch.Tensor, chunk_tokens: int, vocab_chunk: int = VOCAB_CHUNK
+) -> torch.Tensor:
+    """``[B, V]`` fp32: for each document (``lengths[b]`` consecutive rows), the column-wise
+    max of ``rows @ weight_t`` over its rows, computed ``chunk_tokens`` rows x ``vocab_chunk``
+    columns at a time (``weight_t`` is ``[H, V]``, e.g. a transposed decoder weight)."""
+    vocab = weight_t.shape[1]
     first_row = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]])
-    out = torch.empty((len(lengths), vocab), dtype=torch.float32, device=hidden.device)
+    out = torch.empty((len(lengths), vocab), dtype=torch.float32, device=rows.device)
     for start, stop, pieces in head_steps(lengths, chunk_tokens):
         step = rows[start:stop]
         for col in range(0, vocab, vocab_chunk):
-            logits = torch.mm(step, weight[col : col + vocab_chunk].t())
+            logits = torch.mm(step, weight_t[:, col : col + vocab_chunk])
             for doc, a, b in pieces:
                 best = logits[a - start : b - start].amax(dim=0)
                 target = out[doc, col : col + vocab_chunk]
@@ -136,8 +145,6 @@ def packed_max_logits(
                     target.copy_(best)
                 else:  # the rest of a document split across steps
                     torch.maximum(target, best.float(), out=target)
-    if bias is not None:
-        out += bias.float()
     return out
 
 

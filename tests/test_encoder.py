@@ -62,11 +62,30 @@ def test_splade_tiny_matches_reference(splade_tiny: Path, packed: bool) -> None:
 
 def test_packed_is_the_cpu_default_and_equal_lengths_need_no_padding(splade_tiny: Path) -> None:
     enc = SpladeEncoder(str(splade_tiny), device="cpu")
-    assert enc.packed is not None and "packed=True" in repr(enc)
+    assert enc.packed is not None and enc.screen is not None and "packed=True, screen=True" in repr(enc)
     same = ["alpha beta gamma", "delta epsilon zeta", "one two three"]  # 5 tokens each: no padded layout
     assert len({len(ids) for ids in enc.tokenizer(same)["input_ids"]}) == 1
     want = reference_splade(str(splade_tiny), same)
     assert np.abs(densify(enc.encode(same), VOCAB) - want).max() <= 1e-5
+    # The bf16 screen recomputed a small share of the vocabulary in fp32, at least every weighted term.
+    assert np.count_nonzero(want) <= enc.screen.kept < 0.05 * VOCAB * len(same)
+
+
+@pytest.mark.parametrize("screen", [True, False])
+def test_screened_and_unscreened_decoders_agree(splade_tiny: Path, screen: bool) -> None:
+    enc = SpladeEncoder(str(splade_tiny), device="cpu", screen=screen, max_batch_tokens=64, head_chunk_tokens=9)
+    assert (enc.screen is not None) == screen
+    want = reference_splade(str(splade_tiny), TEXTS)
+    got = densify(enc.encode(TEXTS), VOCAB)
+    assert np.abs(got - want).max() <= 1e-5 and np.array_equal(got > 0, want > 0)
+
+
+def test_screen_refused_where_it_cannot_apply(splade_tiny: Path, tiny_models: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="screen: true cannot be used: it screens fp32 logits, and dtype is bfloat16"):
+        SpladeEncoder(str(splade_tiny), device="cpu", dtype="bfloat16", screen=True)
+    with pytest.raises(ValueError, match="it needs the packed path"):
+        SpladeEncoder(str(tiny_models["roberta"]), device="cpu", screen=True)
+    assert SpladeEncoder(str(splade_tiny), device="cpu", dtype="bfloat16").screen is None  # auto: quietly off
 
 
 def test_batch_invariance_and_order(splade_tiny: Path) -> None:
