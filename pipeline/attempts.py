@@ -28,6 +28,14 @@ class AttemptLog:
         self.begun: Counter[Any] = Counter()
         self.done: Counter[Any] = Counter()
         self.restarts = 0
+        self.first_ready: float | None = None
+
+    def ready(self, at: float) -> None:
+        """An encoder actor finished loading at ``at`` (``time.time()``)."""
+        self.first_ready = at if self.first_ready is None else min(self.first_ready, at)
+
+    def encoders_ready(self) -> float | None:
+        return self.first_ready
 
     def begin(self, key: Any) -> int:
         """Announce an attempt at ``key``; returns how many attempts at it died before this one."""

@@ -54,7 +54,7 @@ from pipeline.resume import differences, reusable, run_meta
 from pipeline.run import READER_MEMORY, Plan, _write_summary, ensure_ray, make_plan, write_work
 from pipeline.sources import BAD_FILE, Shard
 from pipeline.stages import read_shards
-from pipeline.summary import render, summarize
+from pipeline.summary import Pace, render, summarize
 
 SCAN_COLUMNS = ["id", "_hash", "_shard", "_line", "_source", "_reject", "_detail"]
 
@@ -76,7 +76,7 @@ class Diff:
 
 def run_reindex(config: JobConfig, *, dry_run: bool = False, allow_mass_delete: bool = False) -> dict[str, Any]:
     """Bring the output (and the store) up to date with the corpus; return the summary."""
-    start = time.perf_counter()
+    start, pace = time.perf_counter(), Pace()
     plan = make_plan(config)
     fs, root = output_fs(config.output)
     meta = run_meta("reindex", config, plan.fingerprint)
@@ -104,7 +104,7 @@ def run_reindex(config: JobConfig, *, dry_run: bool = False, allow_mass_delete: 
             return summary
         reused, work = reusable(_work(diff, plan, generation, meta), pa.concat_tables([empty_entries(), *(t for t, _ in read_progress(fs, root, generation))]))
         progress = Progress(fs, root, generation, meta, config.output.commit_interval_s)
-        fresh, faults = write_work(config, plan, work, progress)
+        fresh, faults = write_work(config, plan, work, progress, pace)
         encoded = pa.concat_tables([reused, fresh])
         entries = pa.concat_tables([
             _kept_entries(commit, diff), rewrite_files(config, diff.rewrite, generation, commit), encoded,
@@ -121,6 +121,7 @@ def run_reindex(config: JobConfig, *, dry_run: bool = False, allow_mass_delete: 
         )  # fmt: skip
         summary["skipped_files"] = sorted(diff.bad_files)
         summary["faults"] |= faults
+        summary["pace"] = pace.summary()
         summary["reindex"] = {"full": full, "reason": reason, **diff.counts, "rewritten_files": len(diff.rewrite),
                               "encoded_now": int(pc.sum(fresh["rows"]).as_py() or 0)}  # fmt: skip
         summary |= {"generation": generation, "output": config.output.path, "config": redacted(config)}

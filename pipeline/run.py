@@ -28,7 +28,7 @@ from pipeline.output import DATA_DIR, REJECTS_DIR, SUMMARY_FILE, lock_output, ou
 from pipeline.resume import Resume, assign_units, plan_resume
 from pipeline.sources import Shard, check_columns, list_shards
 from pipeline.stages import EncodeBlocks, read_shards
-from pipeline.summary import render, summarize
+from pipeline.summary import Pace, render, summarize
 
 log = logging.getLogger(__name__)
 READER_MEMORY = 256 * 2**20
@@ -116,7 +116,7 @@ def _encode_stage(ds: Any, config: JobConfig, plan: Plan, attempts: Any) -> Any:
 
 def run_job(config: JobConfig) -> dict[str, Any]:
     """Run the whole job (or finish an interrupted one); write ``_SUMMARY.json`` beside the output and return the summary."""
-    start = time.perf_counter()
+    start, pace = time.perf_counter(), Pace()
     log.info("config: %s", json.dumps(redacted(config)))
     plan = make_plan(config)
     fs, root = output_fs(config.output)
@@ -124,7 +124,7 @@ def run_job(config: JobConfig) -> dict[str, Any]:
         resume = plan_resume(config, plan.shards, plan.fingerprint)
         _announce(resume, config)
         progress = Progress(fs, root, resume.generation, resume.meta, config.output.commit_interval_s)
-        new, faults = write_work(config, plan, resume.work, progress)
+        new, faults = write_work(config, plan, resume.work, progress, pace)
         entries = pa.concat_tables([resume.reused, new])
         generation = commit_output(config, resume, entries, lock)
         data_files = [fs.unstrip_protocol(join(root, f)) for f in entries["data_file"].to_pylist() if f]
@@ -134,6 +134,7 @@ def run_job(config: JobConfig) -> dict[str, Any]:
             fingerprint=plan.fingerprint, reused_rows=resume.reused_rows,
         )  # fmt: skip
         summary["faults"] |= faults
+        summary["pace"] = pace.summary()
         summary |= {"generation": generation, "output": config.output.path, "config": redacted(config)}
         _write_summary(summary, config)
     print(render(summary, config.output.path), flush=True)
@@ -154,9 +155,9 @@ def _announce(resume: Resume, config: JobConfig) -> None:
               f"{len(resume.work)} input files left to read", flush=True)
 
 
-def write_work(config: JobConfig, plan: Plan, work: list[Shard], progress: Progress) -> tuple[pa.Table, dict[str, int]]:
-    """Encode and write ``work``, recording finished blocks as they arrive; return their entries
-    and the failures ridden through (actor restarts, retried blocks)."""
+def write_work(config: JobConfig, plan: Plan, work: list[Shard], progress: Progress, pace: Pace) -> tuple[pa.Table, dict[str, int]]:
+    """Encode and write ``work``, recording finished blocks as they arrive (and their times in
+    ``pace``); return their entries and the failures ridden through (actor restarts, retried blocks)."""
     if not work:
         return empty_entries(), {}
     from pipeline.attempts import start_log
@@ -179,6 +180,7 @@ def write_work(config: JobConfig, plan: Plan, work: list[Shard], progress: Progr
                 if progress.add(stats.slice(i, 1)):
                     crash_point("progress")
             rows, blocks = rows + int(pc.sum(stats["rows"]).as_py() or 0), blocks + stats.num_rows
+            pace.block_written(rows)
             if time.monotonic() - last_report >= PROGRESS_EVERY_S:
                 last_report = time.monotonic()
                 print(f"  ... {rows} rows in {blocks} blocks written ({rows / (last_report - started):.1f} rows/s)", flush=True)
@@ -190,6 +192,7 @@ def write_work(config: JobConfig, plan: Plan, work: list[Shard], progress: Progr
         raise
     if progress.flush():
         crash_point("progress")
+    pace.encoders_ready = ray_get(attempts.encoders_ready.remote())
     return progress.entries(), ray_get(attempts.report.remote())
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,6 +59,7 @@ class EncodeBlocks:
         if attempts is not None:
             import ray
 
+            attempts.ready.remote(time.time())
             if ray.get_runtime_context().was_current_actor_reconstructed:
                 attempts.restarted.remote()
 

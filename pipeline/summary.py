@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,6 +52,34 @@ def summarize(entries: pa.Table, *, files: int, duplicate_ids: int, seconds: flo
     return summary
 
 
+@dataclass
+class Pace:
+    """Start-up apart from the rate once encoders are up (wall-clock ``time.time()`` values).
+
+    On a small job the fixed start-up (planning, actor processes importing torch, loading the
+    model) dominates the end-to-end rate; the rate from the first encoder being ready to the
+    last block written is what a long job runs at.
+    """
+
+    started: float = field(default_factory=time.time)
+    encoders_ready: float | None = None  # the first encoder actor's construction finished
+    first_block: float | None = None
+    last_block: float | None = None
+    rows: int = 0
+
+    def block_written(self, rows_so_far: int) -> None:
+        now = time.time()
+        self.first_block = self.first_block or now
+        self.last_block, self.rows = now, rows_so_far
+
+    def summary(self) -> dict[str, float | None]:
+        since = lambda t: round(t - self.started, 3) if t is not None else None  # noqa: E731
+        rate = None
+        if self.encoders_ready is not None and self.last_block is not None and self.last_block > self.encoders_ready:
+            rate = round(self.rows / (self.last_block - self.encoders_ready), 1)
+        return {"encoders_up_s": since(self.encoders_ready), "first_block_s": since(self.first_block), "docs_per_s_encoders_up": rate}
+
+
 def _check_blocks(rows: list[dict[str, Any]]) -> None:
     seen: Counter[tuple[str, int]] = Counter()
     expected: dict[tuple[str, int], int] = {}
@@ -82,8 +112,15 @@ def render(summary: dict[str, Any], output: str) -> str:
         "  failures ridden through: " + (", ".join(f"{k} {v}" for k, v in summary["faults"].items() if v) or "none"),
         f"  tokens: {summary['tokens']}; non-zeros per doc: mean {nz['mean']}, p50 {nz['p50']:.0f}, p99 {nz['p99']:.0f}",
         f"  {summary['input_files']} input files, {summary['output_files']} output files, skipped files: {len(summary['skipped_files'])}",
-        f"  {summary['wall_seconds']} s, {summary['docs_per_s']} docs/s",
+        f"  {summary['wall_seconds']} s, {summary['docs_per_s']} docs/s" + _render_pace(summary.get("pace")),
         f"  output: {output}",
     ]
     lines += [f"  skipped: {s}" for s in summary["skipped_files"]]
     return "\n".join(lines)
+
+
+def _render_pace(pace: dict[str, float | None] | None) -> str:
+    if not pace or pace.get("encoders_up_s") is None:
+        return ""
+    rate = pace.get("docs_per_s_encoders_up")
+    return f" (start-up {pace['encoders_up_s']} s" + (f", then {rate} docs/s)" if rate else ")")
