@@ -1,8 +1,10 @@
 """SpladeEncoder: texts in, SPLADE sparse vectors (Arrow) out. The one encoding path.
 
 Loads the tokenizer and masked-LM once; per call it tokenizes in one batch, sorts by length,
-cuts micro-batches by a padded-token budget, runs the encoder, then the MLM head over chunks
-of positions with a running masked max (see :mod:`pipeline.splade`), and restores input order.
+cuts micro-batches by a padded-token budget, runs the encoder (padding-free on CPU, see
+:mod:`pipeline.packed`), then the MLM head a piece at a time with a running per-document max
+(see :mod:`pipeline.splade`; on CPU in fp32 behind a certified bf16 screen, see
+:mod:`pipeline.screen`), and restores input order.
 """
 
 from __future__ import annotations
@@ -72,6 +74,11 @@ class SpladeEncoder:
         self._backend.no_padding()
         self._pad_id = int(self.tokenizer.pad_token_id or 0)
         on_gpu = self.device.type == "cuda"
+        if self.config.packed and self.parts.packed is None:
+            raise ValueError(
+                f"encoder.packed: true cannot be used with this model ({type(self.model).__name__}): the padding-free "
+                "forward covers BERT and DistilBERT encoders (no decoder, cross-attention or chunked feed-forward)"
+            )
         use_packed = self.config.packed if self.config.packed is not None else not on_gpu
         self.packed = self.parts.packed if use_packed else None
         self.head_chunk_tokens = self.config.head_chunk_tokens or (4096 if on_gpu else 2048 if self.packed else 512)
