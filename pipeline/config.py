@@ -152,7 +152,10 @@ class ComputeConfig(StrictModel):
     num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs Ray reserves per encoder actor.")
     torch_threads: int | None = Field(None, ge=1, description="Torch intra-op threads in each encoder actor (None: num_cpus_per_actor, at least 1).")
     io_cpus: float = Field(
-        0.25, gt=0, description="CPUs Ray reserves per reader and writer task (mostly waiting on storage)."
+        0.25, gt=0, description="CPUs Ray reserves per reader task and writer actor (mostly waiting on storage)."
+    )
+    max_writers: int = Field(
+        2, ge=1, description="Writer actors at most (long-lived, so the storage client is built once per actor, not per block)."
     )
     max_actor_restarts: int = Field(8, ge=0, description="Restarts of an encoder actor that died (killed, OOM-killed, node lost) before the job fails.")
     max_task_retries: int = Field(8, ge=0, description="Retries of a block whose encoder actor died while encoding it.")

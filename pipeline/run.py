@@ -24,10 +24,10 @@ from pipeline.config import ComputeConfig, JobConfig, redacted
 from pipeline.faults import crash_point
 from pipeline.fingerprint import fingerprint, model_folder
 from pipeline.manifest import Progress, clean, empty_entries, join, listed_files, write_commit
-from pipeline.output import DATA_DIR, REJECTS_DIR, SUMMARY_FILE, lock_output, output_fs, write_blocks
+from pipeline.output import DATA_DIR, REJECTS_DIR, SUMMARY_FILE, lock_output, output_fs
 from pipeline.resume import Resume, assign_units, plan_resume
 from pipeline.sources import Shard, check_columns, list_shards
-from pipeline.stages import EncodeBlocks, read_shards
+from pipeline.stages import EncodeBlocks, WriteBlocks, read_shards
 from pipeline.summary import Pace, render, summarize
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,27 @@ def encoded_dataset(config: JobConfig, plan: Plan | None = None, work: list[Shar
         # through ray_remote_args, which warns about a future rename.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         return _encode_stage(ds, config, plan, attempts)
+
+
+def _write_stage(ds: Any, config: JobConfig, plan: Plan) -> Any:
+    import ray
+
+    compute = config.compute
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")  # as in encoded_dataset
+        return ds.map_batches(
+            WriteBlocks,
+            batch_size=None,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=compute.max_writers),
+            num_cpus=compute.io_cpus,
+            # A writer that dies is restarted and its block written again (same file names).
+            max_restarts=compute.max_actor_restarts,
+            max_task_retries=compute.max_task_retries,
+            fn_constructor_kwargs={
+                "cfg": config.output, "fingerprint": plan.fingerprint, "passthrough": config.input.passthrough_columns,
+            },
+        )  # fmt: skip
 
 
 def _encode_stage(ds: Any, config: JobConfig, plan: Plan, attempts: Any) -> Any:
@@ -164,13 +185,7 @@ def write_work(config: JobConfig, plan: Plan, work: list[Shard], progress: Progr
 
     ensure_ray(config.compute)  # before the first Ray call, which would otherwise start Ray its own way
     attempts = start_log()
-    written = encoded_dataset(config, plan, work, attempts).map_batches(
-        write_blocks,
-        batch_size=None,
-        batch_format="pyarrow",
-        fn_kwargs={"cfg": config.output, "fingerprint": plan.fingerprint, "passthrough": config.input.passthrough_columns},
-        num_cpus=config.compute.io_cpus,
-    )
+    written = _write_stage(encoded_dataset(config, plan, work, attempts), config, plan)
     rows = blocks = 0
     started = last_report = time.monotonic()
     try:
