@@ -46,6 +46,7 @@ def main() -> None:
     import torch
 
     from pipeline import SpladeEncoder, load_config, run_job
+    from pipeline.run import start_local_ray
 
     if args.model == "bert-base":
         from encoder_bench import build_model
@@ -60,9 +61,7 @@ def main() -> None:
         encoder.encode(texts[i : i + 2048])
     bare_s = time.perf_counter() - start
 
-    import ray
-
-    ray.init(num_cpus=cores, object_store_memory=1 << 30, log_to_driver=False)
+    start_local_ray(num_cpus=cores, object_store_memory=1 << 30, log_to_driver=False)  # as the job starts one
     results = {"bare_encoder_docs_per_s": args.n / bare_s}
     variants = {
         "1 actor, all cores as torch threads": {"compute.num_cpus_per_actor": cores - 0.5, "compute.torch_threads": cores},

@@ -33,16 +33,16 @@ def main() -> None:
     args = p.parse_args()
     cores = os.cpu_count() or 1
     server = start_s3()
-    import ray
     import s3fs
 
     from pipeline import load_config, run_reindex
+    from pipeline.run import start_local_ray
 
     fs = s3fs.S3FileSystem()
     fs.mkdir("reindex-bench")
     ids, texts = [f"p{i}" for i in range(args.n)], passages(args.n)
     put_shards(fs, "reindex-bench/corpus", ids, texts, args.shards)
-    ray.init(num_cpus=cores, object_store_memory=1 << 30, log_to_driver=False)
+    start_local_ray(num_cpus=cores, object_store_memory=1 << 30, log_to_driver=False)  # as the job starts one
     config = load_config(None, {
         "input.paths": ["s3://reindex-bench/corpus/"], "output.path": "s3://reindex-bench/out", "encoder.model": args.model,
         "compute.min_actors": cores, "compute.max_actors": cores, "compute.num_cpus_per_actor": 1 - 0.25 / cores, "compute.io_cpus": 0.1,

@@ -105,7 +105,8 @@ def ray_cluster(s3_endpoint: str, splade_tiny: Path, tmp_path_factory: pytest.Te
     import ray
 
     port, dashboard = free_port(), free_port()
-    env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                        "RAY_num_workers_soft_limit": "8"}  # idle task workers kept, as pipeline.run.start_local_ray does  # fmt: skip
     # Submitted jobs run `python ...`: make that this interpreter, venv or not.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     temp = tmp_path_factory.mktemp("ray")
