@@ -5,8 +5,8 @@ counts, every method's vectors are compared with the fp32 seed loop (the plain d
 Reports docs/s, real tokens/s, peak memory and achieved FLOP/s as a fraction of this
 machine's dense matmul rate, measured in the same run.
 
-    python benchmarks/encoder_bench.py --model bert-base --n 128                      # CPU, fp32
-    python benchmarks/encoder_bench.py --model bert-base --n 20000 --device cuda --dtype bfloat16
+    python -m benchmarks.encoder_bench --model bert-base --n 128                      # CPU, fp32
+    python -m benchmarks.encoder_bench --model bert-base --n 20000 --device cuda --dtype bfloat16
 
 ``bert-base``: a BertForMaskedLM of bert-base shape (12 layers, hidden 768, vocab 30522) with
 random weights and a negative decoder bias, so vectors have a realistic few hundred non-zeros
@@ -19,7 +19,6 @@ import argparse
 import ctypes
 import json
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,11 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from corpus import passages  # noqa: E402
-
+from benchmarks.corpus import passages  # noqa: E402
 from pipeline import SpladeEncoder, fetch_splade_tiny  # noqa: E402
-from pipeline.schema import sparse_rows  # noqa: E402
+from pipeline.encode.sparse import sparse_rows  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -100,7 +97,9 @@ class SeedLoop:
     def __call__(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         out = []
         for i in range(0, len(texts), self.batch_size):
-            enc = self.tok(texts[i : i + self.batch_size], padding=True, truncation=True, max_length=512, return_tensors="pt")
+            enc = self.tok(
+                texts[i : i + self.batch_size], padding=True, truncation=True, max_length=512, return_tensors="pt"
+            )
             enc = {k: v.to(self.device) for k, v in enc.items()}
             with torch.autocast(self.device, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 logits = self.model(**enc).logits
@@ -121,6 +120,7 @@ class SentenceTransformersSparse:
 
     def __init__(self, model_dir: Path, device: str, dtype: torch.dtype, batch_size: int = 32) -> None:
         from sentence_transformers import SparseEncoder
+
         try:  # sentence-transformers >= 6.2 moved these
             from sentence_transformers.sparse_encoder.modules import MLMTransformer, SpladePooling
         except ImportError:
@@ -171,7 +171,11 @@ def agreement(got: np.ndarray, ref: np.ndarray, k: int = 64) -> dict[str, float]
     overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(top_got, top_ref)])
     rows = np.arange(len(ref))[:, None]
     rel = np.abs(got[rows, top_ref] - ref[rows, top_ref]) / np.maximum(ref[rows, top_ref], 1e-6)
-    return {"max_abs_diff": float(np.abs(got - ref).max()), "top64_overlap": float(overlap), "top64_max_rel_err": float(rel.max())}
+    return {
+        "max_abs_diff": float(np.abs(got - ref).max()),
+        "top64_overlap": float(overlap),
+        "top64_max_rel_err": float(rel.max()),
+    }
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -208,8 +212,13 @@ def main() -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--st-batch-sizes", default="16,32,64,128", help="batch sizes tried for sentence-transformers' best")
-    p.add_argument("--ours", action="append", default=[], metavar="K=V[,K=V]",
-                   help="extra variant of ours, e.g. dtype=float32 or max_batch_tokens=65536 (repeatable)")
+    p.add_argument(
+        "--ours",
+        action="append",
+        default=[],
+        metavar="K=V[,K=V]",
+        help="extra variant of ours, e.g. dtype=float32 or max_batch_tokens=65536 (repeatable)",
+    )
     p.add_argument("--skip", default="", help="comma-separated methods to leave out (seed, st)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
@@ -259,7 +268,9 @@ def main() -> None:
                 if time.perf_counter() - t < best_t:
                     best_bs, best_t = bs, time.perf_counter() - t
             st.batch_size = 32
-            methods[f"sentence-transformers (bs {best_bs}, {dtype_name})"] = SentenceTransformersSparse(model_dir, device, dtype, best_bs)
+            methods[f"sentence-transformers (bs {best_bs}, {dtype_name})"] = SentenceTransformersSparse(
+                model_dir, device, dtype, best_bs
+            )
         methods[f"ours (defaults, {dtype_name})"] = Ours(model_dir, device, dtype_name)
         for spec in args.ours:
             settings = dict(kv.split("=", 1) for kv in spec.split(","))
@@ -271,10 +282,10 @@ def main() -> None:
         for name, fn in methods.items():
             got = dense(fn.rows(fn(check)))
             results[name] = agreement(got, reference) | {"times": []}
-            exact_dtype = (name.endswith("float32)") or "dtype=float32" in name)
+            exact_dtype = name.endswith("float32)") or "dtype=float32" in name
             if exact_dtype and results[name]["max_abs_diff"] > 1e-4:
                 raise SystemExit(f"{name}: vectors differ from the fp32 reference by {results[name]['max_abs_diff']}")
-        for name, fn in methods.items():  # warm-up pass over everything
+        for fn in methods.values():  # warm-up pass over everything
             fn(texts)
         for _ in range(args.reps):
             for name, fn in methods.items():
@@ -284,12 +295,17 @@ def main() -> None:
                 sync(device)
                 results[name]["times"].append(time.perf_counter() - t)
         for name, fn in methods.items():
-            results[name]["peak_bytes"] = peak_memory(lambda: fn(texts[: min(len(texts), 4096)]), device)
+            results[name]["peak_bytes"] = peak_memory(lambda fn=fn: fn(texts[: min(len(texts), 4096)]), device)
 
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(f"\n{args.model}, {args.mix} mix, {len(texts)} passages, {tokens / len(texts):.1f} real tokens/passage, "
-          f"{device} ({gpu}), {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"matmul rate: {rate / 1e12:.2f} TFLOP/s {dtype_name}" + (f", {rate_fp32 / 1e12:.2f} fp32" if rate_fp32 != rate else ""))
+    print(
+        f"\n{args.model}, {args.mix} mix, {len(texts)} passages, {tokens / len(texts):.1f} real tokens/passage, "
+        f"{device} ({gpu}), {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    print(
+        f"matmul rate: {rate / 1e12:.2f} TFLOP/s {dtype_name}"
+        + (f", {rate_fp32 / 1e12:.2f} fp32" if rate_fp32 != rate else "")
+    )
     print(f"tokenizing alone (fast tokenizer, one batch): {tokenize_s:.2f} s = {len(texts) / tokenize_s:.0f} docs/s")
     header = f"{'method':<58}{'docs/s':>10}{'tokens/s':>12}{'MFU':>7}{'peak MiB':>10}{'max|d|':>10}{'top64':>7}"
     print(header)
@@ -298,22 +314,42 @@ def main() -> None:
         t = statistics.median(r["times"])
         r |= {"docs_per_s": len(texts) / t, "tokens_per_s": tokens / t}
         r["mfu"] = fpt * tokens / t / rate_for(name)
-        print(f"{name:<58}{r['docs_per_s']:>10.1f}{r['tokens_per_s']:>12.0f}{r['mfu']:>7.1%}{r['peak_bytes'] / 2**20:>10.0f}"
-              f"{r['max_abs_diff']:>10.1e}{r['top64_overlap']:>7.3f}")
+        print(
+            f"{name:<58}{r['docs_per_s']:>10.1f}{r['tokens_per_s']:>12.0f}{r['mfu']:>7.1%}"
+            f"{r['peak_bytes'] / 2**20:>10.0f}"
+            f"{r['max_abs_diff']:>10.1e}{r['top64_overlap']:>7.3f}"
+        )
     for name, fn in methods.items():
         screen = getattr(getattr(fn, "encoder", None), "screen", None)
         if screen is not None and screen.documents:
             results[name]["screen_terms_per_doc"] = screen.kept / screen.documents
-            print(f"{name}: bf16 screen kept {screen.kept / screen.documents:.0f} of {fn.encoder.vocab_size} terms "
-                  "per document for the fp32 recompute")
+            print(
+                f"{name}: bf16 screen kept {screen.kept / screen.documents:.0f} of {fn.encoder.vocab_size} terms "
+                "per document for the fp32 recompute"
+            )
     ours = results[next(n for n in results if n.startswith("ours (defaults"))]
     for name, r in results.items():
         if not name.startswith("ours (defaults"):
             print(f"ours (defaults) / {name}: {ours['docs_per_s'] / r['docs_per_s']:.2f}x docs/s")
     if args.json:
-        args.json.write_text(json.dumps({"device": gpu, "model": args.model, "mix": args.mix, "n": len(texts),
-                                         "tokens": tokens, "flops_per_token": fpt, "matmul_rate": rate,
-                                         "matmul_rate_fp32": rate_fp32, "tokenize_s": tokenize_s, "seed": seed_name, "results": results}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "device": gpu,
+                    "model": args.model,
+                    "mix": args.mix,
+                    "n": len(texts),
+                    "tokens": tokens,
+                    "flops_per_token": fpt,
+                    "matmul_rate": rate,
+                    "matmul_rate_fp32": rate_fp32,
+                    "tokenize_s": tokenize_s,
+                    "seed": seed_name,
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

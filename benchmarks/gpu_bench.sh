@@ -10,9 +10,9 @@ n=${1:-20000}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log"
-python3 benchmarks/pooling_memory.py --device cuda --json "$out/pooling.json" 2>&1 | tee "$out/pooling.log"
-python3 benchmarks/encoder_bench.py --model bert-base --n "$n" --device cuda --dtype bfloat16 \
+python -m benchmarks.pooling_memory --device cuda --json "$out/pooling.json" 2>&1 | tee "$out/pooling.log"
+python -m benchmarks.encoder_bench --model bert-base --n "$n" --device cuda --dtype bfloat16 \
   --ours dtype=float32 --ours dtype=float32,packed=1,screen=1 --ours max_batch_tokens=65536 --ours packed=1 \
   --json "$out/bench_bf16.json" 2>&1 | grep -v -E "Loading weights|deprecated" | tee "$out/bench_bf16.log"
-python3 benchmarks/encoder_bench.py --model bert-base --n "$((n / 2))" --reps 2 --device cuda --dtype float16 --skip seed \
+python -m benchmarks.encoder_bench --model bert-base --n "$((n / 2))" --reps 2 --device cuda --dtype float16 --skip seed \
   --json "$out/bench_fp16.json" 2>&1 | grep -v -E "Loading weights|deprecated" | tee "$out/bench_fp16.log"

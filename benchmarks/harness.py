@@ -27,9 +27,14 @@ def start_s3() -> Any:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     os.environ.update(
-        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-        AWS_DEFAULT_REGION="us-east-1", RAY_AUTH_MODE="disabled", RAY_DATA_DISABLE_PROGRESS_BARS="1", HF_HUB_OFFLINE="1",
-    )  # fmt: skip
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        RAY_AUTH_MODE="disabled",
+        RAY_DATA_DISABLE_PROGRESS_BARS="1",
+        HF_HUB_OFFLINE="1",
+    )
     return server
 
 

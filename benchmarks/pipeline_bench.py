@@ -3,10 +3,11 @@
 Same 10,000 synthetic MS MARCO-length passages, same model (default: the bundled SPLADE-tiny;
 ``--model bert-base`` builds the bert-base-shaped random MLM of encoder_bench), both on this
 machine. The job's rate is given end to end (planning, actor start-up and model load included)
-and from the first encoder actor being ready to the last block written (what a long job runs at). The bare encoder gets every core as torch threads; the job runs
-on a local Ray cluster of the same cores, reading Parquet shards from S3 and writing to S3.
+and from the first encoder actor being ready to the last block written (what a long job runs
+at). The bare encoder gets every core as torch threads; the job runs on a local Ray cluster
+of the same cores, reading Parquet shards from S3 and writing to S3.
 
-    python benchmarks/pipeline_bench.py [--n 10000] [--shards 10] [--json out.json]
+    python -m benchmarks.pipeline_bench [--n 10000] [--shards 10] [--json out.json]
 """
 
 from __future__ import annotations
@@ -14,13 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from corpus import passages
-from harness import put_shards, start_s3
+from benchmarks.corpus import passages
+from benchmarks.harness import put_shards, start_s3
 
 
 def main() -> None:
@@ -46,7 +45,7 @@ def main() -> None:
     import torch
 
     from pipeline import SpladeEncoder, load_config, run_job
-    from pipeline.run import start_local_ray
+    from pipeline.job.cluster import start_local_ray
 
     if args.model == "bert-base":
         from encoder_bench import build_model
@@ -64,11 +63,27 @@ def main() -> None:
     start_local_ray(num_cpus=cores, object_store_memory=1 << 30, log_to_driver=False)  # as the job starts one
     results = {"bare_encoder_docs_per_s": args.n / bare_s}
     variants = {
-        "1 actor, all cores as torch threads": {"compute.num_cpus_per_actor": cores - 0.5, "compute.torch_threads": cores},
-        f"{cores} actors, 1 thread each": {"compute.min_actors": cores, "compute.max_actors": cores, "compute.num_cpus_per_actor": 1 - 0.25 / cores, "compute.io_cpus": 0.1},
-    }  # fmt: skip
+        "1 actor, all cores as torch threads": {
+            "compute.num_cpus_per_actor": cores - 0.5,
+            "compute.torch_threads": cores,
+        },
+        f"{cores} actors, 1 thread each": {
+            "compute.min_actors": cores,
+            "compute.max_actors": cores,
+            "compute.num_cpus_per_actor": 1 - 0.25 / cores,
+            "compute.io_cpus": 0.1,
+        },
+    }
     for name, overrides in variants.items():
-        cfg = load_config(None, {"input.paths": ["s3://bench-in/"], "output.path": f"s3://bench-out/{len(results)}", "encoder.model": args.model, **overrides})
+        cfg = load_config(
+            None,
+            {
+                "input.paths": ["s3://bench-in/"],
+                "output.path": f"s3://bench-out/{len(results)}",
+                "encoder.model": args.model,
+                **overrides,
+            },
+        )
         summary = run_job(cfg)
         assert summary["rows_written"] == args.n
         results[name] = summary["docs_per_s"]
@@ -80,9 +95,11 @@ def main() -> None:
     print(f"bare encoder ({cores} torch threads, model already loaded): {bare:.1f} docs/s")
     for name in variants:
         up = results[f"{name}: once encoders were up"] or 0.0
-        print(f"Ray job, {name}: end to end {results[name]:.1f} docs/s = {results[name] / bare:.0%} of the bare encoder; "
-              f"start-up (planning, actor processes, model load) {results[f'{name}: start-up s']:.1f} s, "
-              f"then {up:.1f} docs/s = {up / bare:.0%}")
+        print(
+            f"Ray job, {name}: end to end {results[name]:.1f} docs/s = {results[name] / bare:.0%} of the bare encoder; "
+            f"start-up (planning, actor processes, model load) {results[f'{name}: start-up s']:.1f} s, "
+            f"then {up:.1f} docs/s = {up / bare:.0%}"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -3,13 +3,14 @@
 ``naive``: full logits, ``log1p(relu) * mask``, max (the usual snippet; sentence-transformers'
 SpladePooling holds the same full logits). ``chunked``: the padded path's running masked max
 over a few positions at a time. ``packed``: the padding-free path's head on packed rows in
-vocabulary slices (the CPU default). Same hidden states, same bert-base-shaped MLM head (hidden 768, vocab 30522, random weights),
-batch 64 x 512 real tokens by default. Each method runs in its own child process; on CPU the
-peak is the process's high-water RSS (reset through /proc/self/clear_refs just before the
+vocabulary slices (the CPU default). Same hidden states, same bert-base-shaped MLM head
+(hidden 768, vocab 30522, random weights), batch 64 x 512 real tokens by default. Each method
+runs in its own child process; on CPU the peak is the process's high-water RSS (reset through
+/proc/self/clear_refs just before the
 pooling starts) minus its RSS at that moment; on CUDA it is torch's peak allocation above the
 allocation before pooling. The two results are compared before any number is printed.
 
-    python benchmarks/pooling_memory.py [--batch 64] [--seq 512] [--device cpu|cuda] [--json out.json]
+    python -m benchmarks.pooling_memory [--batch 64] [--seq 512] [--device cpu|cuda] [--json out.json]
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _pool(method: str, head: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor, lengths: list[int], chunk: int) -> torch.Tensor:
-    from pipeline import splade
+def _pool(
+    method: str, head: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor, lengths: list[int], chunk: int
+) -> torch.Tensor:
+    from pipeline.encode import splade
 
     if method == "naive":
         weights = torch.log1p(torch.relu(head(hidden))) * mask.unsqueeze(-1)
@@ -81,8 +84,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--chunk", type=int, default=None,
-                        help="head_chunk_tokens (default: the encoder's: 512 chunked and 2048 packed on CPU, 4096 CUDA)")
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        help="head_chunk_tokens (default: the encoder's: 512 chunked and 2048 packed on CPU, 4096 CUDA)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, help="write the results here too")
     parser.add_argument("--child", choices=["naive", "chunked", "packed"], help=argparse.SUPPRESS)
@@ -91,16 +98,36 @@ def main() -> None:
     if args.child:
         _child(args.child, args.batch, args.seq, args.chunk, args.device, args.out)
         return
-    chunks = {"naive": 0, "chunked": args.chunk or (4096 if args.device == "cuda" else 512),
-              "packed": args.chunk or (4096 if args.device == "cuda" else 2048)}
+    chunks = {
+        "naive": 0,
+        "chunked": args.chunk or (4096 if args.device == "cuda" else 512),
+        "packed": args.chunk or (4096 if args.device == "cuda" else 2048),
+    }
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method, chunk in chunks.items():
             out = f"{tmp}/{method}.npy"
-            cmd = [sys.executable, __file__, "--child", method, "--out", out, "--batch", str(args.batch),
-                   "--seq", str(args.seq), "--chunk", str(chunk), "--device", args.device]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                method,
+                "--out",
+                out,
+                "--batch",
+                str(args.batch),
+                "--seq",
+                str(args.seq),
+                "--chunk",
+                str(chunk),
+                "--device",
+                args.device,
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            results[method] = json.loads(proc.stdout.strip().splitlines()[-1]) | {"vectors": np.load(out), "chunk": chunk}
+            results[method] = json.loads(proc.stdout.strip().splitlines()[-1]) | {
+                "vectors": np.load(out),
+                "chunk": chunk,
+            }
     naive = results["naive"]
     diffs = {m: float(np.abs(naive["vectors"] - results[m]["vectors"]).max()) for m in ("chunked", "packed")}
     for method, diff in diffs.items():
@@ -109,8 +136,11 @@ def main() -> None:
     print(f"{'method':<22}{'peak extra MiB':>16}{'seconds':>10}{'memory vs naive':>17}{'speed vs naive':>16}")
     for method, r in results.items():
         label = method if method == "naive" else f"{method} (chunk {r['chunk']})"
-        print(f"{label:<22}{r['peak_extra_bytes'] / 2**20:>16.1f}{r['seconds']:>10.2f}"
-              f"{naive['peak_extra_bytes'] / max(r['peak_extra_bytes'], 1):>16.1f}x{naive['seconds'] / r['seconds']:>15.2f}x")
+        print(
+            f"{label:<22}{r['peak_extra_bytes'] / 2**20:>16.1f}{r['seconds']:>10.2f}"
+            f"{naive['peak_extra_bytes'] / max(r['peak_extra_bytes'], 1):>16.1f}x"
+            f"{naive['seconds'] / r['seconds']:>15.2f}x"
+        )
     print("max |diff| vs naive: " + ", ".join(f"{m} {d:.2e}" for m, d in diffs.items()))
     if args.json:
         summary = {k: {kk: vv for kk, vv in v.items() if kk != "vectors"} for k, v in results.items()}

@@ -6,7 +6,7 @@ server), the bundled SPLADE-tiny, a local Ray cluster of this machine's cores.
 3. `reindex` again with nothing changed.
 Each is timed end to end (planning, Ray work, commit); the ratios are against the full run.
 
-    python benchmarks/reindex_bench.py [--n 10000] [--shards 10] [--changed 0.01] [--json out.json]
+    python -m benchmarks.reindex_bench [--n 10000] [--shards 10] [--changed 0.01] [--json out.json]
 """
 
 from __future__ import annotations
@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from corpus import passages
-from harness import put_shards, start_s3
+from benchmarks.corpus import passages
+from benchmarks.harness import put_shards, start_s3
 
 
 def main() -> None:
@@ -36,24 +34,36 @@ def main() -> None:
     import s3fs
 
     from pipeline import load_config, run_reindex
-    from pipeline.run import start_local_ray
+    from pipeline.job.cluster import start_local_ray
 
     fs = s3fs.S3FileSystem()
     fs.mkdir("reindex-bench")
     ids, texts = [f"p{i}" for i in range(args.n)], passages(args.n)
     put_shards(fs, "reindex-bench/corpus", ids, texts, args.shards)
     start_local_ray(num_cpus=cores, object_store_memory=1 << 30, log_to_driver=False)  # as the job starts one
-    config = load_config(None, {
-        "input.paths": ["s3://reindex-bench/corpus/"], "output.path": "s3://reindex-bench/out", "encoder.model": args.model,
-        "compute.min_actors": cores, "compute.max_actors": cores, "compute.num_cpus_per_actor": 1 - 0.25 / cores, "compute.io_cpus": 0.1,
-    })  # fmt: skip
+    config = load_config(
+        None,
+        {
+            "input.paths": ["s3://reindex-bench/corpus/"],
+            "output.path": "s3://reindex-bench/out",
+            "encoder.model": args.model,
+            "compute.min_actors": cores,
+            "compute.max_actors": cores,
+            "compute.num_cpus_per_actor": 1 - 0.25 / cores,
+            "compute.io_cpus": 0.1,
+        },
+    )
 
     def timed(label: str) -> dict:
         start = time.perf_counter()
         summary = run_reindex(config)
         seconds = time.perf_counter() - start
-        return {"run": label, "seconds": round(seconds, 2), "encoded": summary["reindex"]["encoded_now"], **{
-            k: summary["reindex"][k] for k in ("new", "changed", "unchanged", "deleted", "rewritten_files")}}  # fmt: skip
+        return {
+            "run": label,
+            "seconds": round(seconds, 2),
+            "encoded": summary["reindex"]["encoded_now"],
+            **{k: summary["reindex"][k] for k in ("new", "changed", "unchanged", "deleted", "rewritten_files")},
+        }
 
     runs = [timed("full run (empty output)")]
     step = max(1, round(1 / args.changed))
@@ -67,11 +77,20 @@ def main() -> None:
     server.stop()
 
     full = runs[0]["seconds"]
-    print(f"\n{args.n} passages in {args.shards} shards, {args.model}, {cores} cores ({cores} actors x 1 thread), S3 via moto")
-    print(f"{'run':<28} {'seconds':>8} {'vs full':>8} {'encoded':>8} {'new':>5} {'changed':>8} {'unchanged':>10} {'rewritten files':>16}")
+    print(
+        f"\n{args.n} passages in {args.shards} shards, {args.model}, {cores} cores ({cores} actors x 1 thread), S3 via "
+        "moto"
+    )
+    print(
+        f"{'run':<28} {'seconds':>8} {'vs full':>8} {'encoded':>8} {'new':>5} {'changed':>8} {'unchanged':>10} "
+        f"{'rewritten files':>16}"
+    )
     for r in runs:
-        print(f"{r['run']:<28} {r['seconds']:>8.1f} {r['seconds'] / full:>8.1%} {r['encoded']:>8} {r['new']:>5} {r['changed']:>8} "
-              f"{r['unchanged']:>10} {r['rewritten_files']:>16}")
+        print(
+            f"{r['run']:<28} {r['seconds']:>8.1f} {r['seconds'] / full:>8.1%} {r['encoded']:>8} {r['new']:>5} "
+            f"{r['changed']:>8} "
+            f"{r['unchanged']:>10} {r['rewritten_files']:>16}"
+        )
     if args.json:
         args.json.write_text(json.dumps(runs, indent=2))
 

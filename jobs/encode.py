@@ -1,6 +1,7 @@
 """Entrypoint for cluster job submission:
 
-    ray job submit --address http://<head>:8265 --working-dir . -- python jobs/encode.py --config jobs/configs/sample.yaml
+    ray job submit --address http://<head>:8265 --working-dir . -- \\
+        python jobs/encode.py --config jobs/configs/sample.yaml
 
 Takes the same flags as ``splade-pipeline encode`` (every config field, ``--config``).
 """

@@ -1,6 +1,7 @@
 """Entrypoint for scheduled reindexing through cluster job submission:
 
-    ray job submit --address http://<head>:8265 --working-dir . -- python jobs/reindex.py --config jobs/configs/s3-gpu.yaml
+    ray job submit --address http://<head>:8265 --working-dir . -- \\
+        python jobs/reindex.py --config jobs/configs/s3-gpu.yaml
 
 Takes the same flags as ``splade-pipeline reindex`` (every config field, ``--config``,
 ``--dry-run``, ``--allow-mass-delete``). Exits 2 with a one-line reason when the output is locked

@@ -1,33 +1,55 @@
 """splade-pipeline: SPLADE sparse vectors for large corpora.
 
 Public API: :class:`SpladeEncoder` (texts -> Arrow sparse vectors), the job
-(:func:`run_job`, :func:`encoded_dataset`) and the typed config (:func:`load_config`).
-Names are imported on first use, so that Ray reader and writer workers, which import
-``pipeline.sources`` or ``pipeline.output``, do not pay for torch and transformers.
+(:func:`run_job`, :func:`encoded_dataset`, :func:`run_reindex`) and the typed config
+(:func:`load_config`). Names are imported on first use, so that Ray reader and writer workers,
+which import ``pipeline.sources`` or ``pipeline.output``, do not pay for torch and transformers.
+
+The package, by responsibility:
+
+- ``pipeline.encode``: texts to sparse vectors (the encoder and its math); no engine, no storage.
+- ``pipeline.output``: the output location, its file layout, the commit protocol and run lock.
+- ``pipeline.sinks``: vector stores behind one protocol, each declaring its limits.
+- ``pipeline.job``: every Ray Data plan and the only ``ray.init``.
+- ``config``, ``errors``, ``storage``, ``sources``: the shared base; ``cli``, ``demo``, ``search``: faces.
 """
+
+from __future__ import annotations
 
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     __version__ = version("splade-pipeline")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
+if TYPE_CHECKING:  # what editors and type checkers see; at run time the names load on first use
+    from pipeline.config import EncoderConfig, JobConfig, load_config
+    from pipeline.encode.bundled import SPLADE_TINY, fetch_splade_tiny
+    from pipeline.encode.encoder import EncodedBatch, SpladeEncoder
+    from pipeline.encode.sparse import SPARSE_TYPE
+    from pipeline.errors import PipelineError
+    from pipeline.job.encode import run_job
+    from pipeline.job.plan import encoded_dataset
+    from pipeline.job.reindex import run_reindex
+    from pipeline.output.commits import committed_files
+
 _EXPORTS = {
-    "SPARSE_TYPE": "pipeline.schema",
-    "SPLADE_TINY": "pipeline.bundled",
-    "EncodedBatch": "pipeline.encoder",
+    "SPARSE_TYPE": "pipeline.encode.sparse",
+    "SPLADE_TINY": "pipeline.encode.bundled",
+    "EncodedBatch": "pipeline.encode.encoder",
     "EncoderConfig": "pipeline.config",
     "JobConfig": "pipeline.config",
-    "SpladeEncoder": "pipeline.encoder",
-    "committed_files": "pipeline.manifest",
-    "encoded_dataset": "pipeline.run",
-    "fetch_splade_tiny": "pipeline.bundled",
+    "PipelineError": "pipeline.errors",
+    "SpladeEncoder": "pipeline.encode.encoder",
+    "committed_files": "pipeline.output.commits",
+    "encoded_dataset": "pipeline.job.plan",
+    "fetch_splade_tiny": "pipeline.encode.bundled",
     "load_config": "pipeline.config",
-    "run_job": "pipeline.run",
-    "run_reindex": "pipeline.reindex",
+    "run_job": "pipeline.job.encode",
+    "run_reindex": "pipeline.job.reindex",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

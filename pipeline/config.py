@@ -10,6 +10,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.errors import PipelineError
+
 SAMPLE_CORPUS_PATH = str(files("pipeline") / "data" / "sample_corpus.jsonl")
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -34,7 +36,9 @@ class EncoderConfig(StrictModel):
         description="Compute dtype. 'auto': bfloat16 autocast on CUDA (float16 where bf16 is "
         "unsupported), float32 on CPU. Pooling and the output are always float32.",
     )
-    max_length: int = Field(512, ge=2, description="Tokens per document, [CLS]/[SEP] included; longer ones are truncated and flagged.")
+    max_length: int = Field(
+        512, ge=2, description="Tokens per document, [CLS]/[SEP] included; longer ones are truncated and flagged."
+    )
     top_k: int | None = Field(None, ge=1, description="Keep only the k largest weights per document (None: keep all).")
     min_weight: float = Field(0.0, ge=0.0, description="Drop weights below this value (0 keeps every positive weight).")
     max_batch_tokens: int | None = Field(
@@ -98,16 +102,26 @@ class InputConfig(StrictModel):
         "(default: the shipped sample corpus).",
         json_schema_extra={"flag": "input"},
     )
-    format: Format = Field("auto", description="File format; 'auto' decides per file by extension (.parquet, .jsonl/.json/.jsonl.gz/.ndjson, .csv/.csv.gz).")
+    format: Format = Field(
+        "auto",
+        description="File format; 'auto' decides per file by extension (.parquet, .jsonl/.json/.jsonl.gz/.ndjson, "
+        ".csv/.csv.gz).",
+    )
     id_column: str = Field("id", description="Column holding the document id.")
     text_column: str = Field("text", description="Column holding the text to encode.")
-    title_column: str | None = Field(None, description="Optional column joined before the text with a space (BEIR corpora have title + text).")
+    title_column: str | None = Field(
+        None, description="Optional column joined before the text with a space (BEIR corpora have title + text)."
+    )
     passthrough_columns: list[str] = Field(default_factory=list, description="Columns copied unchanged to the output.")
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
-        description="Extra fsspec options (e.g. {endpoint_url: ..., client_kwargs: {region_name: ...}}); never credentials.",
+        description="Extra fsspec options (e.g. {endpoint_url: ..., client_kwargs: {region_name: ...}}); never "
+        "credentials.",
     )
-    on_bad_file: Literal["error", "skip"] = Field("error", description="A corrupt or schema-less file stops the run ('error') or is skipped and reported ('skip').")
+    on_bad_file: Literal["error", "skip"] = Field(
+        "error",
+        description="A corrupt or schema-less file stops the run ('error') or is skipped and reported ('skip').",
+    )
     rows_per_block: int = Field(2048, ge=1, description="Rows per block handed from readers to encoders.")
 
     @model_validator(mode="after")
@@ -119,8 +133,14 @@ class InputConfig(StrictModel):
 class OutputConfig(StrictModel):
     """Where vectors, rejects and the run summary go."""
 
-    path: str = Field("out/encoded", description="Output folder or prefix (local or any fsspec URL).", json_schema_extra={"flag": "output"})
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="Extra fsspec options for the output; never credentials.")
+    path: str = Field(
+        "out/encoded",
+        description="Output folder or prefix (local or any fsspec URL).",
+        json_schema_extra={"flag": "output"},
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="Extra fsspec options for the output; never credentials."
+    )
     overwrite: bool = Field(
         False,
         description="Start over: delete the existing output first. Otherwise a re-run resumes: committed work is kept, "
@@ -128,13 +148,17 @@ class OutputConfig(StrictModel):
     )
     compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet compression.")
     commit_interval_s: float = Field(
-        30.0, ge=0, description="Record finished blocks (what a re-run after a crash keeps) at most this often; 0: after every block."
+        30.0,
+        ge=0,
+        description="Record finished blocks (what a re-run after a crash keeps) at most this often; 0: after every "
+        "block.",
     )
     lock_ttl_s: float = Field(
-        120.0, gt=0,
+        120.0,
+        gt=0,
         description="The output's run lock (one run at a time) expires this long after its holder stops renewing it "
         "(renewed every third of it); a crashed run's lock on the same host is taken over at once.",
-    )  # fmt: skip
+    )
 
     @model_validator(mode="after")
     def _no_secrets(self) -> OutputConfig:
@@ -145,65 +169,100 @@ class OutputConfig(StrictModel):
 class ComputeConfig(StrictModel):
     """How the Ray cluster runs the encoders."""
 
-    ray_address: str | None = Field(None, description="Ray cluster to join ('auto', 'ray://host:10001'); None starts or joins a local one.")
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join ('auto', 'ray://host:10001'); None starts or joins a local one."
+    )
     min_actors: int = Field(1, ge=1, description="Encoder actors kept alive (each holds one model).")
     max_actors: int = Field(1, ge=1, description="Encoder actors at most (one per GPU on a GPU cluster).")
-    num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per encoder actor: 1 on GPU clusters, 0 for CPU actors.")
+    num_gpus_per_actor: float = Field(
+        0.0, ge=0, description="GPUs per encoder actor: 1 on GPU clusters, 0 for CPU actors."
+    )
     num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs Ray reserves per encoder actor.")
-    torch_threads: int | None = Field(None, ge=1, description="Torch intra-op threads in each encoder actor (None: num_cpus_per_actor, at least 1).")
+    torch_threads: int | None = Field(
+        None, ge=1, description="Torch intra-op threads in each encoder actor (None: num_cpus_per_actor, at least 1)."
+    )
     io_cpus: float = Field(
         0.25, gt=0, description="CPUs Ray reserves per reader task and writer actor (mostly waiting on storage)."
     )
     max_writers: int = Field(
-        2, ge=1, description="Writer actors at most (long-lived, so the storage client is built once per actor, not per block)."
+        2,
+        ge=1,
+        description="Writer actors at most (long-lived, so the storage client is built once per actor, not per block).",
     )
-    max_actor_restarts: int = Field(8, ge=0, description="Restarts of an encoder actor that died (killed, OOM-killed, node lost) before the job fails.")
+    max_actor_restarts: int = Field(
+        8,
+        ge=0,
+        description="Restarts of an encoder actor that died (killed, OOM-killed, node lost) before the job fails.",
+    )
     max_task_retries: int = Field(8, ge=0, description="Retries of a block whose encoder actor died while encoding it.")
     isolate_after: int = Field(
-        2, ge=1,
+        2,
+        ge=1,
         description="A block whose encoder actor died this many times is encoded in small pieces, so that documents "
         "that kill the encoder are found and rejected (encoder_crash) instead of failing the job.",
-    )  # fmt: skip
+    )
 
     @model_validator(mode="after")
     def _sizes(self) -> ComputeConfig:
         if self.max_actors < self.min_actors:
-            raise ValueError(f"compute.max_actors ({self.max_actors}) must be >= compute.min_actors ({self.min_actors})")
+            raise ValueError(
+                f"compute.max_actors ({self.max_actors}) must be >= compute.min_actors ({self.min_actors})"
+            )
         return self
 
 
 class SinkConfig(StrictModel):
     """Optional load of the vectors into a vector store, after the Parquet output is written."""
 
-    type: Literal["qdrant", "pgvector", "milvus", "pinecone"] | None = Field(None, description="Vector store to upsert into (None: write Parquet only).")
+    type: Literal["qdrant", "pgvector", "milvus", "pinecone"] | None = Field(
+        None, description="Vector store to upsert into (None: write Parquet only)."
+    )
     collection: str = Field("splade", description="Collection (Qdrant, Milvus) or table (pgvector) to upsert into.")
     path: str | None = Field(
         None,
-        description="Embedded store file/folder when url is not set: Qdrant local mode (default out/qdrant) or a Milvus Lite file (default out/milvus.db).",
+        description="Embedded store file/folder when url is not set: Qdrant local mode (default out/qdrant) or a "
+        "Milvus Lite file (default out/milvus.db).",
     )
     url: str | None = Field(
         None,
-        description="Store server URL (Qdrant http://host:6333, Milvus http://host:19530, the Pinecone index host); its key comes from the environment.",
+        description="Store server URL (Qdrant http://host:6333, Milvus http://host:19530, the Pinecone index host); "
+        "its key comes from the environment.",
     )
     api_key_env: str | None = Field(
-        None, description="Environment variable holding the store's API key or token (default: QDRANT_API_KEY, MILVUS_TOKEN, PINECONE_API_KEY)."
+        None,
+        description="Environment variable holding the store's API key or token (default: QDRANT_API_KEY, MILVUS_TOKEN, "
+        "PINECONE_API_KEY).",
     )
     namespace: str = Field("", description="Pinecone namespace to upsert into.")
     dsn: str | None = Field(
         None,
-        description="pgvector: libpq connection string without a password (e.g. 'host=db port=5432 dbname=search user=splade'); "
+        description="pgvector: libpq connection string without a password (e.g. 'host=db port=5432 dbname=search "
+        "user=splade'); "
         "the password comes from PGPASSWORD or ~/.pgpass.",
     )
-    hnsw_index: bool = Field(False, description="pgvector: build an HNSW index (sparsevec HNSW allows at most 1000 non-zeros: needs encoder.top_k <= 1000).")
+    hnsw_index: bool = Field(
+        False,
+        description="pgvector: build an HNSW index (sparsevec HNSW allows at most 1000 non-zeros: needs encoder.top_k "
+        "<= 1000).",
+    )
     vector_name: str = Field("sparse", description="Name of the sparse vector in the collection.")
     idf_modifier: bool = Field(False, description="Qdrant: let the store apply IDF to the sparse vector at query time.")
-    create_if_missing: bool = Field(True, description="Create the collection if it does not exist (an existing one is never dropped).")
+    create_if_missing: bool = Field(
+        True, description="Create the collection if it does not exist (an existing one is never dropped)."
+    )
     batch_size: int = Field(256, ge=1, description="Vectors per upsert request at most (also cut by request bytes).")
     max_request_bytes: int = Field(32 * 2**20, ge=1024, description="Encoded bytes per upsert request at most.")
-    writers: int = Field(1, ge=1, description="Concurrent upsert workers (bounded: a slow store applies back-pressure).")
-    retry_deadline_s: float = Field(120.0, gt=0, description="Keep retrying transient store errors (429, 5xx, timeouts, refused connections) this long.")
-    query_model: str | None = Field(None, description="Model for `search` queries when it differs from encoder.model (e.g. a SPLADE query encoder).")
-
+    writers: int = Field(
+        1, ge=1, description="Concurrent upsert workers (bounded: a slow store applies back-pressure)."
+    )
+    retry_deadline_s: float = Field(
+        120.0,
+        gt=0,
+        description="Keep retrying transient store errors (429, 5xx, timeouts, refused connections) this long.",
+    )
+    query_model: str | None = Field(
+        None, description="Model for `search` queries when it differs from encoder.model (e.g. a SPLADE query encoder)."
+    )
 
     @property
     def store_path(self) -> str:
@@ -211,19 +270,29 @@ class SinkConfig(StrictModel):
 
     @property
     def api_key_variable(self) -> str:
-        return self.api_key_env or {"milvus": "MILVUS_TOKEN", "pinecone": "PINECONE_API_KEY"}.get(self.type or "", "QDRANT_API_KEY")
+        return self.api_key_env or {"milvus": "MILVUS_TOKEN", "pinecone": "PINECONE_API_KEY"}.get(
+            self.type or "", "QDRANT_API_KEY"
+        )
 
     @model_validator(mode="after")
     def _store_settings(self) -> SinkConfig:
         if self.type == "pgvector":
             if not self.dsn:
-                raise ValueError("sink.dsn: pgvector needs a connection string, e.g. 'host=127.0.0.1 port=5432 dbname=postgres user=postgres'")
+                raise ValueError(
+                    "sink.dsn: pgvector needs a connection string, e.g. 'host=127.0.0.1 port=5432 dbname=postgres "
+                    "user=postgres'"
+                )
             if "password" in self.dsn.lower() or re.search(r"://[^/@]*:[^/@]*@", self.dsn):
                 raise ValueError("sink.dsn: put no password in the config; set PGPASSWORD or use ~/.pgpass")
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.collection):
-                raise ValueError(f"sink.collection: {self.collection!r} is not a plain SQL table name (letters, digits, _)")
+                raise ValueError(
+                    f"sink.collection: {self.collection!r} is not a plain SQL table name (letters, digits, _)"
+                )
         if self.type == "pinecone" and not self.url:
-            raise ValueError("sink.url: Pinecone needs the index host (from the console or describe_index), e.g. https://my-index-abc123.svc.pinecone.io")
+            raise ValueError(
+                "sink.url: Pinecone needs the index host (from the console or describe_index), e.g. "
+                "https://my-index-abc123.svc.pinecone.io"
+            )
         return self
 
 
@@ -231,9 +300,12 @@ class ReindexConfig(StrictModel):
     """Incremental reindexing: how much a reindex may delete from the store on its own."""
 
     max_delete_percent: float = Field(
-        10.0, ge=0, le=100,
-        description="Refuse a reindex that would delete more than this percent of the indexed documents, unless --allow-mass-delete.",
-    )  # fmt: skip
+        10.0,
+        ge=0,
+        le=100,
+        description="Refuse a reindex that would delete more than this percent of the indexed documents, unless "
+        "--allow-mass-delete.",
+    )
 
 
 class JobConfig(StrictModel):
@@ -269,7 +341,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise ConfigError(_explain(err, path)) from None
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError, ValueError):
     """A config that does not validate; the message names the field, the value and what is allowed."""
 
 

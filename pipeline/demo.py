@@ -20,9 +20,9 @@ def run_demo(output: str, show: int = 3) -> dict[str, Any]:
     """Run the encoding job on the sample corpus into ``output`` and print a few documents' top terms."""
     from transformers import AutoTokenizer
 
-    from pipeline.encoder import decode
-    from pipeline.fingerprint import model_folder
-    from pipeline.run import run_job
+    from pipeline.encode.encoder import decode
+    from pipeline.encode.fingerprint import model_folder
+    from pipeline.job.encode import run_job
 
     config = load_config(None, {"input.title_column": "title", "output.path": output, "output.overwrite": True})
     summary = run_job(config)

@@ -1,4 +1,11 @@
-"""Finding the user-meaningful error inside the wrappers Ray puts around task and UDF errors."""
+"""One base for every error a user can cause or fix, and finding it inside Ray's wrappers.
+
+Every user-facing error (bad input, settings, an unusable output, a store refusing, another
+run holding the output) derives from :class:`PipelineError`; its message is written to be read
+whole, naming the file, row, field or URL. The command line prints such an error as one message
+and exits 2; anything else is a bug and keeps its traceback. Each subclass also derives from the
+builtin it replaced (``ValueError``, ``RuntimeError``), so callers' ``except`` clauses still hold.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,14 @@ from collections.abc import Iterator
 from typing import TypeVar
 
 E = TypeVar("E", bound=BaseException)
+
+
+class PipelineError(Exception):
+    """An error the user can fix: the message says what, where, and what is allowed."""
+
+
+class SettingError(PipelineError, ValueError):
+    """A setting that cannot work here (names the field, the value and what is allowed)."""
 
 
 def causes(err: BaseException) -> Iterator[BaseException]:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pipeline.config import JobConfig
-from pipeline.schema import sparse_rows
+from pipeline.encode.sparse import sparse_rows
 from pipeline.sinks import open_sink
 
 
 def search(config: JobConfig, queries: list[str], k: int) -> list[list[tuple[str, float]]]:
     """Top ``k`` ``(doc_id, score)`` per query, by the store's dot product (zero-score hits dropped)."""
-    from pipeline.encoder import SpladeEncoder
+    from pipeline.encode.encoder import SpladeEncoder
 
     settings = config.encoder.model_dump()
     if config.sink.query_model:

@@ -28,20 +28,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import InputConfig
+from pipeline.errors import PipelineError
 from pipeline.storage import open_url, url_to_fs
 
 GLOB_CHARS = "*?["
 BAD_FILE = "bad_file"
-BOOKKEEPING = ["_source", "_line", "_reject", "_detail", "_hash", "_shard", "_unit", "_block", "_block_rows", "_last"]
 _SUFFIXES = {
-    ".parquet": "parquet", ".pq": "parquet",
-    ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
     ".csv": "csv",
-}  # fmt: skip
+}
 _COMPRESSION = (".gz", ".bz2", ".zst", ".xz")
 
 
-class InputError(ValueError):
+class InputError(PipelineError, ValueError):
     """The input cannot be used as configured; the message names the URL or file."""
 
 
@@ -50,7 +53,7 @@ class Shard:
     """One input file, and what of it a run reads.
 
     ``version`` identifies the file's content (ETag on object stores, size and mtime on local
-    disks); ``unit`` names the work of reading it under one config (see :mod:`pipeline.manifest`);
+    disks); ``unit`` names the work of reading it under one config (see :mod:`pipeline.output.commits`);
     ``skip_blocks`` are blocks already committed; ``lines`` (when set) restricts reading to
     those rows (``_line`` values), as a reindex does for new and changed documents.
     """
@@ -78,7 +81,10 @@ def list_shards(cfg: InputConfig) -> list[Shard]:
         for url, version in _expand(path, cfg.storage_options):
             fmt = cfg.format if cfg.format != "auto" else detect_format(url)
             if fmt is None:
-                raise InputError(f"{url}: unknown file format; use .parquet, .jsonl/.json/.ndjson or .csv (optionally .gz), or set input.format")
+                raise InputError(
+                    f"{url}: unknown file format; use .parquet, .jsonl/.json/.ndjson or .csv (optionally .gz), or set "
+                    "input.format"
+                )
             found[url] = (fmt, version)
     return [Shard(i, url, *found[url]) for i, url in enumerate(sorted(found))]
 
@@ -140,7 +146,12 @@ def check_columns(shard: Shard, cfg: InputConfig) -> None:
 
 
 def _require_columns(shard: Shard, cfg: InputConfig, found: list[str]) -> None:
-    wanted = [cfg.id_column, cfg.text_column, *([cfg.title_column] if cfg.title_column else []), *cfg.passthrough_columns]
+    wanted = [
+        cfg.id_column,
+        cfg.text_column,
+        *([cfg.title_column] if cfg.title_column else []),
+        *cfg.passthrough_columns,
+    ]
     missing = [c for c in wanted if c not in found]
     if missing:
         raise InputError(f"{shard.url}: missing column(s) {missing}; columns found: {list(found)}")
@@ -162,12 +173,20 @@ class _BlockBuilder:
         self.rows: list[dict[str, Any]] = []
         self.block = 0
 
-    def add(self, record: dict[str, Any] | None, line: int, reject: str | None = None, detail: str | None = None) -> pa.Table | None:
+    def add(
+        self, record: dict[str, Any] | None, line: int, reject: str | None = None, detail: str | None = None
+    ) -> pa.Table | None:
         """Append one row; return a finished block when this row fills one."""
         row = {"id": None, "text": None, **{c: None for c in self.cfg.passthrough_columns}}
         if reject is None:
             reject, detail = _map_record(record, self.cfg, row)
-        row.update(_source=self.shard.url, _line=line, _reject=reject, _detail=detail, _hash=None if reject else content_hash(row["text"]))
+        row.update(
+            _source=self.shard.url,
+            _line=line,
+            _reject=reject,
+            _detail=detail,
+            _hash=None if reject else content_hash(row["text"]),
+        )
         self.rows.append(row)
         return self.flush() if len(self.rows) >= self.cfg.rows_per_block else None
 
@@ -262,7 +281,10 @@ def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
         raise
     except Exception as err:  # noqa: BLE001 - a file we cannot read at all
         if cfg.on_bad_file == "error":
-            raise InputError(f"{shard.url}: cannot read as {shard.format}: {_describe(err)} (set input.on_bad_file: skip to skip such files)") from None
+            raise InputError(
+                f"{shard.url}: cannot read as {shard.format}: {_describe(err)} (set input.on_bad_file: skip to skip "
+                "such files)"
+            ) from None
         # Rows of blocks already handed on stay (they were read and are valid); the marker says
         # how far the file got, and the rows of the unfinished block are dropped with the file.
         if held is not None and held[0] not in skip:
@@ -278,13 +300,24 @@ def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
         held = (builder.block, builder.flush())
     if held is not None and held[0] not in skip:
         last = held[1]
-        yield last.set_column(last.schema.get_field_index("_last"), "_last", pa.array([True] * last.num_rows, pa.bool_()))
+        yield last.set_column(
+            last.schema.get_field_index("_last"), "_last", pa.array([True] * last.num_rows, pa.bool_())
+        )
 
 
 def _parquet_rows(fh: Any, shard: Shard, cfg: InputConfig) -> Iterator[tuple[dict, int, None, None]]:
     pf = pq.ParquetFile(fh)
     _require_columns(shard, cfg, pf.schema_arrow.names)
-    wanted = list(dict.fromkeys([cfg.id_column, cfg.text_column, *([cfg.title_column] if cfg.title_column else []), *cfg.passthrough_columns]))
+    wanted = list(
+        dict.fromkeys(
+            [
+                cfg.id_column,
+                cfg.text_column,
+                *([cfg.title_column] if cfg.title_column else []),
+                *cfg.passthrough_columns,
+            ]
+        )
+    )
     row = 0
     for batch in pf.iter_batches(batch_size=cfg.rows_per_block, columns=wanted):
         for record in batch.to_pylist():

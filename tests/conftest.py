@@ -8,13 +8,31 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+import logging  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from pg_server import Postgres, free_port  # noqa: E402
+from support.pg_server import Postgres, free_port  # noqa: E402
+from support.pinecone_protocol import PINECONE_TEST_KEY  # noqa: E402
 
-from pipeline.bundled import fetch_splade_tiny  # noqa: E402
+from pipeline.encode.bundled import fetch_splade_tiny  # noqa: E402
+
+# Tests that need a real service (a Ray cluster, moto's S3 server, PostgreSQL) or start a job
+# in a subprocess: `pytest -m "not cluster"` runs the rest (math, batching, encoder, sources,
+# config, CLI parsing) in a couple of minutes.
+CLUSTER_FIXTURES = {"ray_cluster", "s3_endpoint", "postgres"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.cluster)
 
 
 @pytest.fixture(scope="session")
@@ -50,15 +68,22 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory, splade_tiny: Path) -> 
     vocab = 30522
     models = {
         "bert": BertForMaskedLM(
-            BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+            BertConfig(
+                vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+            )
         ),
         "distilbert": DistilBertForMaskedLM(
             DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64)
         ),
         "roberta": RobertaForMaskedLM(
             RobertaConfig(
-                vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                pad_token_id=0, max_position_embeddings=514,
+                vocab_size=vocab,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                pad_token_id=0,
+                max_position_embeddings=514,
             )
         ),
     }
@@ -68,16 +93,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory, splade_tiny: Path) -> 
 
 # ---- real services on 127.0.0.1: S3 (moto's HTTP server) and a Ray cluster ---------------------
 
-import logging  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-# Store keys reach Ray workers the way they do on a cluster: in the nodes' environment.
-PINECONE_TEST_KEY = "pinecone-test-key"
 
 
 @pytest.fixture(scope="session")
@@ -105,17 +121,30 @@ def ray_cluster(s3_endpoint: str, splade_tiny: Path, tmp_path_factory: pytest.Te
     import ray
 
     port, dashboard = free_port(), free_port()
-    env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_USAGE_STATS_ENABLED": "0",
-                        "RAY_num_workers_soft_limit": "8"}  # idle task workers kept, as pipeline.run.start_local_ray does  # fmt: skip
+    env = os.environ | {
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_num_workers_soft_limit": "8",
+    }  # idle task workers kept, as pipeline.job.encode.start_local_ray does
     # Submitted jobs run `python ...`: make that this interpreter, venv or not.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     temp = tmp_path_factory.mktemp("ray")
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable))
     cmd = [
-        ray_bin, "start", "--head", "--num-cpus=2", "--node-ip-address=127.0.0.1", f"--port={port}",
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-        f"--object-store-memory={512 * 2**20}", "--disable-usage-stats", f"--temp-dir={temp}",
-    ]  # fmt: skip
+        ray_bin,
+        "start",
+        "--head",
+        "--num-cpus=2",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        f"--object-store-memory={512 * 2**20}",
+        "--disable-usage-stats",
+        f"--temp-dir={temp}",
+    ]
     # --block ties the cluster to this process: stopping it stops exactly this cluster (`ray stop`
     # would stop every Ray cluster on the machine).
     log = open(temp / "ray-start.log", "w")  # noqa: SIM115 - closed at teardown

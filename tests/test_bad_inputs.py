@@ -13,12 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from conftest import free_port
-from test_job import cli, corpus_rows, read_output
+from support.jobs import cli, corpus_rows, read_output
+from support.pg_server import free_port
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.run import run_job
+from pipeline.job.encode import run_job
+from pipeline.output.location import OutputLocation
 
 BIG = "lorem ipsum dolor " * 120_000  # about 2 MB
 
@@ -54,12 +55,21 @@ def bad_rows_run(ray_cluster: str, splade_tiny: Path) -> dict[str, Any]:
     fs.pipe("badrows/in/c-corrupt.parquet", b"PAR1 this is not parquet PAR1")
     cfg = load_config(
         None,
-        {"input.paths": ["s3://badrows/in/"], "output.path": "s3://badrows/out", "encoder.model": str(splade_tiny), "input.on_bad_file": "skip"},
+        {
+            "input.paths": ["s3://badrows/in/"],
+            "output.path": "s3://badrows/out",
+            "encoder.model": str(splade_tiny),
+            "input.on_bad_file": "skip",
+        },
     )
     summary = run_job(cfg)
     data, rejects, written_summary = read_output(fs, "badrows/out")
     assert written_summary["rows_read"] == summary["rows_read"]
-    return {"summary": summary, "data": data, "rejects": {r["id"] or f"line {r['line']}": r for r in rejects.to_pylist()}}
+    return {
+        "summary": summary,
+        "data": data,
+        "rejects": {r["id"] or f"line {r['line']}": r for r in rejects.to_pylist()},
+    }
 
 
 def test_rows_reconcile(bad_rows_run: dict) -> None:
@@ -71,7 +81,12 @@ def test_rows_reconcile(bad_rows_run: dict) -> None:
 
 @pytest.mark.parametrize(
     ("key", "reason"),
-    [("null-text", "null_text"), ("empty-text", "empty_text"), ("blank-text", "empty_text"), ("number-text", "non_string_text")],
+    [
+        ("null-text", "null_text"),
+        ("empty-text", "empty_text"),
+        ("blank-text", "empty_text"),
+        ("number-text", "non_string_text"),
+    ],
 )
 def test_bad_text_rejected(bad_rows_run: dict, key: str, reason: str) -> None:
     reject = bad_rows_run["rejects"][key]
@@ -113,8 +128,19 @@ def test_huge_document_truncated_and_counted(bad_rows_run: dict) -> None:
     assert bad_rows_run["summary"]["truncated"] == 1
 
 
-def test_corrupt_parquet_is_an_error_by_default(ray_cluster: str, splade_tiny: Path, capsys: pytest.CaptureFixture) -> None:
-    code, _, err = run_cli(capsys, "encode", "--input", "s3://badrows/in/", "--output", "s3://badrows/out-strict", "--model", str(splade_tiny))
+def test_corrupt_parquet_is_an_error_by_default(
+    ray_cluster: str, splade_tiny: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code, _, err = run_cli(
+        capsys,
+        "encode",
+        "--input",
+        "s3://badrows/in/",
+        "--output",
+        "s3://badrows/out-strict",
+        "--model",
+        str(splade_tiny),
+    )
     assert code == 2
     assert "s3://badrows/in/c-corrupt.parquet: cannot read as parquet" in err and "on_bad_file: skip" in err
     assert "Traceback" not in err
@@ -151,18 +177,31 @@ def test_non_empty_output_refused(capsys: pytest.CaptureFixture, tmp_path: Path)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.parquet").write_bytes(b"x")
     code, _, err = run_cli(capsys, "encode", "--output", str(tmp_path / "out"))
-    assert code == 2 and "output is not empty (1 files) and holds no splade-pipeline commit records; set output.overwrite: true" in err
+    assert (
+        code == 2
+        and "output is not empty (1 files) and holds no splade-pipeline commit records; set output.overwrite: true"
+        in err
+    )
 
 
 def test_wrong_credentials(tmp_path: Path) -> None:
     """An S3 endpoint that checks credentials: a clear error naming the URL, and no secret printed."""
     port = free_port()
     env = {**__import__("os").environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_for(port)
         secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
-        client_env = env | {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONG", "AWS_SECRET_ACCESS_KEY": secret}
+        client_env = env | {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONG",
+            "AWS_SECRET_ACCESS_KEY": secret,
+        }
         proc = cli("encode", "--input", "s3://private-corpus/docs/", "--output", str(tmp_path / "out"), env=client_env)
     finally:
         server.terminate()
@@ -196,9 +235,10 @@ def test_secrets_refused_in_config(capsys: pytest.CaptureFixture, tmp_path: Path
 
 def test_duplicate_count_on_the_cluster_path(bad_rows_run: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """Large outputs count duplicates with a Ray group-by instead of on the driver: same answer."""
-    import pipeline.run as run
+    import pipeline.job.encode as run
 
-    files = [f"s3://{p}" for p in s3fs.S3FileSystem().find("badrows/out/data")]
+    out = OutputLocation("s3://badrows/out")
+    files = out.files("data")
+    assert files and all(f.startswith("data/part-") for f in files)
     monkeypatch.setattr(run, "DRIVER_DEDUP_MAX_ROWS", 0)
-    cfg = load_config(None, {"output.path": "s3://badrows/out"})
-    assert run.count_duplicate_ids(files, cfg, bad_rows_run["summary"]["rows_written"]) == 1
+    assert run.count_duplicate_ids(out, files, bad_rows_run["summary"]["rows_written"]) == 1

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.batching import padded_length, plan_micro_batches
+from pipeline.encode.batching import padded_length, plan_micro_batches
 
 
 def test_padded_length() -> None:

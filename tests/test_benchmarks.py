@@ -15,24 +15,41 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.cluster  # each benchmark starts its own Ray (and S3)
 
 
 def bench(tmp_path: Path, script: str, *args: str) -> dict | list:
     out = tmp_path / f"{Path(script).stem}.json"
     # A benchmark starts its own local Ray (and S3) so that it measures one machine: not the tests' cluster.
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "AWS_ENDPOINT_URL")} | {"HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, f"benchmarks/{script}", *args, "--json", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "AWS_ENDPOINT_URL")} | {
+        "HF_HUB_OFFLINE": "1"
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{Path(script).stem}", *args, "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 
 
 @pytest.mark.usefixtures("splade_tiny")
 def test_encoder_bench(tmp_path: Path) -> None:
-    result = bench(tmp_path, "encoder_bench.py", "--model", "splade-tiny", "--n", "8", "--reps", "1", "--st-batch-sizes", "4")
+    result = bench(
+        tmp_path, "encoder_bench.py", "--model", "splade-tiny", "--n", "8", "--reps", "1", "--st-batch-sizes", "4"
+    )
     methods = result["results"]
-    assert len(methods) >= 3 and any(m.startswith("ours") for m in methods) and any(m.startswith("sentence-transformers") for m in methods)
-    assert all(r["max_abs_diff"] <= 1e-5 and r["docs_per_s"] > 0 for r in methods.values())  # same vectors before timing counts
+    assert (
+        len(methods) >= 3
+        and any(m.startswith("ours") for m in methods)
+        and any(m.startswith("sentence-transformers") for m in methods)
+    )
+    assert all(
+        r["max_abs_diff"] <= 1e-5 and r["docs_per_s"] > 0 for r in methods.values()
+    )  # same vectors before timing counts
     assert result["matmul_rate"] > 0
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import bundled
+from pipeline.encode import bundled
 
 
 def _wheel(path: Path, source: Path, tamper: str | None = None) -> Path:

@@ -23,12 +23,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from fault_proxy import FaultProxy
-from reference import densify
-from test_job import ROOT, cli, corpus_rows, put_jsonl_shards, reference_vectors, start_until_progress
+from support.fault_proxy import FaultProxy
+from support.jobs import ROOT, cli, corpus_rows, put_jsonl_shards, reference_vectors, start_until_progress
+from support.reference import densify
 
-from pipeline.faults import OOM_ABOVE, POISON
-from pipeline.manifest import committed_files
+from pipeline.job.faults import OOM_ABOVE, POISON
+from pipeline.output.commits import committed_files
 
 VOCAB = 30522
 FILES, ROWS_PER_FILE = 8, 100
@@ -43,17 +43,40 @@ def corpus(ray_cluster: str, splade_tiny: Path) -> dict[str, np.ndarray]:
     fs.mkdir("chaos")
     rows = corpus_rows(FILES * ROWS_PER_FILE)
     put_jsonl_shards(fs, "chaos/corpus", rows, FILES)
-    poisoned = [*rows[:60], {"id": "pill", "title": "x", "text": f"an ordinary looking text {PILL}", "lang": "en"}, *rows[60:120]]
+    poisoned = [
+        *rows[:60],
+        {"id": "pill", "title": "x", "text": f"an ordinary looking text {PILL}", "lang": "en"},
+        *rows[60:120],
+    ]
     fs.pipe("chaos/poisoned/part-0.jsonl", "\n".join(json.dumps(r) for r in poisoned).encode())
     return reference_vectors(splade_tiny, rows)
 
 
 def args(splade_tiny: Path, output: str, source: str = "s3://chaos/corpus/", *extra: str) -> list[str]:
     return [
-        "encode", "--input", source, "--output", output, "--model", str(splade_tiny), "--max-length", "64",
-        "--rows-per-block", "20", "--commit-interval-s", "0", "--min-actors", "2", "--max-actors", "2",
-        "--num-cpus-per-actor", "0.8", "--io-cpus", "0.1", *extra,
-    ]  # fmt: skip
+        "encode",
+        "--input",
+        source,
+        "--output",
+        output,
+        "--model",
+        str(splade_tiny),
+        "--max-length",
+        "64",
+        "--rows-per-block",
+        "20",
+        "--commit-interval-s",
+        "0",
+        "--min-actors",
+        "2",
+        "--max-actors",
+        "2",
+        "--num-cpus-per-actor",
+        "0.8",
+        "--io-cpus",
+        "0.1",
+        *extra,
+    ]
 
 
 def check_output(output: str, corpus: dict[str, np.ndarray], ids: list[str] | None = None) -> dict:
@@ -62,7 +85,9 @@ def check_output(output: str, corpus: dict[str, np.ndarray], ids: list[str] | No
     fs.invalidate_cache()
     data = pa.concat_tables([pq.read_table(fs.open(f, "rb")) for f in committed_files(output)])
     got = data["id"].to_pylist()
-    assert sorted(got) == sorted(ids if ids is not None else corpus) and len(set(got)) == len(got)  # none lost, none twice
+    assert sorted(got) == sorted(ids if ids is not None else corpus) and len(set(got)) == len(
+        got
+    )  # none lost, none twice
     want = np.stack([corpus[i] for i in got])
     assert np.abs(densify(data["sparse"].combine_chunks(), VOCAB) - want).max() <= 1e-5
     summary = json.loads(fs.cat(f"{output.removeprefix('s3://')}/_SUMMARY.json"))
@@ -80,8 +105,13 @@ def encoder_actor_pids() -> list[int]:
 def test_encoder_actors_killed_mid_run(corpus: dict, splade_tiny: Path) -> None:
     output = "s3://chaos/out-killed"
     slower = ("--max-batch-tokens", "128")  # smaller forward passes: a run long enough to kill encoders in
-    job = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args(splade_tiny, output, "s3://chaos/corpus/", *slower)], cwd=ROOT,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    job = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *args(splade_tiny, output, "s3://chaos/corpus/", *slower)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     fs = s3fs.S3FileSystem()
     killed: list[int] = []
     deadline = time.monotonic() + 240
@@ -108,7 +138,17 @@ def test_flaky_object_storage(corpus: dict, splade_tiny: Path, s3_endpoint: str)
     output = "s3://chaos/out-flaky"
     with FaultProxy(s3_endpoint, slow_down=0.07, drop=0.03, seed=7) as proxy:
         options = json.dumps({"endpoint_url": proxy.url})
-        proc = cli(*args(splade_tiny, output, "s3://chaos/corpus/", "--input-storage-options", options, "--output-storage-options", options))
+        proc = cli(
+            *args(
+                splade_tiny,
+                output,
+                "s3://chaos/corpus/",
+                "--input-storage-options",
+                options,
+                "--output-storage-options",
+                options,
+            )
+        )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proxy.counts["slow_down"] >= 5 and proxy.counts["dropped"] >= 2, proxy.counts  # faults were really injected
     summary = check_output(output, corpus)
@@ -141,7 +181,9 @@ def test_out_of_memory_halves_the_batch(corpus: dict, splade_tiny: Path) -> None
 
 def test_sigterm_stops_promptly_then_resumes(corpus: dict, splade_tiny: Path) -> None:
     output = "s3://chaos/out-sigterm"
-    job = start_until_progress(args(splade_tiny, output), "chaos/out-sigterm", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    job = start_until_progress(
+        args(splade_tiny, output), "chaos/out-sigterm", stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     fs = s3fs.S3FileSystem()
     job.send_signal(signal.SIGTERM)
     stopped = time.monotonic()
@@ -157,7 +199,9 @@ def test_sigterm_stops_promptly_then_resumes(corpus: dict, splade_tiny: Path) ->
     assert 0 < summary["rows_reused"] < len(corpus)
 
 
-def test_permanent_storage_errors_fail_fast(corpus: dict, splade_tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_permanent_storage_errors_fail_fast(
+    corpus: dict, splade_tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """Missing buckets are not retried like throttling: a prompt error naming the URL."""
     from pipeline.cli import main
 

@@ -15,7 +15,9 @@ from pipeline.demo import load_sample_corpus
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=240)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=240
+    )
 
 
 def test_demo_runs_the_job_and_prints_terms(tmp_path: Path, ray_cluster: str) -> None:
@@ -36,7 +38,9 @@ def test_demo_runs_the_job_and_prints_terms(tmp_path: Path, ray_cluster: str) ->
 def test_help_documents_every_config_field() -> None:
     from pipeline.config import JobConfig
 
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "encode", "--help"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "encode", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())  # undo argparse's line wrapping
     for section, field in JobConfig.model_fields.items():
@@ -48,7 +52,9 @@ def test_help_documents_every_config_field() -> None:
 def test_show_config_applies_flags_over_yaml(tmp_path: Path) -> None:
     config = tmp_path / "job.yaml"
     config.write_text("encoder:\n  top_k: 10\n  max_length: 128\ninput:\n  paths: [a.jsonl]\n")
-    proc = _cli("encode", "--config", str(config), "--top-k", "32", "--input", "b.jsonl,c.jsonl", "--show-config", cwd=tmp_path)
+    proc = _cli(
+        "encode", "--config", str(config), "--top-k", "32", "--input", "b.jsonl,c.jsonl", "--show-config", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     shown = json.loads(proc.stdout)
     assert shown["encoder"]["top_k"] == 32 and shown["encoder"]["max_length"] == 128

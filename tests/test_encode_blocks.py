@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from reference import densify
+from support.reference import densify
 
 from pipeline import SpladeEncoder
 from pipeline.config import EncoderConfig, InputConfig
-from pipeline.fingerprint import fingerprint
+from pipeline.encode.fingerprint import fingerprint
+from pipeline.job.stages import EncodeBlocks
 from pipeline.sources import Shard, read_shard
-from pipeline.stages import EncodeBlocks
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +24,18 @@ def stage(splade_tiny: Path) -> EncodeBlocks:
 
 def _block(tmp_path: Path, texts: list[str]):
     path = tmp_path / "docs.jsonl"
-    path.write_text("\n".join(json.dumps({"id": f"d{i}", "text": t}) for i, t in enumerate(texts)) + "\n" + json.dumps({"id": "e", "text": " "}))
+    path.write_text(
+        "\n".join(json.dumps({"id": f"d{i}", "text": t}) for i, t in enumerate(texts))
+        + "\n"
+        + json.dumps({"id": "e", "text": " "})
+    )
     cfg = InputConfig(paths=[str(path)])
     return next(read_shard(Shard(0, str(path), "jsonl", unit="u"), cfg))
 
 
-def test_a_document_that_raises_is_rejected_alone(stage: EncodeBlocks, splade_tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_document_that_raises_is_rejected_alone(
+    stage: EncodeBlocks, splade_tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     texts = [f"document {i} about tides and honey" for i in range(13)]
     texts[5] = "BREAKS THE TOKENIZER"
     original = stage.encoder.encode_batch
@@ -46,11 +52,15 @@ def test_a_document_that_raises_is_rejected_alone(stage: EncodeBlocks, splade_ti
     assert reasons["d5"] == "encoder_error" and reasons["e"] == "empty_text"
     assert "ValueError: cannot encode this one" in out["_detail"].to_pylist()[out["id"].to_pylist().index("d5")]
     good = out.filter(out["_reject"].is_null())
-    want = densify(SpladeEncoder(str(splade_tiny), device="cpu").encode([texts[int(i[1:])] for i in good["id"].to_pylist()]), 30522)
+    want = densify(
+        SpladeEncoder(str(splade_tiny), device="cpu").encode([texts[int(i[1:])] for i in good["id"].to_pylist()]), 30522
+    )
     assert np.abs(densify(good["sparse"].combine_chunks(), 30522) - want).max() <= 1e-5
 
 
-def test_every_document_failing_is_an_error_not_rejects(stage: EncodeBlocks, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_document_failing_is_an_error_not_rejects(
+    stage: EncodeBlocks, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken(batch: list[str]):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 

@@ -7,23 +7,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from reference import densify, reference_splade
+from support.reference import LONG, TEXTS, VOCAB, densify, reference_splade
 
 from pipeline import SPARSE_TYPE, SpladeEncoder
-from pipeline.schema import sparse_rows
-
-LONG = " ".join(f"word{i} alpha beta gamma" for i in range(400))  # far past 64 tokens
-TEXTS = [
-    "machine learning algorithms",
-    "The quick brown fox jumps over the lazy dog near the riverbank at dawn.",
-    "",
-    "naïve café — 東京 🚀 unicode text",
-    LONG,
-    "short",
-    "machine learning algorithms",  # a duplicate of the first
-    "A medium length sentence about ocean tides, the moon and the gravitational pull of the sun.",
-]
-VOCAB = 30522
+from pipeline.encode.sparse import sparse_rows
 
 
 def _check_rows(vectors: pa.StructArray, vocab: int) -> None:
@@ -35,7 +22,10 @@ def _check_rows(vectors: pa.StructArray, vocab: int) -> None:
         assert np.all(values > 0)
 
 
-@pytest.mark.parametrize(("kind", "packed"), [("bert", True), ("bert", False), ("distilbert", True), ("distilbert", False), ("roberta", None)])
+@pytest.mark.parametrize(
+    ("kind", "packed"),
+    [("bert", True), ("bert", False), ("distilbert", True), ("distilbert", False), ("roberta", None)],
+)
 def test_random_models_match_reference(tiny_models: dict[str, Path], kind: str, packed: bool | None) -> None:
     # Small budgets and head chunks force several micro-batches and many head steps.
     enc = SpladeEncoder(
@@ -95,7 +85,9 @@ def test_batch_invariance_and_order(splade_tiny: Path) -> None:
     alone = np.stack([densify(batched.encode([t]), VOCAB)[0] for t in TEXTS])
     np.testing.assert_allclose(together, alone, rtol=0, atol=1e-5)
     for budget in (8, 64, 200, 100_000):
-        other = SpladeEncoder(str(splade_tiny), device="cpu", max_length=64, max_batch_tokens=budget, head_chunk_tokens=5)
+        other = SpladeEncoder(
+            str(splade_tiny), device="cpu", max_length=64, max_batch_tokens=budget, head_chunk_tokens=5
+        )
         np.testing.assert_allclose(densify(other.encode(TEXTS), VOCAB), together, rtol=0, atol=1e-5)
     reversed_ = densify(batched.encode(TEXTS[::-1]), VOCAB)[::-1]
     np.testing.assert_allclose(reversed_, together, rtol=0, atol=1e-5)
@@ -162,10 +154,11 @@ def test_out_of_memory_halves_the_micro_batch(splade_tiny: Path, monkeypatch: py
     """A micro-batch that runs out of memory is retried as two halves, down to one text: same vectors."""
     import torch
 
-    from pipeline.faults import OOM_ABOVE
+    from pipeline.job.faults import OOM_ABOVE, out_of_memory_point
 
     texts = [f"{t} {i}" for i, t in enumerate(TEXTS * 4)]
     encoder = SpladeEncoder(str(splade_tiny), device="cpu", max_batch_tokens=4096)
+    encoder.before_forward = out_of_memory_point  # as the job's encoder actors set it
     clean = encoder.encode_batch(texts)
     assert clean.oom_splits == 0
     monkeypatch.setenv(OOM_ABOVE, "600")  # far below the 4096-token budget, above one 512-token text

@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from reference import densify, reference_splade
-from test_encoder import TEXTS
+from support.reference import TEXTS, densify, reference_splade
 
 from pipeline import SpladeEncoder
 
@@ -21,11 +20,18 @@ VOCAB = 30522
 
 @pytest.mark.parametrize(("packed", "screen"), [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("kind", ["bert", "distilbert"])
-def test_cuda_fp32_paths_match_cpu_reference(tiny_models: dict[str, Path], kind: str, packed: bool, screen: bool) -> None:
+def test_cuda_fp32_paths_match_cpu_reference(
+    tiny_models: dict[str, Path], kind: str, packed: bool, screen: bool
+) -> None:
     enc = SpladeEncoder(
-        str(tiny_models[kind]), device="cuda", dtype="float32", max_length=64, max_batch_tokens=96,
-        packed=packed, screen=screen,
-    )  # fmt: skip
+        str(tiny_models[kind]),
+        device="cuda",
+        dtype="float32",
+        max_length=64,
+        max_batch_tokens=96,
+        packed=packed,
+        screen=screen,
+    )
     want = reference_splade(str(tiny_models[kind]), TEXTS, max_length=64)
     assert np.abs(densify(enc.encode(TEXTS), VOCAB) - want).max() <= 1e-5
 

@@ -81,7 +81,13 @@ def test_reindex_schedules() -> None:
     assert cluster["kind"] == "RayCluster"
     assert f"--address=http://{cluster['metadata']['name']}-head-svc:8265" in command
 
-    lines = [ln for ln in (ROOT / "infra/cron/splade-reindex.cron").read_text().splitlines() if ln and not ln.startswith("#")]
+    lines = [
+        ln for ln in (ROOT / "infra/cron/splade-reindex.cron").read_text().splitlines() if ln and not ln.startswith("#")
+    ]
     assert len(lines) == 1
     fields = lines[0].split(maxsplit=6)
-    assert len(fields) == 7 and "flock -n" in fields[6] and "jobs/reindex.py --config jobs/configs/s3-gpu.yaml" in fields[6]
+    assert (
+        len(fields) == 7
+        and "flock -n" in fields[6]
+        and "jobs/reindex.py --config jobs/configs/s3-gpu.yaml" in fields[6]
+    )

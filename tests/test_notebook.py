@@ -21,4 +21,7 @@ def test_quickstart_notebook(ray_cluster: str, tmp_path: Path, monkeypatch: pyte
         exec(compile(code, f"{NOTEBOOK.name}[code cell {number}]", "exec"), namespace)  # noqa: S102
     assert namespace["summary"]["rows_written"] == 32
     assert namespace["top_hits"][0][0] == "doc-000"  # the tides passage answers the tides query
-    assert all(reject is None and nnz > 10 for _, nnz, reject in [(r["id"], len(r["sparse"]["indices"]), r["_reject"]) for r in namespace["first"]])
+    assert all(
+        reject is None and nnz > 10
+        for _, nnz, reject in [(r["id"], len(r["sparse"]["indices"]), r["_reject"]) for r in namespace["first"]]
+    )

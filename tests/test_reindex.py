@@ -18,16 +18,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from reference import densify
-from test_job import cli, corpus_rows
+from support.jobs import cli, corpus_rows
+from support.reference import densify
 
 from pipeline import SpladeEncoder
 from pipeline.config import JobConfig, load_config
-from pipeline.faults import VARIABLE
-from pipeline.lock import LockedError, RunLock
-from pipeline.manifest import committed_files, latest_commit
-from pipeline.reindex import MassDeleteError, run_reindex
-from pipeline.run import run_job
+from pipeline.job.encode import run_job
+from pipeline.job.faults import VARIABLE
+from pipeline.job.reindex import MassDeleteError, run_reindex
+from pipeline.output.commits import committed_files, latest_commit
+from pipeline.output.location import OutputLocation
+from pipeline.output.lock import LockedError, RunLock
 
 VOCAB = 30522
 SHARDS = 4
@@ -77,11 +78,22 @@ def write_corpus(prefix: str, docs: dict[str, str]) -> None:
 
 
 def make_config(splade_tiny: Path, postgres: Any, name: str, **extra: Any) -> JobConfig:
-    return load_config(None, {
-        "input.paths": [f"s3://reindex/{name}/corpus/"], "output.path": f"s3://reindex/{name}/out", "encoder.model": str(splade_tiny),
-        "encoder.max_length": 64, "input.rows_per_block": 25, "output.commit_interval_s": 0, "sink.type": "pgvector",
-        "sink.dsn": postgres.dsn, "sink.collection": name, "sink.batch_size": 50, **extra,
-    })  # fmt: skip
+    return load_config(
+        None,
+        {
+            "input.paths": [f"s3://reindex/{name}/corpus/"],
+            "output.path": f"s3://reindex/{name}/out",
+            "encoder.model": str(splade_tiny),
+            "encoder.max_length": 64,
+            "input.rows_per_block": 25,
+            "output.commit_interval_s": 0,
+            "sink.type": "pgvector",
+            "sink.dsn": postgres.dsn,
+            "sink.collection": name,
+            "sink.batch_size": 50,
+            **extra,
+        },
+    )
 
 
 def store_vectors(postgres: Any, table: str) -> dict[str, np.ndarray]:
@@ -115,7 +127,9 @@ def assert_current(config: JobConfig, postgres: Any, docs: dict[str, str], encod
     assert {f"s3://{p}" for p in fs.find(f"{root}/data")} == set(committed_files(config.output.path))
 
 
-def test_reindex_encodes_only_new_and_changed(ray_cluster: str, splade_tiny: Path, postgres: Any, encoder: SpladeEncoder) -> None:
+def test_reindex_encodes_only_new_and_changed(
+    ray_cluster: str, splade_tiny: Path, postgres: Any, encoder: SpladeEncoder
+) -> None:
     docs = base_docs()
     write_corpus("reindex/main/corpus", docs)
     config = make_config(splade_tiny, postgres, "main")
@@ -127,13 +141,15 @@ def test_reindex_encodes_only_new_and_changed(ray_cluster: str, splade_tiny: Pat
     plan = run_reindex(config, dry_run=True)
     assert (len(what["added"]), len(what["changed"]), len(what["deleted"])) == (10, 20, 10)
     assert (plan["new"], plan["changed"], plan["deleted"], plan["unchanged"]) == (10, 20, 10, 170) and not plan["full"]
-    assert len(store_vectors(postgres, "main")) == 200 and latest_commit(*_fs_root(config)).generation == 1  # untouched
+    assert len(store_vectors(postgres, "main")) == 200 and latest_commit(_output(config)).generation == 1  # untouched
 
     summary = run_reindex(config)
     counts = summary["reindex"]
     assert (counts["new"], counts["changed"], counts["deleted"], counts["unchanged"]) == (10, 20, 10, 170)
     assert counts["encoded_now"] == 30  # rows the encoders actually processed
-    assert summary["sink"]["upserted"] == 30 and summary["sink"]["deleted"] == 10 and summary["sink"]["store_count"] == 200
+    assert (
+        summary["sink"]["upserted"] == 30 and summary["sink"]["deleted"] == 10 and summary["sink"]["store_count"] == 200
+    )
     assert summary["rows_read"] == summary["rows_written"] + summary["rows_rejected"] == 200
     assert_current(config, postgres, now, encoder)
 
@@ -142,17 +158,30 @@ def test_reindex_encodes_only_new_and_changed(ray_cluster: str, splade_tiny: Pat
     assert "sink" not in again and again["generation"] == summary["generation"] == 2  # nothing sent, nothing committed
     assert_current(config, postgres, now, encoder)
     # The output now belongs to reindex: a plain encode run refuses instead of re-encoding it all.
-    refused = cli("encode", "--input", "s3://reindex/main/corpus/", "--output", "s3://reindex/main/out", "--model", str(splade_tiny),
-                  "--max-length", "64", "--rows-per-block", "25")  # fmt: skip
+    refused = cli(
+        "encode",
+        "--input",
+        "s3://reindex/main/corpus/",
+        "--output",
+        "s3://reindex/main/out",
+        "--model",
+        str(splade_tiny),
+        "--max-length",
+        "64",
+        "--rows-per-block",
+        "25",
+    )
     assert refused.returncode == 2 and "maintained by `splade-pipeline reindex`" in refused.stderr
 
 
-def _fs_root(config: JobConfig) -> tuple[Any, str]:
-    return s3fs.S3FileSystem(), config.output.path.removeprefix("s3://")
+def _output(config: JobConfig) -> OutputLocation:
+    return OutputLocation(config.output.path)
 
 
 @pytest.mark.parametrize("point", ["written:2", "delete"])  # mid-encoding; after the store changed, before the commit
-def test_killed_reindex_then_next_completes(ray_cluster: str, splade_tiny: Path, postgres: Any, encoder: SpladeEncoder, point: str) -> None:
+def test_killed_reindex_then_next_completes(
+    ray_cluster: str, splade_tiny: Path, postgres: Any, encoder: SpladeEncoder, point: str
+) -> None:
     name = f"kill_{point.split(':')[0]}"
     docs = base_docs(120)
     write_corpus(f"reindex/{name}/corpus", docs)
@@ -161,44 +190,86 @@ def test_killed_reindex_then_next_completes(ray_cluster: str, splade_tiny: Path,
     assert first["reindex"]["full"] and first["reindex"]["new"] == 120
     now, _ = evolve(docs)
     write_corpus(f"reindex/{name}/corpus", now)
-    args = ["reindex", "--input", f"s3://reindex/{name}/corpus/", "--output", f"s3://reindex/{name}/out", "--model", str(splade_tiny),
-            "--max-length", "64", "--rows-per-block", "5", "--commit-interval-s", "0", "--sink-type", "pgvector",
-            "--sink-dsn", postgres.dsn, "--sink-collection", name, "--sink-batch-size", "50"]  # fmt: skip
+    args = [
+        "reindex",
+        "--input",
+        f"s3://reindex/{name}/corpus/",
+        "--output",
+        f"s3://reindex/{name}/out",
+        "--model",
+        str(splade_tiny),
+        "--max-length",
+        "64",
+        "--rows-per-block",
+        "5",
+        "--commit-interval-s",
+        "0",
+        "--sink-type",
+        "pgvector",
+        "--sink-dsn",
+        postgres.dsn,
+        "--sink-collection",
+        name,
+        "--sink-batch-size",
+        "50",
+    ]
     killed = cli(*args, env=os.environ | {VARIABLE: point})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    fs, root = _fs_root(config)
-    assert latest_commit(fs, root).generation == 1  # killed before its commit: the previous state stays valid
+    out = _output(config)
+    assert latest_commit(out).generation == 1  # killed before its commit: the previous state stays valid
 
     done = cli(*args)
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(fs.cat(f"{root}/_SUMMARY.json"))
+    summary = json.loads(out.read_bytes("_SUMMARY.json"))
     assert summary["reindex"]["new"] + summary["reindex"]["changed"] == 18
     # Blocks the killed attempt finished are reused, not encoded again.
     assert summary["rows_reused"] > 0 and summary["reindex"]["encoded_now"] == 18 - summary["rows_reused"]
     assert_current(config, postgres, now, encoder)
 
 
-def test_guards_lock_dry_run_and_full_reencode(ray_cluster: str, splade_tiny: Path, postgres: Any, encoder: SpladeEncoder) -> None:
+def test_guards_lock_dry_run_and_full_reencode(
+    ray_cluster: str, splade_tiny: Path, postgres: Any, encoder: SpladeEncoder
+) -> None:
     docs = base_docs(60)
     write_corpus("reindex/guard/corpus", docs)
     config = make_config(splade_tiny, postgres, "guard")
     run_reindex(config)
-    fs, root = _fs_root(config)
+    out = _output(config)
 
     # Half the corpus gone (say, a wrong input path): refused before anything changes.
     half = {i: t for i, t in docs.items() if int(i[1:]) % 2 == 0}
     write_corpus("reindex/guard/corpus", half)
-    with pytest.raises(MassDeleteError, match=r"would delete 30 of 60 indexed documents \(50.0%\).*--allow-mass-delete"):
+    with pytest.raises(
+        MassDeleteError, match=r"would delete 30 of 60 indexed documents \(50.0%\).*--allow-mass-delete"
+    ):
         run_reindex(config)
-    assert len(store_vectors(postgres, "guard")) == 60 and latest_commit(fs, root).generation == 1
-    proc = cli("reindex", "--input", "s3://reindex/guard/corpus/", "--output", "s3://reindex/guard/out", "--model", str(splade_tiny),
-               "--max-length", "64", "--rows-per-block", "25", "--sink-type", "pgvector", "--sink-dsn", postgres.dsn,
-               "--sink-collection", "guard", "--reindex-max-delete-percent", "60")  # fmt: skip
+    assert len(store_vectors(postgres, "guard")) == 60 and latest_commit(out).generation == 1
+    proc = cli(
+        "reindex",
+        "--input",
+        "s3://reindex/guard/corpus/",
+        "--output",
+        "s3://reindex/guard/out",
+        "--model",
+        str(splade_tiny),
+        "--max-length",
+        "64",
+        "--rows-per-block",
+        "25",
+        "--sink-type",
+        "pgvector",
+        "--sink-dsn",
+        postgres.dsn,
+        "--sink-collection",
+        "guard",
+        "--reindex-max-delete-percent",
+        "60",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]  # a higher limit lets it through
     assert_current(config, postgres, half, encoder)
 
     # Another run holds the output: refused, nothing touched.
-    with RunLock(fs, root, "reindex", ttl_s=60), pytest.raises(LockedError, match="another reindex holds this output"):
+    with RunLock(out, "reindex", ttl_s=60), pytest.raises(LockedError, match="another reindex holds this output"):
         run_reindex(config)
 
     # A setting that changes the vectors: everything re-encoded, and said so.

@@ -19,12 +19,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from reference import densify
-from test_job import cli, corpus_rows, put_jsonl_shards, reference_vectors, start_until_progress
+from support.jobs import cli, corpus_rows, put_jsonl_shards, reference_vectors, start_until_progress
+from support.reference import densify
 
-from pipeline.faults import VARIABLE
-from pipeline.lock import RunLock
-from pipeline.manifest import committed_files, complete_blocks, read_progress
+from pipeline.job.faults import VARIABLE
+from pipeline.output.commits import committed_files, complete_blocks, read_progress
+from pipeline.output.location import OutputLocation
+from pipeline.output.lock import RunLock
 
 VOCAB = 30522
 FILES, ROWS_PER_FILE, BLOCK = 3, 60, 10
@@ -42,9 +43,21 @@ def corpus(ray_cluster: str, splade_tiny: Path) -> dict[str, np.ndarray]:
 
 def encode_args(splade_tiny: Path, output: str, *extra: str) -> list[str]:
     return [
-        "encode", "--input", "s3://resume/corpus/", "--output", output, "--model", str(splade_tiny), "--max-length", "64",
-        "--rows-per-block", str(BLOCK), "--commit-interval-s", "0", *extra,
-    ]  # fmt: skip
+        "encode",
+        "--input",
+        "s3://resume/corpus/",
+        "--output",
+        output,
+        "--model",
+        str(splade_tiny),
+        "--max-length",
+        "64",
+        "--rows-per-block",
+        str(BLOCK),
+        "--commit-interval-s",
+        "0",
+        *extra,
+    ]
 
 
 def crash_env(point: str) -> dict[str, str]:
@@ -71,13 +84,15 @@ def recorded(output: str) -> tuple[int, dict[str, str]]:
     """Rows in blocks a killed attempt recorded as finished, and those files' modification times."""
     fs = s3fs.S3FileSystem()
     root = output.removeprefix("s3://")
-    entries = complete_blocks(pa.concat_tables([t for t, _ in read_progress(fs, root, 1)]))
+    entries = complete_blocks(pa.concat_tables([t for t, _ in read_progress(OutputLocation(output), 1)]))
     files = [f"{root}/{f}" for f in entries["data_file"].to_pylist()]
     return int(sum(entries["rows"].to_pylist())), {f: str(fs.info(f, refresh=True)["LastModified"]) for f in files}
 
 
 @pytest.mark.parametrize(("point", "kept_rows"), [("written:2", BLOCK), ("progress:3", 3 * BLOCK)])
-def test_killed_while_encoding_resumes_exactly_once(corpus: dict, splade_tiny: Path, point: str, kept_rows: int) -> None:
+def test_killed_while_encoding_resumes_exactly_once(
+    corpus: dict, splade_tiny: Path, point: str, kept_rows: int
+) -> None:
     output = f"s3://resume/out-{point.replace(':', '-')}"
     killed = cli(*encode_args(splade_tiny, output), env=crash_env(point))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -103,13 +118,17 @@ def test_killed_after_commit_reencodes_nothing(corpus: dict, splade_tiny: Path) 
     assert summary["rows_reused"] == len(corpus) and summary["generation"] == 1
     # A third run of a finished job is a no-op too.
     third = cli(*encode_args(splade_tiny, output))
-    assert third.returncode == 0 and f"{len(corpus)} rows already committed are kept; 0 input files left" in third.stdout
+    assert (
+        third.returncode == 0 and f"{len(corpus)} rows already committed are kept; 0 input files left" in third.stdout
+    )
 
 
 def test_killed_from_outside_at_any_moment(corpus: dict, splade_tiny: Path) -> None:
     output = "s3://resume/out-outside"
     fs = s3fs.S3FileSystem()
-    proc = start_until_progress(encode_args(splade_tiny, output), "resume/out-outside", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_until_progress(
+        encode_args(splade_tiny, output), "resume/out-outside", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     fs.invalidate_cache()
@@ -135,12 +154,14 @@ def test_settings_that_change_vectors_are_refused_unless_starting_over(corpus: d
 
 def test_one_run_at_a_time(corpus: dict, splade_tiny: Path) -> None:
     fs = s3fs.S3FileSystem()
-    with RunLock(fs, "resume/out-locked", "reindex", ttl_s=60):
+    with RunLock(OutputLocation("s3://resume/out-locked"), "reindex", ttl_s=60):
         refused = cli(*encode_args(splade_tiny, "s3://resume/out-locked"))
     assert refused.returncode == 2
     assert "another reindex holds this output" in refused.stderr and "expires at" in refused.stderr
     # A lock whose holder died (no renewal past its expiry) is taken over.
-    fs.pipe("resume/out-locked/_lock", json.dumps({"owner": "dead", "what": "encode", "expires": time.time() - 1}).encode())
+    fs.pipe(
+        "resume/out-locked/_lock", json.dumps({"owner": "dead", "what": "encode", "expires": time.time() - 1}).encode()
+    )
     done = cli(*encode_args(splade_tiny, "s3://resume/out-locked"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert_exactly_once("s3://resume/out-locked", corpus)
@@ -149,22 +170,30 @@ def test_one_run_at_a_time(corpus: dict, splade_tiny: Path) -> None:
 def test_lock_is_exclusive_and_renewed(s3_endpoint: str) -> None:
     fs = s3fs.S3FileSystem()
     fs.mkdir("locks")
-    first = RunLock(fs, "locks/a", "reindex", ttl_s=0.6).acquire()
+    first = RunLock(OutputLocation("s3://locks/a"), "reindex", ttl_s=0.6).acquire()
     try:
         time.sleep(1.0)  # past one ttl: the heartbeat has renewed it
         with pytest.raises(Exception, match="another reindex holds this output"):
-            RunLock(fs, "locks/a", "reindex", ttl_s=0.6).acquire()
+            RunLock(OutputLocation("s3://locks/a"), "reindex", ttl_s=0.6).acquire()
         first.check()
     finally:
         first.release()
     assert not fs.exists("locks/a/_lock")
-    with RunLock(fs, "locks/a", "encode", ttl_s=5) as second:
+    with RunLock(OutputLocation("s3://locks/a"), "encode", ttl_s=5) as second:
         second.check()
 
 
 def test_killed_during_upsert_store_holds_each_document_once(corpus: dict, splade_tiny: Path, tmp_path: Path) -> None:
     output, store = "s3://resume/out-upsert", tmp_path / "qdrant"
-    args = [*encode_args(splade_tiny, output), "--sink-type", "qdrant", "--sink-path", str(store), "--sink-batch-size", "10"]
+    args = [
+        *encode_args(splade_tiny, output),
+        "--sink-type",
+        "qdrant",
+        "--sink-path",
+        str(store),
+        "--sink-batch-size",
+        "10",
+    ]
     killed = cli(*args, env=crash_env("upsert:2"))  # the driver loads an embedded store: killed after 2 batches of 40
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert len(_stored(store)) == 80

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from sink_checks import (
+from support.sink_checks import (
     assert_ensure_refused,
     assert_idempotent_and_delete,
     assert_search_matches_brute_force,
@@ -17,15 +16,19 @@ from sink_checks import (
 )
 
 from pipeline.config import load_config
-from pipeline.output import FINGERPRINT_KEY
-from pipeline.schema import SPARSE_TYPE
-from pipeline.upsert import upsert_files
+from pipeline.encode.fingerprint import Fingerprint
+from pipeline.encode.sparse import SPARSE_TYPE
+from pipeline.job.load import upsert_files
+from pipeline.output.layout import FINGERPRINT_KEY
+from pipeline.output.location import OutputLocation
 
 
 @pytest.fixture(scope="module")
 def loaded(ray_cluster: str, splade_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("milvus-job")
-    config, summary = run_into_store(root, splade_tiny, {"type": "milvus", "path": str(root / "milvus.db"), "batch_size": 50})
+    config, summary = run_into_store(
+        root, splade_tiny, {"type": "milvus", "path": str(root / "milvus.db"), "batch_size": 50}
+    )
     return {"config": config, "summary": summary, "root": root}
 
 
@@ -47,16 +50,22 @@ def test_empty_vector_is_a_counted_reject(loaded: dict, tmp_path: Path) -> None:
     combined = pa.concat_tables([table.slice(0, 5), empty])
     pq.write_table(combined, tmp_path / "with-empty.parquet")
     sink = config.sink.model_copy(update={"collection": "with_empty"})
-    fingerprint = json.loads(table.schema.metadata[FINGERPRINT_KEY])
-    result = upsert_files(config.model_copy(update={"sink": sink}), fsspec.filesystem("file"), [str(tmp_path / "with-empty.parquet")], fingerprint)
+    fingerprint = Fingerprint.from_dict(json.loads(table.schema.metadata[FINGERPRINT_KEY]))
+    result = upsert_files(
+        config.model_copy(update={"sink": sink}), OutputLocation(str(tmp_path)), ["with-empty.parquet"], fingerprint
+    )
     assert result["upserted"] == 5 and result["rejected_empty_vectors"] == 1 and result["store_count"] == 5
 
 
 def test_incompatible_collection_is_an_error_not_a_drop(loaded: dict) -> None:
     other = loaded["config"].sink.model_copy(update={"vector_name": "other_vector"})
-    assert assert_ensure_refused(other, "needs primary key 'id' and a SPARSE_FLOAT_VECTOR 'other_vector'") >= 119  # untouched
+    assert (
+        assert_ensure_refused(other, "needs primary key 'id' and a SPARSE_FLOAT_VECTOR 'other_vector'") >= 119
+    )  # untouched
 
 
 def test_missing_collection_without_create(tmp_path: Path) -> None:
-    cfg = load_config(None, {"sink.type": "milvus", "sink.path": str(tmp_path / "m.db"), "sink.create_if_missing": False}).sink
+    cfg = load_config(
+        None, {"sink.type": "milvus", "sink.path": str(tmp_path / "m.db"), "sink.create_if_missing": False}
+    ).sink
     assert_ensure_refused(cfg, "collection does not exist", count_after=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from sink_checks import (
+from support.sink_checks import (
     VOCAB,
     assert_ensure_refused,
     assert_idempotent_and_delete,
@@ -19,22 +19,27 @@ from sink_checks import (
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.sinks import SinkError
+from pipeline.job.load import upsert_output
 from pipeline.sinks.pgvector import to_sparsevec
-from pipeline.upsert import upsert_output
+from pipeline.sinks.protocol import SinkError
 
 
 @pytest.fixture(scope="module")
 def loaded(ray_cluster: str, splade_tiny: Path, postgres, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("pg-job")
-    config, summary = run_into_store(root, splade_tiny, {"type": "pgvector", "dsn": postgres.dsn, "collection": "docs", "batch_size": 40})
+    config, summary = run_into_store(
+        root, splade_tiny, {"type": "pgvector", "dsn": postgres.dsn, "collection": "docs", "batch_size": 40}
+    )
     return {"config": config, "summary": summary}
 
 
 def test_job_loads_table_and_search_matches_brute_force(loaded: dict, postgres) -> None:
     assert loaded["summary"]["sink"]["upserted"] == loaded["summary"]["sink"]["store_count"] == 120
     with psycopg.connect(postgres.dsn) as conn:
-        kind = conn.execute("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'docs'::regclass AND attname = 'embedding'").fetchone()
+        kind = conn.execute(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'docs'::regclass AND attname = "
+            "'embedding'"
+        ).fetchone()
     assert kind == (f"sparsevec({VOCAB})",)
     assert_search_matches_brute_force(loaded["config"])
 
@@ -55,20 +60,42 @@ def test_incompatible_table_is_an_error_not_a_drop(postgres) -> None:
         conn.execute("CREATE TABLE small (id text PRIMARY KEY, embedding sparsevec(100))")
         conn.execute("INSERT INTO small VALUES ('keep', '{1:1}/100')")
     cfg = load_config(None, {"sink.type": "pgvector", "sink.dsn": postgres.dsn, "sink.collection": "small"}).sink
-    assert assert_ensure_refused(cfg, r"exists with sparsevec\(100\), this model needs embedding sparsevec\(30522\)") == 1
+    assert (
+        assert_ensure_refused(cfg, r"exists with sparsevec\(100\), this model needs embedding sparsevec\(30522\)") == 1
+    )
 
 
-def test_hnsw_cap_enforced_before_encoding(ray_cluster: str, splade_tiny: Path, postgres, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    args = ["encode", "--output", str(tmp_path / "out"), "--model", str(splade_tiny), "--sink-type", "pgvector",
-            "--sink-dsn", postgres.dsn, "--sink-collection", "capped", "--sink-hnsw-index", "true"]  # fmt: skip
+def test_hnsw_cap_enforced_before_encoding(
+    ray_cluster: str, splade_tiny: Path, postgres, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    args = [
+        "encode",
+        "--output",
+        str(tmp_path / "out"),
+        "--model",
+        str(splade_tiny),
+        "--sink-type",
+        "pgvector",
+        "--sink-dsn",
+        postgres.dsn,
+        "--sink-collection",
+        "capped",
+        "--sink-hnsw-index",
+        "true",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "at most 1000 non-zeros per vector, but encoder.top_k is None" in err and "set encoder.top_k to 1000 or less" in err
+    assert (
+        "at most 1000 non-zeros per vector, but encoder.top_k is None" in err
+        and "set encoder.top_k to 1000 or less" in err
+    )
     assert not (tmp_path / "out").exists()  # stopped before any encoding or output
     assert main([*args, "--top-k", "64"]) == 0
     with psycopg.connect(postgres.dsn) as conn:
         assert conn.execute("SELECT count(*) FROM capped").fetchone() == (32,)
-        assert conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'capped' AND indexdef LIKE '%hnsw%'").fetchone()
+        assert conn.execute(
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'capped' AND indexdef LIKE '%hnsw%'"
+        ).fetchone()
 
 
 def test_password_in_dsn_refused() -> None:
@@ -108,7 +135,9 @@ def test_outage_mid_upsert_within_deadline(loaded: dict, postgres) -> None:
     assert result["upserted"] == 120 and result["store_count"] == 120
 
 
-def test_store_down_for_good_then_upsert_from(ray_cluster: str, splade_tiny: Path, postgres, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_store_down_for_good_then_upsert_from(
+    ray_cluster: str, splade_tiny: Path, postgres, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """The server dies during the job's load and stays down: a clear failure, the Parquet output is
     complete, and `upsert --from` finishes the load once the server is back."""
     sink = {"type": "pgvector", "dsn": postgres.dsn, "collection": "fordown", "batch_size": 1, "retry_deadline_s": 3}
@@ -131,6 +160,15 @@ def test_store_down_for_good_then_upsert_from(ray_cluster: str, splade_tiny: Pat
     assert f"pgvector ({postgres.dsn}) table 'fordown'" in message and "upsert --from" in message
     summary = json.loads((tmp_path / "out" / "_SUMMARY.json").read_text())
     assert summary["rows_written"] == 400 and "error" in summary["sink"]
-    args = ["--sink-type", "pgvector", "--sink-dsn", postgres.dsn, "--sink-collection", "fordown", "--model", str(splade_tiny)]
+    args = [
+        "--sink-type",
+        "pgvector",
+        "--sink-dsn",
+        postgres.dsn,
+        "--sink-collection",
+        "fordown",
+        "--model",
+        str(splade_tiny),
+    ]
     assert main(["upsert", "--from", str(tmp_path / "out"), *args]) == 0
     assert "it holds 400" in capsys.readouterr().out

@@ -10,23 +10,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import PINECONE_TEST_KEY
-from pinecone_protocol import PineconeProtocolServer
-from sink_checks import assert_idempotent_and_delete, assert_search_matches_brute_force, run_into_store
+from support.pinecone_protocol import PINECONE_TEST_KEY, PineconeProtocolServer
+from support.sink_checks import assert_idempotent_and_delete, assert_search_matches_brute_force, run_into_store
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.manifest import ENTRY_SCHEMA, write_commit
-from pipeline.output import FINGERPRINT_KEY
-from pipeline.schema import sparse_array
-from pipeline.sinks import SinkError
+from pipeline.encode.sparse import sparse_array
+from pipeline.job.load import upsert_output
+from pipeline.output.commits import ENTRY_SCHEMA, write_commit
+from pipeline.output.layout import FINGERPRINT_KEY
+from pipeline.output.location import OutputLocation
 from pipeline.sinks.pinecone import point_id
-from pipeline.upsert import upsert_output
+from pipeline.sinks.protocol import SinkError
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +36,9 @@ def server() -> PineconeProtocolServer:
 
 
 @pytest.fixture(scope="module")
-def loaded(ray_cluster: str, splade_tiny: Path, server: PineconeProtocolServer, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def loaded(
+    ray_cluster: str, splade_tiny: Path, server: PineconeProtocolServer, tmp_path_factory: pytest.TempPathFactory
+) -> dict:
     root = tmp_path_factory.mktemp("pinecone-job")
     server.throttle_next = 3  # the first upserts are throttled (429), as a busy index does
     sink = {"type": "pinecone", "url": server.url, "namespace": "docs", "batch_size": 25}
@@ -63,11 +64,31 @@ def _big_output(loaded: dict, folder: Path, rows: int, nnz: int) -> Path:
     rng = np.random.default_rng(0)
     indices = np.concatenate([np.sort(rng.choice(30522, nnz, replace=False)) for _ in range(rows)]).astype(np.int32)
     offsets = np.arange(rows + 1, dtype=np.int32) * nnz
-    table = pa.table({"id": [f"big-{i}" for i in range(rows)], "sparse": sparse_array(offsets, indices, rng.random(rows * nnz, dtype=np.float32) + 0.1)})
+    table = pa.table(
+        {
+            "id": [f"big-{i}" for i in range(rows)],
+            "sparse": sparse_array(offsets, indices, rng.random(rows * nnz, dtype=np.float32) + 0.1),
+        }
+    )
     (folder / "data").mkdir(parents=True)
-    pq.write_table(table.replace_schema_metadata({FINGERPRINT_KEY: fingerprint}), folder / "data" / "part-000000-000000.parquet")
-    entry = {"unit": "big", "block": 0, "block_rows": rows, "last": True, "rows": rows, "written": rows, "data_file": "data/part-000000-000000.parquet"}
-    write_commit(fsspec.filesystem("file"), str(folder), 1, pa.Table.from_pylist([entry], schema=ENTRY_SCHEMA), {"fingerprint": json.loads(fingerprint)})
+    pq.write_table(
+        table.replace_schema_metadata({FINGERPRINT_KEY: fingerprint}), folder / "data" / "part-000000-000000.parquet"
+    )
+    entry = {
+        "unit": "big",
+        "block": 0,
+        "block_rows": rows,
+        "last": True,
+        "rows": rows,
+        "written": rows,
+        "data_file": "data/part-000000-000000.parquet",
+    }
+    write_commit(
+        OutputLocation(str(folder)),
+        1,
+        pa.Table.from_pylist([entry], schema=ENTRY_SCHEMA),
+        {"fingerprint": json.loads(fingerprint)},
+    )
     return folder
 
 
@@ -81,23 +102,41 @@ def test_requests_cut_to_pinecone_limits(loaded: dict, server: PineconeProtocolS
     assert len(upserts) >= 5 and all(status == 200 and size <= 2 * 1024 * 1024 for size, status in upserts)
 
 
-def test_oversized_request_fails_clearly_without_retry(loaded: dict, server: PineconeProtocolServer, tmp_path: Path) -> None:
+def test_oversized_request_fails_clearly_without_retry(
+    loaded: dict, server: PineconeProtocolServer, tmp_path: Path
+) -> None:
     out = _big_output(loaded, tmp_path / "big413", rows=4, nnz=2000)
     server.max_body = 50_000  # an index host with a lower limit than Pinecone documents
     try:
         sink = loaded["config"].sink.model_copy(update={"namespace": "small", "retry_deadline_s": 30})
         before = len(server.requests)
-        with pytest.raises(SinkError, match=r"pinecone http://127\.0\.0\.1:\d+ namespace 'small': upserting 4 vectors .*413"):
+        with pytest.raises(
+            SinkError, match=r"pinecone http://127\.0\.0\.1:\d+ namespace 'small': upserting 4 vectors .*413"
+        ):
             upsert_output(loaded["config"].model_copy(update={"sink": sink}), str(out))
         assert [s for p, _, s in server.requests[before:] if p == "/vectors/upsert"] == [413]  # not retried
     finally:
         server.max_body = 2 * 1024 * 1024
 
 
-def test_top_k_cap_enforced_before_encoding(splade_tiny: Path, server: PineconeProtocolServer, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code = main(["encode", "--output", str(tmp_path / "out"), "--model", str(splade_tiny), "--sink-type", "pinecone", "--sink-url", server.url])
+def test_top_k_cap_enforced_before_encoding(
+    splade_tiny: Path, server: PineconeProtocolServer, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code = main(
+        [
+            "encode",
+            "--output",
+            str(tmp_path / "out"),
+            "--model",
+            str(splade_tiny),
+            "--sink-type",
+            "pinecone",
+            "--sink-url",
+            server.url,
+        ]
+    )
     assert code == 2
-    assert "Pinecone takes at most 2048 non-zeros per sparse vector, but encoder.top_k is None" in capsys.readouterr().err
+    assert "Pinecone takes at most 2048 non-zeros per vector, but encoder.top_k is None" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from sink_checks import (
+from support.sink_checks import (
     QUERIES,
     VOCAB,
     assert_ensure_refused,
@@ -19,13 +19,15 @@ from sink_checks import (
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.sinks import SinkError, is_transient, request_batches, with_retries
+from pipeline.sinks.protocol import SinkError, is_transient, request_batches, with_retries
 
 
 @pytest.fixture(scope="module")
 def loaded(ray_cluster: str, splade_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("qdrant-job")
-    config, summary = run_into_store(root, splade_tiny, {"type": "qdrant", "path": str(root / "qdrant"), "batch_size": 50})
+    config, summary = run_into_store(
+        root, splade_tiny, {"type": "qdrant", "path": str(root / "qdrant"), "batch_size": 50}
+    )
     return {"config": config, "summary": summary}
 
 
@@ -51,7 +53,9 @@ def test_rerun_is_idempotent_and_delete_removes(loaded: dict, capsys: pytest.Cap
 def test_incompatible_collection_is_an_error_not_a_drop(loaded: dict) -> None:
     config = loaded["config"]
     other = config.sink.model_copy(update={"vector_name": "other"})
-    assert assert_ensure_refused(other, r"without a sparse vector named 'other' \(it has \['sparse'\]\)") == 120  # nothing dropped
+    assert (
+        assert_ensure_refused(other, r"without a sparse vector named 'other' \(it has \['sparse'\]\)") == 120
+    )  # nothing dropped
     idf = config.sink.model_copy(update={"idf_modifier": True})
     assert assert_ensure_refused(idf, "exists with idf_modifier=False") == 120
 
@@ -62,10 +66,14 @@ def test_missing_collection_without_create(tmp_path: Path) -> None:
 
 
 def test_local_mode_allows_one_writer(tmp_path: Path) -> None:
-    from pipeline.upsert import check_sink
+    from pipeline.encode.fingerprint import Fingerprint
+    from pipeline.job.load import check_sink
 
     with pytest.raises(ValueError, match="an embedded qdrant store allows one writer"):
-        check_sink(load_config(None, {"sink.type": "qdrant", "sink.path": str(tmp_path), "sink.writers": 2}), {"top_k": None, "vocab_size": VOCAB})
+        check_sink(
+            load_config(None, {"sink.type": "qdrant", "sink.path": str(tmp_path), "sink.writers": 2}).sink,
+            Fingerprint.from_dict({"top_k": None, "vocab_size": VOCAB}),
+        )
 
 
 def test_retries_only_transient_errors() -> None:
@@ -98,7 +106,7 @@ def test_retries_only_transient_errors() -> None:
 
 
 def test_request_batches_respect_count_and_bytes() -> None:
-    from pipeline.schema import sparse_array
+    from pipeline.encode.sparse import sparse_array
 
     nnz = np.array([10, 1000, 5, 5, 5, 2000], dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(nnz)]).astype(np.int32)

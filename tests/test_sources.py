@@ -19,8 +19,13 @@ def _rows(cfg: InputConfig) -> list[dict]:
 
 
 def test_formats_and_compression(tmp_path: Path) -> None:
-    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(b'{"id": "j1", "title": "T", "text": "gz text", "lang": "fr"}\n'))
-    pq.write_table(pa.table({"id": [1, 2], "title": [None, "P"], "text": ["pq one", "pq two"], "lang": ["en", "de"]}), tmp_path / "a.parquet")
+    (tmp_path / "b.jsonl.gz").write_bytes(
+        gzip.compress(b'{"id": "j1", "title": "T", "text": "gz text", "lang": "fr"}\n')
+    )
+    pq.write_table(
+        pa.table({"id": [1, 2], "title": [None, "P"], "text": ["pq one", "pq two"], "lang": ["en", "de"]}),
+        tmp_path / "a.parquet",
+    )
     (tmp_path / "c.csv").write_text("id,title,text,lang\nc1,,csv text,es\n")
     (tmp_path / "_SUCCESS").write_text("")
     cfg = InputConfig(paths=[str(tmp_path)], title_column="title", passthrough_columns=["lang"])
@@ -54,7 +59,11 @@ def test_blocks_carry_their_size(tmp_path: Path) -> None:
 
 def test_detect_format() -> None:
     assert detect_format("s3://b/x.JSONL.GZ") == "jsonl"
-    assert detect_format("x.ndjson") == "jsonl" and detect_format("x.csv.bz2") == "csv" and detect_format("x.pq") == "parquet"
+    assert (
+        detect_format("x.ndjson") == "jsonl"
+        and detect_format("x.csv.bz2") == "csv"
+        and detect_format("x.pq") == "parquet"
+    )
     assert detect_format("x.txt") is None
 
 

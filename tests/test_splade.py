@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import splade
+from pipeline.encode import splade
 
 HUGE = 1e9
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from reference import densify
+from support.reference import densify
 
 from pipeline import SpladeEncoder
 from pipeline.demo import load_sample_corpus
@@ -53,6 +53,7 @@ def test_queries_rank_their_document_first(encoder: SpladeEncoder) -> None:
 
 def test_same_vectors_as_sentence_transformers(encoder: SpladeEncoder, splade_tiny: Path) -> None:
     from sentence_transformers import SparseEncoder
+
     try:  # sentence-transformers >= 6.2 moved these
         from sentence_transformers.sparse_encoder.modules import MLMTransformer, SpladePooling
     except ImportError:

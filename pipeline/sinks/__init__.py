@@ -1,134 +1,40 @@
-"""Vector stores behind one small protocol: ensure, upsert, delete, search, count, close.
+"""Vector stores: one module per store behind the protocol in :mod:`pipeline.sinks.protocol`.
 
-Ids in a store are a pure function of the document id (see each store's ``point_id``), so a
-re-run overwrites instead of duplicating. Only transient failures are retried (throttling,
-5xx, timeouts, refused connections), with exponential backoff and jitter up to a deadline;
-then the error names the store, the batch and the cause.
+:func:`open_sink` gives a client for the configured store, :func:`store_limits` what that store
+accepts (each store declares its own). Store client libraries are imported only when a store is
+opened, so the package costs nothing to import.
 """
 
 from __future__ import annotations
 
-import random
-import re
-import time
-from collections.abc import Callable, Iterator
-from typing import Protocol, TypeVar
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
+from importlib import import_module
 
 from pipeline.config import SinkConfig
+from pipeline.sinks.protocol import Sink, SinkError, SinkSettingError, StoreLimits
 
-T = TypeVar("T")
-TRANSIENT_STATUS = {429, 500, 502, 503, 504}
-# Whole-token HTTP codes only: "exceeds the maximum size of 50000" is no 500.
-_STATUS_IN_TEXT = re.compile(r"(?<![\d.])(429|500|502|503|504)(?![\d.])")
-TRANSIENT_PHRASES = ("too many requests", "service unavailable", "bad gateway", "gateway timeout", "internal server error",
-                     "timed out", "timeout", "connection refused", "connection reset", "temporarily unavailable",
-                     "server closed the connection", "slowdown", "terminating connection", "the database system is",
-                     "connection is lost", "connection is closed", "could not receive data", "eof detected")  # fmt: skip
-
-
-class SinkError(RuntimeError):
-    """The store refused or failed; the message names the store, what was being done and why."""
+STORES = {
+    "qdrant": "pipeline.sinks.qdrant:QdrantSink",
+    "pgvector": "pipeline.sinks.pgvector:PgvectorSink",
+    "milvus": "pipeline.sinks.milvus:MilvusSink",
+    "pinecone": "pipeline.sinks.pinecone:PineconeSink",
+}
 
 
-class Sink(Protocol):
-    name: str
-    accepts_empty_vectors: bool  # False: an empty vector is a counted reject, not an upsert
+def store_class(cfg: SinkConfig) -> type[Sink]:
+    if cfg.type not in STORES:
+        raise SinkSettingError(f"sink.type: {cfg.type!r} is not a known store; choose one of: {', '.join(STORES)}")
+    module, _, name = STORES[cfg.type].partition(":")
+    return getattr(import_module(module), name)
 
-    def ensure(self) -> None: ...
-    def upsert(self, ids: list[str], indices: list[np.ndarray], values: list[np.ndarray]) -> None: ...
-    def delete(self, ids: list[str]) -> None: ...
-    def search(self, indices: np.ndarray, values: np.ndarray, k: int) -> list[tuple[str, float]]: ...
-    def finish(self) -> None: ...  # make everything upserted so far searchable (Milvus: flush)
-    def count(self) -> int: ...
-    def close(self) -> None: ...
+
+def store_limits(cfg: SinkConfig) -> StoreLimits:
+    """What the configured store accepts (per-vector cap, request sizes, embedded or server)."""
+    return store_class(cfg).limits(cfg)
 
 
 def open_sink(cfg: SinkConfig, dimension: int) -> Sink:
     """A client for the configured store; ``dimension`` is the vocabulary size of the vectors."""
-    if cfg.type == "qdrant":
-        from pipeline.sinks.qdrant import QdrantSink
-
-        return QdrantSink(cfg)
-    if cfg.type == "pgvector":
-        from pipeline.sinks.pgvector import PgvectorSink
-
-        return PgvectorSink(cfg, dimension)
-    if cfg.type == "milvus":
-        from pipeline.sinks.milvus import MilvusSink
-
-        return MilvusSink(cfg)
-    if cfg.type == "pinecone":
-        from pipeline.sinks.pinecone import PineconeSink
-
-        return PineconeSink(cfg)
-    raise ValueError(f"sink.type: {cfg.type!r} is not a known store; choose one of: qdrant, pgvector, milvus, pinecone")
+    return store_class(cfg)(cfg, dimension)
 
 
-def request_limits(cfg: SinkConfig) -> tuple[int, int]:
-    """Vectors and bytes per request: the configured ones, within the store's hard limits."""
-    if cfg.type == "pinecone":
-        from pipeline.sinks.pinecone import MAX_REQUEST_BYTES, MAX_VECTORS_PER_REQUEST
-
-        return min(cfg.batch_size, MAX_VECTORS_PER_REQUEST), min(cfg.max_request_bytes, MAX_REQUEST_BYTES)
-    return cfg.batch_size, cfg.max_request_bytes
-
-
-def check_caps(cfg: SinkConfig, top_k: int | None) -> None:
-    """Store limits that the encoding settings must meet, checked before any work."""
-    if cfg.type == "pinecone" and (top_k is None or top_k > 2048):
-        raise ValueError(
-            f"encoder.top_k: Pinecone takes at most 2048 non-zeros per sparse vector, but encoder.top_k is {top_k}; "
-            "set encoder.top_k to 2048 or less"
-        )
-    if cfg.type == "pgvector" and cfg.hnsw_index and (top_k is None or top_k > 1000):
-        raise ValueError(
-            f"sink.hnsw_index: pgvector's HNSW index on sparsevec takes at most 1000 non-zeros per vector, but encoder.top_k is "
-            f"{top_k}; set encoder.top_k to 1000 or less, or sink.hnsw_index: false"
-        )
-
-
-def is_transient(err: BaseException) -> bool:
-    """Throttling, server errors, timeouts and dropped connections: worth another try."""
-    if isinstance(err, (TimeoutError, ConnectionError)):
-        return True
-    for attr in ("status", "status_code"):  # HTTP clients' structured status, when they give one
-        status = getattr(err, attr, None)
-        if isinstance(status, int) and 100 <= status < 600:
-            return status in TRANSIENT_STATUS
-    text = f"{type(err).__name__} {err}".lower()
-    return bool(_STATUS_IN_TEXT.search(text)) or any(phrase in text for phrase in TRANSIENT_PHRASES)
-
-
-def with_retries(action: Callable[[], T], what: str, deadline_s: float, store: str) -> T:
-    """Run ``action``; retry transient errors with exponential backoff and jitter until ``deadline_s``."""
-    start, delay = time.monotonic(), 0.2
-    while True:
-        try:
-            return action()
-        except Exception as err:  # noqa: BLE001 - classified right below
-            if not is_transient(err) or time.monotonic() - start + delay > deadline_s:
-                raise SinkError(f"{store}: {what} failed: {type(err).__name__}: {err}") from err
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 10.0)
-
-
-def request_batches(rows: pa.Table, max_count: int, max_bytes: int) -> Iterator[pa.Table]:
-    """Cut ``rows`` (id + sparse) into requests of at most ``max_count`` vectors and ``max_bytes``.
-
-    Bytes are estimated generously for a JSON body (about 32 bytes a term, the id twice for id
-    and metadata, plus framing); a single vector larger than ``max_bytes`` still goes alone.
-    """
-    nnz = pc.list_value_length(pc.struct_field(rows["sparse"], "indices")).to_numpy()
-    sizes = nnz * 32 + 96 + 2 * np.array([len(i.encode()) for i in rows["id"].to_pylist()], dtype=np.int64)
-    start = 0
-    while start < rows.num_rows:
-        stop, total = start, 0
-        while stop < rows.num_rows and stop - start < max_count and (stop == start or total + sizes[stop] <= max_bytes):
-            total += sizes[stop]
-            stop += 1
-        yield rows.slice(start, stop - start)
-        start = stop
+__all__ = ["STORES", "Sink", "SinkError", "SinkSettingError", "StoreLimits", "open_sink", "store_class", "store_limits"]

@@ -14,15 +14,13 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import SinkConfig
-from pipeline.sinks import SinkError, with_retries
+from pipeline.sinks.protocol import SinkError, StoreLimits, with_retries
 
 MAX_ID_LENGTH = 65_535  # VARCHAR's limit in Milvus
 
 
 class MilvusSink:
-    accepts_empty_vectors = False
-
-    def __init__(self, cfg: SinkConfig) -> None:
+    def __init__(self, cfg: SinkConfig, dimension: int) -> None:
         from pymilvus import MilvusClient
 
         self.cfg, self.field = cfg, cfg.vector_name
@@ -34,6 +32,11 @@ class MilvusSink:
             os.makedirs(os.path.dirname(os.path.abspath(cfg.store_path)), exist_ok=True)
             self.client = MilvusClient(cfg.store_path)
 
+    @classmethod
+    def limits(cls, cfg: SinkConfig) -> StoreLimits:
+        # Milvus Lite is one process's file; Milvus refuses empty sparse vectors.
+        return StoreLimits(embedded=not cfg.url, accepts_empty_vectors=False)
+
     def _call(self, what: str, action: Any) -> Any:
         return with_retries(action, what, self.cfg.retry_deadline_s, self.name)
 
@@ -42,13 +45,22 @@ class MilvusSink:
 
         name = self.cfg.collection
         if self._call("checking the collection", lambda: self.client.has_collection(name)):
-            fields = {f["name"]: f for f in self._call("reading the collection", lambda: self.client.describe_collection(name))["fields"]}
+            fields = {
+                f["name"]: f
+                for f in self._call("reading the collection", lambda: self.client.describe_collection(name))["fields"]
+            }
             vector = fields.get(self.field)
             key = fields.get("id")
-            if vector is None or vector["type"] != DataType.SPARSE_FLOAT_VECTOR or key is None or not key.get("is_primary"):
+            if (
+                vector is None
+                or vector["type"] != DataType.SPARSE_FLOAT_VECTOR
+                or key is None
+                or not key.get("is_primary")
+            ):
                 found = {n: str(f["type"]) for n, f in fields.items()}
                 raise SinkError(
-                    f"{self.name}: exists with fields {found}; needs primary key 'id' and a SPARSE_FLOAT_VECTOR {self.field!r}"
+                    f"{self.name}: exists with fields {found}; needs primary key 'id' and a SPARSE_FLOAT_VECTOR "
+                    f"{self.field!r}"
                 )
             return
         if not self.cfg.create_if_missing:
@@ -58,11 +70,18 @@ class MilvusSink:
         schema.add_field(self.field, DataType.SPARSE_FLOAT_VECTOR)
         index = self.client.prepare_index_params()
         index.add_index(field_name=self.field, index_type="SPARSE_INVERTED_INDEX", metric_type="IP")
-        self._call("creating the collection", lambda: self.client.create_collection(name, schema=schema, index_params=index))
+        self._call(
+            "creating the collection", lambda: self.client.create_collection(name, schema=schema, index_params=index)
+        )
 
     def upsert(self, ids: list[str], indices: list[np.ndarray], values: list[np.ndarray]) -> None:
-        rows = [{"id": i, self.field: dict(zip(idx.tolist(), val.tolist()))} for i, idx, val in zip(ids, indices, values)]
-        self._call(f"upserting {len(rows)} vectors (first id {ids[0]!r})", lambda: self.client.upsert(self.cfg.collection, rows))
+        rows = [
+            {"id": i, self.field: dict(zip(idx.tolist(), val.tolist()))} for i, idx, val in zip(ids, indices, values)
+        ]
+        self._call(
+            f"upserting {len(rows)} vectors (first id {ids[0]!r})",
+            lambda: self.client.upsert(self.cfg.collection, rows),
+        )
 
     def delete(self, ids: list[str]) -> None:
         self._call(f"deleting {len(ids)} ids", lambda: self.client.delete(self.cfg.collection, ids=ids))
@@ -76,13 +95,20 @@ class MilvusSink:
         hits = self._call(
             "searching",
             lambda: self.client.search(
-                self.cfg.collection, data=query, anns_field=self.field, limit=k, search_params={"metric_type": "IP"}, output_fields=["id"]
+                self.cfg.collection,
+                data=query,
+                anns_field=self.field,
+                limit=k,
+                search_params={"metric_type": "IP"},
+                output_fields=["id"],
             ),
         )
         return [(h["id"], float(h["distance"])) for h in hits[0] if h["distance"] > 0]
 
     def count(self) -> int:
-        rows = self._call("counting", lambda: self.client.query(self.cfg.collection, filter="", output_fields=["count(*)"]))
+        rows = self._call(
+            "counting", lambda: self.client.query(self.cfg.collection, filter="", output_fields=["count(*)"])
+        )
         return int(rows[0]["count(*)"])
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import SinkConfig
-from pipeline.sinks import SinkError, with_retries
+from pipeline.sinks.protocol import SinkError, StoreLimits, with_retries
 
 
 def to_sparsevec(indices: np.ndarray, values: np.ndarray, dimension: int) -> str:
@@ -20,13 +20,25 @@ def to_sparsevec(indices: np.ndarray, values: np.ndarray, dimension: int) -> str
     return f"{{{terms}}}/{dimension}"
 
 
-class PgvectorSink:
-    accepts_empty_vectors = True  # '{}/30522' is a valid sparsevec; it simply matches nothing
+HNSW_MAX_NONZEROS = 1000  # pgvector's HNSW index on sparsevec
 
+
+class PgvectorSink:
     def __init__(self, cfg: SinkConfig, dimension: int) -> None:
         self.cfg, self.dimension, self.table = cfg, dimension, cfg.collection
         self.name = f"pgvector ({cfg.dsn}) table {cfg.collection!r}"
         self._conn: Any = None
+
+    @classmethod
+    def limits(cls, cfg: SinkConfig) -> StoreLimits:
+        # '{}/30522' is a valid sparsevec (it matches nothing): empty vectors are stored.
+        return StoreLimits(
+            embedded=False,
+            accepts_empty_vectors=True,
+            max_nonzeros=HNSW_MAX_NONZEROS if cfg.hnsw_index else None,
+            nonzeros_reason="sink.hnsw_index: pgvector's HNSW index on sparsevec",
+            nonzeros_remedy="or sink.hnsw_index: false",
+        )
 
     def _connection(self) -> Any:
         import psycopg
@@ -60,24 +72,33 @@ class PgvectorSink:
         self._call("enabling pgvector", "CREATE EXTENSION IF NOT EXISTS vector")
         found = self._call(
             "reading the table",
-            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = 'embedding'",
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = "
+            "'embedding'",
             (self.table,),
             fetch=True,
         )
-        exists = bool(self._call("checking the table", "SELECT to_regclass(%s) IS NOT NULL", (self.table,), fetch=True)[0][0])
+        exists = bool(
+            self._call("checking the table", "SELECT to_regclass(%s) IS NOT NULL", (self.table,), fetch=True)[0][0]
+        )
         wanted = f"sparsevec({self.dimension})"
         if exists:
             if not found or found[0][0] != wanted:
                 have = found[0][0] if found else "no 'embedding' column"
-                raise SinkError(f"{self.name}: exists with {have}, this model needs embedding {wanted}; use another table")
+                raise SinkError(
+                    f"{self.name}: exists with {have}, this model needs embedding {wanted}; use another table"
+                )
         elif not self.cfg.create_if_missing:
             raise SinkError(f"{self.name}: table does not exist and sink.create_if_missing is false")
         else:
-            self._call("creating the table", f"CREATE TABLE IF NOT EXISTS {self.table} (id text PRIMARY KEY, embedding {wanted} NOT NULL)")
+            self._call(
+                "creating the table",
+                f"CREATE TABLE IF NOT EXISTS {self.table} (id text PRIMARY KEY, embedding {wanted} NOT NULL)",
+            )
         if self.cfg.hnsw_index:
             self._call(
                 "creating the HNSW index",
-                f"CREATE INDEX IF NOT EXISTS {self.table}_embedding_hnsw ON {self.table} USING hnsw (embedding sparsevec_ip_ops)",
+                f"CREATE INDEX IF NOT EXISTS {self.table}_embedding_hnsw ON {self.table} USING hnsw (embedding "
+                "sparsevec_ip_ops)",
             )
 
     def upsert(self, ids: list[str], indices: list[np.ndarray], values: list[np.ndarray]) -> None:
@@ -95,7 +116,8 @@ class PgvectorSink:
         query = to_sparsevec(indices, values, self.dimension)
         rows = self._call(
             "searching",
-            f"SELECT id, -(embedding <#> %s::sparsevec) AS score FROM {self.table} ORDER BY embedding <#> %s::sparsevec LIMIT %s",
+            f"SELECT id, -(embedding <#> %s::sparsevec) AS score FROM {self.table} ORDER BY embedding <#> "
+            "%s::sparsevec LIMIT %s",
             (query, query, k),
             fetch=True,
         )

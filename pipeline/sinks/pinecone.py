@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import SinkConfig
-from pipeline.sinks import SinkError, with_retries
+from pipeline.sinks.protocol import SinkError, StoreLimits, with_retries
 
 MAX_NONZEROS = 2048
 MAX_VECTORS_PER_REQUEST = 1000
@@ -31,9 +31,7 @@ def point_id(doc_id: str) -> str:
 
 
 class PineconeSink:
-    accepts_empty_vectors = False
-
-    def __init__(self, cfg: SinkConfig) -> None:
+    def __init__(self, cfg: SinkConfig, dimension: int) -> None:
         from pinecone import Pinecone
 
         key = os.environ.get(cfg.api_key_variable)
@@ -42,6 +40,17 @@ class PineconeSink:
         self.cfg, self.namespace = cfg, cfg.namespace
         self.name = f"pinecone {cfg.url} namespace {cfg.namespace!r}"
         self.index = Pinecone(api_key=key).Index(host=cfg.url)
+
+    @classmethod
+    def limits(cls, cfg: SinkConfig) -> StoreLimits:
+        return StoreLimits(
+            embedded=False,
+            accepts_empty_vectors=False,
+            max_nonzeros=MAX_NONZEROS,
+            nonzeros_reason="Pinecone",
+            max_vectors_per_request=MAX_VECTORS_PER_REQUEST,
+            max_request_bytes=MAX_REQUEST_BYTES,
+        )
 
     def _call(self, what: str, action: Any) -> Any:
         return with_retries(action, what, self.cfg.retry_deadline_s, self.name)
@@ -53,7 +62,11 @@ class PineconeSink:
 
     def upsert(self, ids: list[str], indices: list[np.ndarray], values: list[np.ndarray]) -> None:
         vectors = [
-            {"id": point_id(doc_id), "sparse_values": {"indices": idx.tolist(), "values": val.tolist()}, "metadata": {"doc_id": doc_id}}
+            {
+                "id": point_id(doc_id),
+                "sparse_values": {"indices": idx.tolist(), "values": val.tolist()},
+                "metadata": {"doc_id": doc_id},
+            }
             for doc_id, idx, val in zip(ids, indices, values)
         ]
         self._call(
@@ -72,10 +85,12 @@ class PineconeSink:
         result = self._call(
             "searching",
             lambda: self.index.query(
-                sparse_vector={"indices": indices.tolist(), "values": values.tolist()}, top_k=k,
-                namespace=self.namespace, include_metadata=True,
+                sparse_vector={"indices": indices.tolist(), "values": values.tolist()},
+                top_k=k,
+                namespace=self.namespace,
+                include_metadata=True,
             ),
-        )  # fmt: skip
+        )
         return [(m.metadata["doc_id"], float(m.score)) for m in result.matches if m.score > 0]
 
     def count(self) -> int:

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import SinkConfig
-from pipeline.sinks import SinkError, with_retries
+from pipeline.sinks.protocol import SinkError, StoreLimits, with_retries
 
+MAX_REQUEST_BYTES = 32 * 2**20
 NAMESPACE = uuid.UUID("6f1c3b52-5a1d-4a52-9a55-2b9c1e6d0a71")  # fixed: ids must not change between runs
 
 
@@ -24,9 +25,7 @@ def point_id(doc_id: str) -> str:
 
 
 class QdrantSink:
-    accepts_empty_vectors = True
-
-    def __init__(self, cfg: SinkConfig) -> None:
+    def __init__(self, cfg: SinkConfig, dimension: int) -> None:
         from qdrant_client import QdrantClient
 
         self.cfg = cfg
@@ -37,6 +36,11 @@ class QdrantSink:
             self.name = f"qdrant (local {cfg.store_path}) collection {cfg.collection!r}"
             os.makedirs(cfg.store_path, exist_ok=True)
             self.client = QdrantClient(path=cfg.store_path)
+
+    @classmethod
+    def limits(cls, cfg: SinkConfig) -> StoreLimits:
+        # Local mode is one process's files; a server takes requests up to 32 MB (its default).
+        return StoreLimits(embedded=not cfg.url, accepts_empty_vectors=True, max_request_bytes=MAX_REQUEST_BYTES)
 
     def _call(self, what: str, action: Any) -> Any:
         return with_retries(action, what, self.cfg.retry_deadline_s, self.name)
@@ -50,7 +54,10 @@ class QdrantSink:
                 raise SinkError(f"{self.name}: collection does not exist and sink.create_if_missing is false")
             modifier = models.Modifier.IDF if cfg.idf_modifier else None
             sparse = {cfg.vector_name: models.SparseVectorParams(modifier=modifier)}
-            self._call("creating the collection", lambda: self.client.create_collection(cfg.collection, vectors_config={}, sparse_vectors_config=sparse))
+            self._call(
+                "creating the collection",
+                lambda: self.client.create_collection(cfg.collection, vectors_config={}, sparse_vectors_config=sparse),
+            )
             return
         info = self._call("reading the collection", lambda: self.client.get_collection(cfg.collection))
         existing = info.config.params.sparse_vectors or {}
@@ -74,13 +81,19 @@ class QdrantSink:
             )
             for doc_id, idx, val in zip(ids, indices, values)
         ]
-        self._call(f"upserting {len(points)} vectors (first id {ids[0]!r})", lambda: self.client.upsert(self.cfg.collection, points=points, wait=True))
+        self._call(
+            f"upserting {len(points)} vectors (first id {ids[0]!r})",
+            lambda: self.client.upsert(self.cfg.collection, points=points, wait=True),
+        )
 
     def delete(self, ids: list[str]) -> None:
         from qdrant_client import models
 
         selector = models.PointIdsList(points=[point_id(i) for i in ids])
-        self._call(f"deleting {len(ids)} ids", lambda: self.client.delete(self.cfg.collection, points_selector=selector, wait=True))
+        self._call(
+            f"deleting {len(ids)} ids",
+            lambda: self.client.delete(self.cfg.collection, points_selector=selector, wait=True),
+        )
 
     def search(self, indices: np.ndarray, values: np.ndarray, k: int) -> list[tuple[str, float]]:
         from qdrant_client import models
@@ -88,7 +101,9 @@ class QdrantSink:
         query = models.SparseVector(indices=indices.tolist(), values=values.tolist())
         hits = self._call(
             "searching",
-            lambda: self.client.query_points(self.cfg.collection, query=query, using=self.cfg.vector_name, limit=k, with_payload=True),
+            lambda: self.client.query_points(
+                self.cfg.collection, query=query, using=self.cfg.vector_name, limit=k, with_payload=True
+            ),
         )
         return [(p.payload["doc_id"], float(p.score)) for p in hits.points if p.score > 0]
 

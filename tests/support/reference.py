@@ -8,7 +8,21 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.schema import sparse_rows
+from pipeline.encode.sparse import sparse_rows
+
+VOCAB = 30522  # bert-base-uncased, the vocabulary of every test model
+# Texts that exercise the encoder: empty, unicode, far past 64 tokens, a duplicate.
+LONG = " ".join(f"word{i} alpha beta gamma" for i in range(400))  # far past 64 tokens
+TEXTS = [
+    "machine learning algorithms",
+    "The quick brown fox jumps over the lazy dog near the riverbank at dawn.",
+    "",
+    "naïve café — 東京 🚀 unicode text",
+    LONG,
+    "short",
+    "machine learning algorithms",  # a duplicate of the first
+    "A medium length sentence about ocean tides, the moon and the gravitational pull of the sun.",
+]
 
 
 @torch.inference_mode()

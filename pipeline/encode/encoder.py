@@ -2,16 +2,16 @@
 
 Loads the tokenizer and masked-LM once; per call it tokenizes in one batch, sorts by length,
 cuts micro-batches by a padded-token budget, runs the encoder (padding-free on CPU, see
-:mod:`pipeline.packed`), then the MLM head a piece at a time with a running per-document max
-(see :mod:`pipeline.splade`; on CPU in fp32 behind a certified bf16 screen, see
-:mod:`pipeline.screen`), and restores input order.
+:mod:`pipeline.encode.packed`), then the MLM head a piece at a time with a running per-document max
+(see :mod:`pipeline.encode.splade`; on CPU in fp32 behind a certified bf16 screen, see
+:mod:`pipeline.encode.screen`), and restores input order.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -20,15 +20,15 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import splade
-from pipeline.batching import padded_length, plan_micro_batches
-from pipeline.bundled import resolve_model
 from pipeline.config import EncoderConfig
-from pipeline.faults import out_of_memory_point
-from pipeline.heads import MaskedLMParts, split_masked_lm
-from pipeline.packed import Layout
-from pipeline.schema import sparse_array, sparse_rows
-from pipeline.screen import MAX_HIDDEN, ScreenedDecoder, bf16_products_accumulate_in_fp32
+from pipeline.encode import splade
+from pipeline.encode.batching import padded_length, plan_micro_batches
+from pipeline.encode.bundled import resolve_model
+from pipeline.encode.heads import MaskedLMParts, split_masked_lm
+from pipeline.encode.packed import Layout
+from pipeline.encode.screen import MAX_HIDDEN, ScreenedDecoder, bf16_products_accumulate_in_fp32
+from pipeline.encode.sparse import sparse_array, sparse_rows
+from pipeline.errors import SettingError
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class SpladeEncoder:
         self._pad_id = int(self.tokenizer.pad_token_id or 0)
         on_gpu = self.device.type == "cuda"
         if self.config.packed and self.parts.packed is None:
-            raise ValueError(
+            raise SettingError(
                 f"encoder.packed: true cannot be used with this model ({type(self.model).__name__}): the padding-free "
                 "forward covers BERT and DistilBERT encoders (no decoder, cross-attention or chunked feed-forward)"
             )
@@ -83,11 +83,15 @@ class SpladeEncoder:
         self.packed = self.parts.packed if use_packed else None
         self.head_chunk_tokens = self.config.head_chunk_tokens or (4096 if on_gpu else 2048 if self.packed else 512)
         self.screen = self._screened_decoder(on_gpu)
-        # Measured: on an H200 (bert-base shape, bf16) 32768 tokens per pass was 14% faster than
-        # 16384; on this 2-core CPU (fp32) bert-base ran 17.9 docs/s at 1024 tokens against 9.4 at
-        # 16384 (large batches thrash the caches), SPLADE-tiny 185 vs 162.
+        # Measured with `python -m benchmarks.encoder_bench`: on an H200 (bert-base shape, bf16)
+        # 32768 tokens per pass was 14% faster than 16384; on a 2-core x86_64 Xeon VM with AMX
+        # (fp32) bert-base ran 17.9 docs/s at 1024 tokens against 9.4 at 16384 (large batches
+        # thrash the caches), SPLADE-tiny 185 vs 162.
         self.max_batch_tokens = self.config.max_batch_tokens or (32768 if on_gpu else 1024)
         self._side_stream = torch.cuda.Stream(self.device) if on_gpu else None
+        # Called with each micro-batch's padded token count before its forward pass. The job's
+        # test-only fault injection sets it (pipeline.job.faults); nothing here knows of faults.
+        self.before_forward: Callable[[int], None] | None = None
 
     @classmethod
     def from_config(cls, config: EncoderConfig) -> SpladeEncoder:
@@ -117,7 +121,9 @@ class SpladeEncoder:
                     raise
                 # Half the token budget for this micro-batch, and try again (down to one text).
                 splits += 1
-                log.warning("out of memory on %d texts x %d tokens; retrying as two halves", len(rows), int(lengths[rows].max()))
+                log.warning(
+                    "out of memory on %d texts x %d tokens; retrying as two halves", len(rows), int(lengths[rows].max())
+                )
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 queue += [rows[len(rows) // 2 :], rows[: len(rows) // 2]]
@@ -145,7 +151,8 @@ class SpladeEncoder:
         width = padded_length(int(lengths.max()), self.config.pad_to_multiple_of, self.max_length)
         total = int(lengths.sum())
         ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int64, count=total)
-        out_of_memory_point(len(encodings) * width)  # test-only fault injection; a no-op unless configured
+        if self.before_forward is not None:
+            self.before_forward(len(encodings) * width)
         with self._autocast():
             if self.packed is not None:
                 positions = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
@@ -170,7 +177,7 @@ class SpladeEncoder:
         return splade.prune_(weights, self.config.top_k, self.config.min_weight)
 
     def _screened_decoder(self, on_gpu: bool) -> ScreenedDecoder | None:
-        """The bf16-screened decoder where it applies (see :mod:`pipeline.screen`), else None."""
+        """The bf16-screened decoder where it applies (see :mod:`pipeline.encode.screen`), else None."""
         wanted = self.config.screen
         if wanted is False or (wanted is None and on_gpu):
             return None
@@ -185,7 +192,7 @@ class SpladeEncoder:
             reasons.append(f"bf16 matrix products on {self.device} exceed the error bound it relies on")
         if reasons:
             if wanted:
-                raise ValueError("encoder.screen: true cannot be used: " + "; ".join(reasons))
+                raise SettingError("encoder.screen: true cannot be used: " + "; ".join(reasons))
             return None
         return ScreenedDecoder(self.parts.decoder)
 
@@ -195,7 +202,9 @@ class SpladeEncoder:
             tensor = tensor.pin_memory()
         return tensor.to(self.device, non_blocking=True)
 
-    def _to_host(self, weights: torch.Tensor, event: torch.cuda.Event | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _to_host(
+        self, weights: torch.Tensor, event: torch.cuda.Event | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if event is None:
             return splade.to_csr(weights)
         # On a side stream, the sync inside to_csr waits for this batch only, not the one queued after it.
@@ -237,14 +246,16 @@ def is_out_of_memory(err: BaseException) -> bool:
     if isinstance(err, torch.OutOfMemoryError | MemoryError):
         return True
     text = str(err).lower()
-    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text or "not enough memory" in text)
+    return isinstance(err, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
+    )
 
 
 def _resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: 'cuda' was asked for but torch sees no CUDA device; use device='cpu' or 'auto'")
+        raise SettingError("device: 'cuda' was asked for but torch sees no CUDA device; use device='cpu' or 'auto'")
     return torch.device(device)
 
 
@@ -263,7 +274,9 @@ def _load_tokenizer(path: str, config: EncoderConfig) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ValueError(f"model {config.model!r}: needs a fast tokenizer (tokenizer.json); got {type(tokenizer).__name__}")
+        raise SettingError(
+            f"model {config.model!r}: needs a fast tokenizer (tokenizer.json); got {type(tokenizer).__name__}"
+        )
     # Our own copy: truncation/padding settings below must not leak into the HF tokenizer.
     return tokenizer, Tokenizer.from_str(backend.to_str())
 
@@ -272,7 +285,9 @@ def _load_model(path: str, revision: str | None) -> torch.nn.Module:
     from transformers import AutoModelForMaskedLM
 
     try:
-        model = AutoModelForMaskedLM.from_pretrained(path, revision=revision, dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForMaskedLM.from_pretrained(
+            path, revision=revision, dtype=torch.float32, attn_implementation="sdpa"
+        )
     except ValueError as err:
         if "sdpa" not in str(err).lower():
             raise
@@ -288,7 +303,7 @@ def _check_max_length(max_length: int, tokenizer: Any, model: torch.nn.Module) -
         if x and int(x) < 1_000_000
     ]
     if limits and max_length > min(limits):
-        raise ValueError(f"max_length: {max_length} exceeds what this model accepts ({min(limits)} tokens)")
+        raise SettingError(f"max_length: {max_length} exceeds what this model accepts ({min(limits)} tokens)")
     return max_length
 
 

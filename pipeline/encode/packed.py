@@ -108,29 +108,49 @@ def packed_encoder(model: nn.Module) -> PackedEncoder | None:
     config = model.config
     if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
         return None
-    if getattr(config, "chunk_size_feed_forward", 0) or getattr(config, "position_embedding_type", "absolute") != "absolute":
+    if (
+        getattr(config, "chunk_size_feed_forward", 0)
+        or getattr(config, "position_embedding_type", "absolute") != "absolute"
+    ):
         return None
     if isinstance(model, BertModel):
         emb = model.embeddings
         layers = tuple(
             EncoderLayer(
-                l.attention.self.query, l.attention.self.key, l.attention.self.value,
-                l.attention.output.dense, l.attention.output.LayerNorm,
-                l.intermediate.dense, l.intermediate.intermediate_act_fn, l.output.dense, l.output.LayerNorm,
-                l.attention.self.num_attention_heads, l.attention.self.scaling,
+                layer.attention.self.query,
+                layer.attention.self.key,
+                layer.attention.self.value,
+                layer.attention.output.dense,
+                layer.attention.output.LayerNorm,
+                layer.intermediate.dense,
+                layer.intermediate.intermediate_act_fn,
+                layer.output.dense,
+                layer.output.LayerNorm,
+                layer.attention.self.num_attention_heads,
+                layer.attention.self.scaling,
             )
-            for l in model.encoder.layer
-        )  # fmt: skip
-        return PackedEncoder(emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings.weight[0], emb.LayerNorm, layers)
+            for layer in model.encoder.layer
+        )
+        return PackedEncoder(
+            emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings.weight[0], emb.LayerNorm, layers
+        )
     if isinstance(model, DistilBertModel):
         emb = model.embeddings
         layers = tuple(
             EncoderLayer(
-                b.attention.q_lin, b.attention.k_lin, b.attention.v_lin, b.attention.out_lin, b.sa_layer_norm,
-                b.ffn.lin1, b.ffn.activation, b.ffn.lin2, b.output_layer_norm,
-                b.attention.n_heads, b.attention.scaling,
+                b.attention.q_lin,
+                b.attention.k_lin,
+                b.attention.v_lin,
+                b.attention.out_lin,
+                b.sa_layer_norm,
+                b.ffn.lin1,
+                b.ffn.activation,
+                b.ffn.lin2,
+                b.output_layer_norm,
+                b.attention.n_heads,
+                b.attention.scaling,
             )
             for b in model.transformer.layer
-        )  # fmt: skip
+        )
         return PackedEncoder(emb.word_embeddings, emb.position_embeddings, None, emb.LayerNorm, layers)
     return None

@@ -5,7 +5,7 @@ A SPLADE weight is ``w_j = log1p(relu(max_i logit_ij))``: every term whose large
 fp32 decoder (hidden x vocab per token, a fifth of bert-base's FLOPs and nearly all of a small
 model's) is run in three steps:
 
-1. every logit is approximated by a bf16 product (AMX on this CPU: 3-5x the fp32 rate);
+1. every logit is approximated by a bf16 product (AMX on a Xeon: 3-5x the fp32 rate);
 2. a bound on that approximation's error keeps, per document, only the terms whose largest
    logit could still be > 0;
 3. those terms are recomputed in fp32 from the document's rows (about twice the non-zeros).
@@ -30,7 +30,7 @@ from itertools import pairwise
 import numpy as np
 import torch
 
-from pipeline.splade import VOCAB_CHUNK, segment_max_products
+from pipeline.encode.splade import VOCAB_CHUNK, segment_max_products
 
 MARGIN = 2.0**-7
 MAX_HIDDEN = 4096  # the bound above is derived for hidden sizes up to this

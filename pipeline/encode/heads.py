@@ -1,9 +1,9 @@
 """How to split a masked-LM into "encoder -> hidden states" and "hidden states -> logits".
 
 The split is what lets the SPLADE head run over a few sequence positions at a time
-(:func:`pipeline.splade.pooled_max_logits`, or :func:`pipeline.splade.packed_max_logits` on
+(:func:`pipeline.encode.splade.pooled_max_logits`, or :func:`pipeline.encode.splade.packed_max_logits` on
 packed rows). BERT and DistilBERT are split explicitly (head = ``transform`` then ``decoder``)
-and also get a padding-free encoder (:mod:`pipeline.packed`); any other
+and also get a padding-free encoder (:mod:`pipeline.encode.packed`); any other
 ``AutoModelForMaskedLM`` runs whole (full logits per micro-batch) and gives the same vectors
 at a higher peak memory.
 """
@@ -16,8 +16,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from pipeline.packed import PackedEncoder, packed_encoder
-from pipeline.splade import Head
+from pipeline.encode.packed import PackedEncoder, packed_encoder
+from pipeline.encode.splade import Head
 
 
 @dataclass(frozen=True)
@@ -60,12 +60,15 @@ def split_masked_lm(model: nn.Module) -> MaskedLMParts:
             return model.vocab_projector(distilbert_transform(hidden))
 
         return MaskedLMParts(
-            "distilbert", model.distilbert, distilbert_head, distilbert_transform, model.vocab_projector,
+            "distilbert",
+            model.distilbert,
+            distilbert_head,
+            distilbert_transform,
+            model.vocab_projector,
             packed_encoder(model.distilbert),
-        )  # fmt: skip
+        )
     return MaskedLMParts("generic", model, _identity)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
-

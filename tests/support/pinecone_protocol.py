@@ -14,6 +14,8 @@ from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+# Store keys reach Ray workers the way they do on a cluster: in the nodes' environment (see conftest).
+PINECONE_TEST_KEY = "pinecone-test-key"
 MAX_BODY = 2 * 1024 * 1024  # 2 MB per request
 MAX_VECTORS = 1000
 MAX_SPARSE = 2048
@@ -57,7 +59,10 @@ class PineconeProtocolServer:
         if headers.get("Api-Key") != self.api_key:
             return 401, {"code": 16, "message": "Invalid API Key"}
         if len(body) > self.max_body:
-            return 413, {"code": 3, "message": f"Request size {len(body)} exceeds the maximum supported size of {self.max_body}"}
+            return 413, {
+                "code": 3,
+                "message": f"Request size {len(body)} exceeds the maximum supported size of {self.max_body}",
+            }
         request = json.loads(body or b"{}")
         if path == "/vectors/upsert":
             return self._upsert(request)
@@ -71,7 +76,11 @@ class PineconeProtocolServer:
         if path == "/describe_index_stats":
             with self.lock:
                 spaces = {ns: {"vectorCount": len(v)} for ns, v in self.namespaces.items()}
-            return 200, {"namespaces": spaces, "dimension": 0, "totalVectorCount": sum(s["vectorCount"] for s in spaces.values())}
+            return 200, {
+                "namespaces": spaces,
+                "dimension": 0,
+                "totalVectorCount": sum(s["vectorCount"] for s in spaces.values()),
+            }
         return 404, {"message": f"unknown path {path}"}
 
     def _upsert(self, request: dict) -> tuple[int, dict]:
@@ -87,7 +96,10 @@ class PineconeProtocolServer:
             if not sparse.get("indices"):
                 return 400, {"code": 3, "message": f"vector {v['id']}: sparse vector must contain at least one value"}
             if len(sparse["indices"]) > MAX_SPARSE or len(sparse["indices"]) != len(sparse["values"]):
-                return 400, {"code": 3, "message": f"vector {v['id']}: at most {MAX_SPARSE} non-zeros, indices and values alike"}
+                return 400, {
+                    "code": 3,
+                    "message": f"vector {v['id']}: at most {MAX_SPARSE} non-zeros, indices and values alike",
+                }
             if len(v["id"]) > 512 or not v["id"].isascii():
                 return 400, {"code": 3, "message": f"id {v['id'][:40]!r}: ids are at most 512 ASCII characters"}
             if len(json.dumps(v.get("metadata", {}))) > MAX_METADATA:

@@ -11,13 +11,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline.encode.fingerprint import Fingerprint
+
 
 class RowsLostError(RuntimeError):
     """Rows read did not all reach the output or the rejects: a bug, never a user error."""
 
 
-def summarize(entries: pa.Table, *, files: int, duplicate_ids: int, seconds: float, fingerprint: dict[str, Any], reused_rows: int = 0) -> dict[str, Any]:
-    """The summary of a committed output, from its entries (see :mod:`pipeline.manifest`)."""
+def summarize(
+    entries: pa.Table, *, files: int, duplicate_ids: int, seconds: float, fingerprint: Fingerprint, reused_rows: int = 0
+) -> dict[str, Any]:
+    """The summary of a committed output, from its entries (see :mod:`pipeline.output.commits`)."""
     rows = entries.to_pylist()
     _check_blocks(rows)
     rejected: Counter[str] = Counter()
@@ -43,9 +47,12 @@ def summarize(entries: pa.Table, *, files: int, duplicate_ids: int, seconds: flo
         "wall_seconds": round(seconds, 3),
         # Throughput of this run's own work (rows reused from earlier attempts excluded).
         "docs_per_s": round((read - reused_rows) / seconds, 1) if seconds > 0 else None,
-        "fingerprint": fingerprint,
+        "fingerprint": fingerprint.to_dict(),
         # Failures ridden through (the run adds actor restarts and retried blocks).
-        "faults": {"oom_splits": sum(r["oom_splits"] or 0 for r in rows), "rows_isolated": rejected.get("encoder_crash", 0) + rejected.get("encoder_error", 0)},
+        "faults": {
+            "oom_splits": sum(r["oom_splits"] or 0 for r in rows),
+            "rows_isolated": rejected.get("encoder_crash", 0) + rejected.get("encoder_error", 0),
+        },
     }
     if summary["rows_read"] != summary["rows_written"] + summary["rows_rejected"]:
         raise RowsLostError(f"rows_read {read} != rows_written {written} + rows_rejected {summary['rows_rejected']}")
@@ -77,7 +84,11 @@ class Pace:
         rate = None
         if self.encoders_ready is not None and self.last_block is not None and self.last_block > self.encoders_ready:
             rate = round(self.rows / (self.last_block - self.encoders_ready), 1)
-        return {"encoders_up_s": since(self.encoders_ready), "first_block_s": since(self.first_block), "docs_per_s_encoders_up": rate}
+        return {
+            "encoders_up_s": since(self.encoders_ready),
+            "first_block_s": since(self.first_block),
+            "docs_per_s_encoders_up": rate,
+        }
 
 
 def _check_blocks(rows: list[dict[str, Any]]) -> None:
@@ -90,7 +101,9 @@ def _check_blocks(rows: list[dict[str, Any]]) -> None:
         expected[(r["unit"], r["block"])] = r["block_rows"]
     lost = {k: (expected[k], n) for k, n in seen.items() if n != expected[k]}
     if lost:
-        raise RowsLostError(f"blocks whose rows did not all arrive or arrived twice (unit, block): (read, arrived) = {lost}")
+        raise RowsLostError(
+            f"blocks whose rows did not all arrive or arrived twice (unit, block): (read, arrived) = {lost}"
+        )
 
 
 def _percentiles(hist: Counter[int]) -> dict[str, float]:
@@ -106,12 +119,16 @@ def _percentiles(hist: Counter[int]) -> dict[str, float]:
 def render(summary: dict[str, Any], output: str) -> str:
     nz = summary["nonzeros_per_doc"]
     lines = [
-        f"splade-pipeline: {summary['rows_read']} rows read = {summary['rows_written']} written + {summary['rows_rejected']} rejected",
-        f"  rejected by reason: {summary['rejected_by_reason'] or 'none'}; duplicate ids: {summary['duplicate_ids']}; truncated: {summary['truncated']}",
+        f"splade-pipeline: {summary['rows_read']} rows read = {summary['rows_written']} written + "
+        f"{summary['rows_rejected']} rejected",
+        f"  rejected by reason: {summary['rejected_by_reason'] or 'none'}; duplicate ids: {summary['duplicate_ids']}; "
+        f"truncated: {summary['truncated']}",
         f"  reused from earlier attempts (not encoded again): {summary['rows_reused']} rows",
         "  failures ridden through: " + (", ".join(f"{k} {v}" for k, v in summary["faults"].items() if v) or "none"),
-        f"  tokens: {summary['tokens']}; non-zeros per doc: mean {nz['mean']}, p50 {nz['p50']:.0f}, p99 {nz['p99']:.0f}",
-        f"  {summary['input_files']} input files, {summary['output_files']} output files, skipped files: {len(summary['skipped_files'])}",
+        f"  tokens: {summary['tokens']}; non-zeros per doc: mean {nz['mean']}, p50 {nz['p50']:.0f}, p99 "
+        f"{nz['p99']:.0f}",
+        f"  {summary['input_files']} input files, {summary['output_files']} output files, skipped files: "
+        f"{len(summary['skipped_files'])}",
         f"  {summary['wall_seconds']} s, {summary['docs_per_s']} docs/s" + _render_pace(summary.get("pace")),
         f"  output: {output}",
     ]

@@ -1,0 +1,111 @@
+"""The encoding fingerprint: everything that decides the vectors, in one comparable record.
+
+Outputs and reindex states made under different fingerprints must not be mixed. The weights
+are identified by the sha256 of the model's weight files, so a re-uploaded model under the same
+name is noticed; the model's name, revision and the package version are recorded but do not
+decide (:data:`NAMES`): the same weights under another name give the same vectors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import EncoderConfig
+from pipeline.encode.bundled import resolve_model
+from pipeline.errors import SettingError
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+NAMES = ("model", "revision", "package_version")  # recorded, but names, not weights: they never decide
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What decides the vectors of an output (plus the names it was made under, for people)."""
+
+    model: str
+    revision: str | None
+    weights_sha256: str
+    vocab_size: int
+    max_length: int
+    top_k: int | None
+    min_weight: float
+    dtype: str
+    package_version: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> Fingerprint:
+        """The fingerprint a record (a commit, a file's metadata) carries; unknown keys are ignored,
+        missing ones are None (and so differ from any real value)."""
+        return cls(**{f.name: record.get(f.name) for f in dataclasses.fields(cls)})
+
+    def deciding(self) -> dict[str, Any]:
+        """The fields that decide the vectors (names left out)."""
+        return {k: v for k, v in self.to_dict().items() if k not in NAMES}
+
+    @property
+    def id(self) -> str:
+        """A short stable id of what decides the vectors."""
+        return hashlib.sha256(json.dumps(self.deciding(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def differences(self, other: Fingerprint) -> list[str]:
+        """What would change the vectors from ``self`` to ``other``, as ``encoder <field>: old -> new``."""
+        mine, theirs = self.deciding(), other.deciding()
+        return [f"encoder {k}: {mine[k]!r} -> {theirs[k]!r}" for k in sorted(mine) if mine[k] != theirs[k]]
+
+
+def model_folder(config: EncoderConfig) -> Path:
+    """Local folder of the model: bundled and local models as they are, hub ids from the HF cache."""
+    resolved = resolve_model(config.model)
+    if Path(resolved).is_dir():
+        return Path(resolved)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(resolved, revision=config.revision))
+    except Exception as err:  # noqa: BLE001 - offline, unknown id, no access: the user's to fix
+        raise SettingError(f"model {config.model!r}: cannot be fetched: {type(err).__name__}: {err}") from None
+
+
+def weights_sha256(folder: Path) -> str:
+    """sha256 over the weight files' names and bytes, in name order."""
+    for pattern in WEIGHT_PATTERNS:
+        files = sorted(p for p in folder.glob(pattern) if p.is_file())
+        if files:
+            break
+    else:
+        raise SettingError(f"model folder {folder}: no weight files ({', '.join(WEIGHT_PATTERNS)})")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(config: EncoderConfig, folder: Path | None = None) -> Fingerprint:
+    """The fingerprint of ``config``'s model (``folder``: its already resolved local folder)."""
+    from transformers import AutoConfig
+
+    from pipeline import __version__
+
+    folder = folder or model_folder(config)
+    return Fingerprint(
+        model=config.model,
+        revision=config.revision,
+        weights_sha256=weights_sha256(folder),
+        vocab_size=int(AutoConfig.from_pretrained(folder).vocab_size),
+        max_length=config.max_length,
+        top_k=config.top_k,
+        min_weight=config.min_weight,
+        dtype=config.dtype,
+        package_version=__version__,
+    )

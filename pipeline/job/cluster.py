@@ -1,0 +1,87 @@
+"""The cluster session: the only place that starts or joins Ray.
+
+:func:`ensure_ray` joins the cluster named by ``compute.ray_address`` or ``RAY_ADDRESS``, or
+starts a local one. A SIGTERM handler installed by the caller before Ray starts (the command
+line installs :func:`stop_on_sigterm`, so ``kill``, ``ray job stop`` or an evicted pod stop the
+run as Ctrl-C does: progress recorded, lock released, a hint to resume) is put back after
+``ray.init``, which installs its own that exits without the hint. Notebooks keep Ray's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+from pipeline.config import ComputeConfig
+from pipeline.job.faults import forwarded
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(compute: ComputeConfig) -> None:
+    """Start or join Ray once per process, and warn when the cluster is too small to start."""
+    import ray
+
+    if not ray.is_initialized():
+        env = forwarded()  # test-only fault injection reaches the workers; empty in production
+        options: dict[str, Any] = {"log_to_driver": True, **({"runtime_env": {"env_vars": env}} if env else {})}
+        ours = _caller_sigterm_handler()
+        if compute.ray_address is None and not os.environ.get("RAY_ADDRESS"):
+            start_local_ray(**options)
+        else:
+            ray.init(address=compute.ray_address, **options)
+        if ours is not None:
+            signal.signal(signal.SIGTERM, ours)
+    _warn_if_small(compute, ray.cluster_resources().get("CPU", 0))
+
+
+def _warn_if_small(compute: ComputeConfig, cpus: float) -> None:
+    needed = compute.min_actors * compute.num_cpus_per_actor + 2 * compute.io_cpus
+    if needed > cpus:
+        # Not an error: an autoscaling cluster may add the nodes once asked.
+        log.warning(
+            "the cluster has %s CPUs now; %d encoder actors x %s CPUs + %s for a reader and a writer need %s. Unless "
+            "it scales up, lower compute.min_actors or compute.num_cpus_per_actor.",
+            cpus,
+            compute.min_actors,
+            compute.num_cpus_per_actor,
+            2 * compute.io_cpus,
+            needed,
+        )
+
+
+def start_local_ray(**options: Any) -> None:
+    """Start a Ray cluster on this machine that keeps idle task workers alive.
+
+    Ray keeps about one idle worker process per CPU and kills the rest after a second; on a
+    small machine, where the encoder actors already hold most CPUs, nearly every reader or scan
+    task then starts a fresh Python process that imports pyarrow and s3fs and builds a storage
+    client first. Measured on a 2-core x86_64 VM with `python -m benchmarks.reindex_bench`
+    (10,000 passages, 10 shards): the scan of a reindex with nothing to do took 10 s instead of
+    1.6 s. On a cluster started by others, the same setting is the ``RAY_num_workers_soft_limit``
+    environment variable of ``ray start``.
+    """
+    import ray
+
+    ray.init(**options, _system_config={"num_workers_soft_limit": max(8, 2 * (os.cpu_count() or 1))})
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM stop this process as Ctrl-C does (a ``KeyboardInterrupt`` in the main thread)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _caller_sigterm_handler() -> Any:
+    """The SIGTERM handler the caller installed (a Python function), to put back after ``ray.init``."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    handler = signal.getsignal(signal.SIGTERM)
+    return handler if callable(handler) else None

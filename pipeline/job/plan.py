@@ -1,0 +1,148 @@
+"""The Ray Data plan every run builds: read + validate (tasks) -> encode (actor pool) -> write
+(writer actors); and the driver-side plan that comes before it.
+
+Everything that can fail because of the user's input or settings (nothing matched, unknown
+format, missing columns, an unusable output, an unknown model, sink settings) fails in
+:func:`make_plan`, on the driver, before any cluster work.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.config import JobConfig
+from pipeline.encode.fingerprint import Fingerprint, fingerprint, model_folder
+from pipeline.errors import SettingError
+from pipeline.job.cluster import ensure_ray
+from pipeline.job.resume import assign_units
+from pipeline.job.stages import EncodeBlocks, WriteBlocks, read_shards
+from pipeline.output.location import OutputLocation
+from pipeline.sources import Shard, check_columns, list_shards
+
+READER_MEMORY = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class Plan:
+    shards: list[Shard]
+    fingerprint: Fingerprint
+    output: OutputLocation
+
+
+def make_plan(config: JobConfig) -> Plan:
+    """Driver-side checks and the facts every stage needs; starts nothing."""
+    shards = list_shards(config.input)
+    check_columns(shards[0], config.input)
+    folder = model_folder(config.encoder)  # resolved (downloaded, verified) once
+    _check_model_limits(config, folder)
+    fp = fingerprint(config.encoder, folder)
+    if config.sink.type:
+        from pipeline.job.load import check_sink
+
+        check_sink(config.sink, fp)
+    return Plan(assign_units(shards, config, fp), fp, OutputLocation.of(config.output))
+
+
+def read_dataset(config: JobConfig, shards: list[Shard], fn: Callable[..., Iterator[pa.Table]] = read_shards) -> Any:
+    """``fn(shard rows, cfg=config.input)`` over ``shards``, one Ray task per shard: blocks of rows."""
+    import ray
+
+    ensure_ray(config.compute)
+    items = [asdict(s) for s in shards]
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        fn,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={"cfg": config.input},
+        num_cpus=config.compute.io_cpus,
+        # A reader holds a file buffer and one block of rows. Declaring that memory (the actors
+        # declare none) also keeps Ray from fusing reading into the encoder actors: reading and
+        # parsing must not hold a GPU (or the encoder's cores) while storage answers.
+        memory=READER_MEMORY,
+    )
+
+
+def encoded_dataset(
+    config: JobConfig, plan: Plan | None = None, work: list[Shard] | None = None, attempts: Any = None
+) -> Any:
+    """The lazy ``ray.data.Dataset`` of encoded rows, for custom use (notebooks).
+
+    Columns: ``id``, ``sparse``, ``num_tokens``, ``truncated``, the passthrough columns, and
+    the bookkeeping columns of :mod:`pipeline.sources`: rows whose ``_reject`` is not null are
+    rejects (with ``sparse`` null) and are kept so that nothing disappears unseen. ``work``:
+    the shards to read (default: all of the plan's); ``attempts``: the run's
+    :class:`pipeline.job.attempts.AttemptLog` (counts retries, isolates documents that kill encoders).
+    """
+    import ray
+
+    plan = plan or make_plan(config)
+    compute = config.compute
+    ds = read_dataset(config, plan.shards if work is None else work)
+    with _ray_remote_args_accepted():
+        return ds.map_batches(
+            EncodeBlocks,
+            batch_size=None,  # one reader block per call: blocks stay whole from reader to writer
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=compute.min_actors, max_size=compute.max_actors),
+            num_cpus=compute.num_cpus_per_actor,
+            num_gpus=compute.num_gpus_per_actor,
+            max_restarts=compute.max_actor_restarts,
+            max_task_retries=compute.max_task_retries,
+            fn_constructor_kwargs={
+                "encoder": config.encoder,
+                "expected": plan.fingerprint,
+                "threads": compute.torch_threads or max(1, int(compute.num_cpus_per_actor)),
+                "attempts": attempts,
+                "isolate_after": compute.isolate_after,
+            },
+        )
+
+
+def written_dataset(config: JobConfig, plan: Plan, encoded: Any) -> Any:
+    """``encoded`` written by a pool of writer actors: one row of stats per written block (piece)."""
+    import ray
+
+    compute = config.compute
+    with _ray_remote_args_accepted():
+        return encoded.map_batches(
+            WriteBlocks,
+            batch_size=None,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=compute.max_writers),
+            num_cpus=compute.io_cpus,
+            # A writer that dies is restarted and its block written again (same file names).
+            max_restarts=compute.max_actor_restarts,
+            max_task_retries=compute.max_task_retries,
+            fn_constructor_kwargs={
+                "output": plan.output,
+                "compression": config.output.compression,
+                "fingerprint": plan.fingerprint,
+                "passthrough": config.input.passthrough_columns,
+            },
+        )
+
+
+@contextmanager
+def _ray_remote_args_accepted() -> Iterator[None]:
+    """Actor restart and retry limits have no named parameter in Ray Data yet (2.60): they go
+    through ``ray_remote_args``, which warns about a future rename."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        yield
+
+
+def _check_model_limits(config: JobConfig, folder: Path) -> None:
+    from transformers import AutoConfig
+
+    limit = getattr(AutoConfig.from_pretrained(folder), "max_position_embeddings", None)
+    if limit and config.encoder.max_length > limit:
+        raise SettingError(
+            f"encoder.max_length: {config.encoder.max_length} exceeds what the model accepts ({limit} positions)"
+        )

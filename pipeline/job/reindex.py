@@ -1,0 +1,467 @@
+"""Incremental reindexing: encode only what changed since the last commit, delete what disappeared.
+
+The state of a committed output is, per document, its id and the 64-bit hash of exactly the
+text that was encoded (title joined in), under the commit's encoding fingerprint: the ``id`` and
+``content_hash`` columns of the committed Parquet files. A reindex, holding the output's lock:
+
+1. scans the corpus (Ray tasks): ``(id, hash, file, line)`` of every good row, and the rejects;
+   texts never reach the driver;
+2. compares that with the state (pyarrow joins on id and hash): new, changed, unchanged,
+   deleted; a second occurrence of an id is rejected as ``duplicate_id``;
+3. encodes the new and changed documents: only the files holding them are read again, only
+   those rows (the same Ray Data plan as the encoding job);
+4. rewrites the committed files that hold changed or deleted documents, without those rows;
+5. upserts the new vectors and deletes the ids that disappeared (the mass-delete guard runs
+   before anything is written);
+6. commits the new generation in one object and deletes the files no commit lists.
+
+Killed anywhere, it leaves the previous commit valid; the next reindex starts from it, and
+reuses blocks the killed attempt finished when the same work comes up again. A fingerprint
+change (model, weights, max_length, pruning) re-encodes everything, and says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import JobConfig
+from pipeline.errors import PipelineError
+from pipeline.job.plan import Plan, make_plan, read_dataset
+from pipeline.job.resume import differences, reusable, run_meta
+from pipeline.job.stages import read_shards
+from pipeline.job.steps import OUTPUT_FOLDERS, commit, finish, write_work
+from pipeline.job.summary import Pace, render, summarize
+from pipeline.output.commits import Commit, Progress, clean, empty_entries, latest_commit, read_progress, unit_key
+from pipeline.output.layout import DATA_DIR, REJECTS_DIR, compression_of, data_stats, rejects_table
+from pipeline.output.location import OutputLocation
+from pipeline.output.lock import lock_output
+from pipeline.sources import BAD_FILE, Shard
+
+SCAN_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("_hash", pa.int64()),
+        ("_shard", pa.int32()),
+        ("_line", pa.int64()),
+        ("_source", pa.string()),
+        ("_reject", pa.string()),
+        ("_detail", pa.string()),
+    ]
+)
+SCAN_COLUMNS = SCAN_SCHEMA.names
+
+
+class MassDeleteError(PipelineError, ValueError):
+    """The reindex would delete more of the store than allowed; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class Diff:
+    encode: pa.Table  # id, shard, line: the new and changed documents
+    kept: pa.Table  # id, file: committed rows that stay as they are
+    rewrite: dict[str, pa.Array]  # committed file -> positions of its rows to drop (changed, deleted, duplicate)
+    deleted: list[str]  # ids in the state, not in the corpus
+    rejects: pa.Table  # id, source, line, reason, detail
+    bad_files: list[str]
+    counts: dict[str, int]
+
+
+def run_reindex(config: JobConfig, *, dry_run: bool = False, allow_mass_delete: bool = False) -> dict[str, Any]:
+    """Bring the output (and the store) up to date with the corpus; return the summary."""
+    start, pace = time.perf_counter(), Pace()
+    plan = make_plan(config)
+    loc = plan.output
+    meta = run_meta("reindex", config, plan.fingerprint)
+    if dry_run:
+        diff, full, reason, _ = _compare_now(config, plan, meta)
+        print(_render_plan(diff, full, reason, dry_run=True), flush=True)
+        return {"dry_run": True, "full": full, "reason": reason, **diff.counts}
+    with lock_output(loc, "reindex", config.output.lock_ttl_s) as lock:
+        diff, full, reason, previous = _compare_now(config, plan, meta)
+        print(_render_plan(diff, full, reason, dry_run=False), flush=True)
+        _guard(diff, config, allow_mass_delete)
+        if previous is not None and _nothing_to_do(diff, full, previous):
+            return _nothing_changed(config, plan, diff, previous, start)
+        generation = (previous.generation if previous else 0) + 1
+        recorded = pa.concat_tables([empty_entries(), *(t for t, _ in read_progress(loc, generation))])
+        reused, work = reusable(_work(diff, plan, generation, meta), recorded)
+        progress = Progress(loc, generation, meta, config.output.commit_interval_s)
+        fresh, faults = write_work(config, plan, work, progress, pace)
+        encoded = pa.concat_tables([reused, fresh])
+        entries = pa.concat_tables(
+            [
+                _kept_entries(previous, diff),
+                rewrite_files(loc, config.output.compression, diff.rewrite, generation, previous),
+                encoded,
+                _rejects_entry(loc, diff, generation),
+            ]
+        )
+        store = _update_store(config, plan, encoded, diff.deleted) if config.sink.type else None
+        commit(loc, lock, generation, entries, meta)
+        summary = _summary(entries, plan, diff, full, reason, reused, fresh, start)
+        summary["faults"] |= faults
+        summary["pace"] = pace.summary()
+        if store is not None:
+            summary["sink"] = store
+        finish(summary, config, loc, generation)
+    print(render(summary, config.output.path), flush=True)
+    if store is not None:
+        print(
+            f"  store {store['store']}: upserted {store['upserted']}, deleted {store['deleted']}; "
+            f"it now holds {store['store_count']}",
+            flush=True,
+        )
+    return summary
+
+
+def _summary(
+    entries: pa.Table, plan: Plan, diff: Diff, full: bool, reason: str, reused: pa.Table, fresh: pa.Table, start: float
+) -> dict[str, Any]:
+    summary = summarize(
+        entries,
+        files=len(plan.shards),
+        duplicate_ids=0,
+        seconds=time.perf_counter() - start,
+        fingerprint=plan.fingerprint,
+        reused_rows=int(pc.sum(reused["rows"]).as_py() or 0),
+    )
+    encoded_now = int(pc.sum(fresh["rows"]).as_py() or 0)
+    summary["skipped_files"] = sorted(diff.bad_files)
+    summary["reindex"] = {
+        "full": full,
+        "reason": reason,
+        **diff.counts,
+        "rewritten_files": len(diff.rewrite),
+        "encoded_now": encoded_now,
+    }
+    summary["docs_per_s"] = round(encoded_now / summary["wall_seconds"], 1)  # encoded by this run
+    return summary
+
+
+def _compare_now(config: JobConfig, plan: Plan, meta: dict[str, Any]) -> tuple[Diff, bool, str, Commit | None]:
+    """The difference between the corpus now and the output's last commit."""
+    previous = latest_commit(plan.output)
+    full, reason = _needs_full(previous, meta, config.output.overwrite)
+    diff = compare(scan(config, plan), read_state(plan.output, previous), full, [s.url for s in plan.shards])
+    return diff, full, reason, previous
+
+
+def _nothing_changed(config: JobConfig, plan: Plan, diff: Diff, previous: Commit, start: float) -> dict[str, Any]:
+    clean(plan.output, previous.entries, previous.generation, OUTPUT_FOLDERS)  # a killed attempt's leftovers
+    seconds = time.perf_counter() - start
+    summary = summarize(
+        previous.entries, files=len(plan.shards), duplicate_ids=0, seconds=seconds, fingerprint=plan.fingerprint
+    )
+    summary["reindex"] = {"full": False, "reason": "", **diff.counts, "rewritten_files": 0, "encoded_now": 0}
+    summary["docs_per_s"] = 0.0
+    finish(summary, config, plan.output, previous.generation)
+    print(f"  nothing changed since generation {previous.generation}: nothing encoded, the store untouched", flush=True)
+    return summary
+
+
+def _nothing_to_do(diff: Diff, full: bool, commit: Commit) -> bool:
+    """The corpus is what the commit holds: same documents, same texts, same rejects."""
+    c = diff.counts
+    committed_rejects = sum(r["rows"] - r["written"] for r in commit.entries.select(["rows", "written"]).to_pylist())
+    same_bad = sorted(diff.bad_files) == sorted(b for b in commit.entries["bad_file"].to_pylist() if b)
+    return (
+        not full
+        and c["new"] == c["changed"] == c["deleted"] == 0
+        and not diff.rewrite
+        and c["rejected"] == committed_rejects
+        and same_bad
+    )
+
+
+def _needs_full(commit: Commit | None, meta: dict[str, Any], overwrite: bool) -> tuple[bool, str]:
+    if commit is None:
+        return True, "no committed output yet"
+    if overwrite:
+        return True, "output.overwrite is set (start over: every document is encoded again)"
+    changed = differences(commit.meta, meta, with_mapping=False)
+    old_pass, new_pass = (
+        commit.meta.get("mapping", {}).get("passthrough_columns"),
+        meta["mapping"]["passthrough_columns"],
+    )
+    if old_pass != new_pass:
+        changed.append(f"input.passthrough_columns: {old_pass!r} -> {new_pass!r}")
+    if changed:
+        return True, "the encoding settings changed since generation " + f"{commit.generation}: " + "; ".join(changed)
+    return False, ""
+
+
+def scan(config: JobConfig, plan: Plan) -> pa.Table:
+    """Every row of the corpus as ``(id, _hash, _shard, _line, _source, _reject, _detail)``, no texts."""
+    ds = read_dataset(config, plan.shards, _read_for_scan)
+    tables = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    return pa.concat_tables([SCAN_SCHEMA.empty_table(), *(t.select(SCAN_COLUMNS).cast(SCAN_SCHEMA) for t in tables)])
+
+
+def _read_for_scan(batch: pa.Table, cfg: Any) -> Any:
+    for block in read_shards(batch, cfg):
+        # The file URL only where a reject needs it: good rows carry the shard's position.
+        source = pc.if_else(pc.is_valid(block["_reject"]), block["_source"], pa.scalar(None, pa.string()))
+        block = block.set_column(block.schema.get_field_index("_source"), "_source", source)
+        yield block.select(SCAN_COLUMNS)
+
+
+def read_state(loc: OutputLocation, commit: Commit | None) -> pa.Table:
+    """``(id, hash, file, pos)`` of every committed row (only those two columns of each file are read)."""
+    schema = pa.schema([("id", pa.string()), ("hash", pa.int64()), ("file", pa.string()), ("pos", pa.int32())])
+    files = [f for f in commit.entries["data_file"].to_pylist() if f] if commit else []
+
+    def one(rel: str) -> pa.Table:
+        table = loc.read_parquet(rel, columns=["id", "content_hash"])
+        n = table.num_rows
+        columns = [table["id"], table["content_hash"], pa.array([rel] * n, pa.string()), pa.array(range(n), pa.int32())]
+        return pa.Table.from_arrays(columns, schema=schema)
+
+    with ThreadPoolExecutor(16) as pool:
+        return pa.concat_tables([schema.empty_table(), *pool.map(one, files)])
+
+
+def compare(scanned: pa.Table, state: pa.Table, full: bool, urls: list[str]) -> Diff:
+    """The per-document difference between the corpus now and the committed state (``urls``: the
+    input files in order)."""
+    marker = pc.fill_null(pc.equal(scanned["_reject"], BAD_FILE), False)
+    bad = scanned.filter(marker)
+    bad_files = [f"{s}: {d}" for s, d in zip(bad["_source"].to_pylist(), bad["_detail"].to_pylist())]
+    rows = scanned.filter(pc.invert(marker))
+    good, duplicates = _first_of_each_id(rows.filter(pc.is_null(rows["_reject"])))
+    rejects = pa.concat_tables(
+        [rejects_table(rows.filter(pc.is_valid(rows["_reject"]))), _duplicate_rejects(duplicates, urls)]
+    )
+
+    state = state.append_column("oi", pa.array(range(state.num_rows), pa.int64()))
+    if full:
+        keep_rows = pa.array([], pa.int64())
+    else:
+        matched = state.join(
+            good.select(["id", "_hash"]), keys=["id", "hash"], right_keys=["id", "_hash"], join_type="inner"
+        )
+        keep_rows = matched.group_by("id").aggregate([("oi", "min")])["oi_min"]
+    is_kept = pc.is_in(state["oi"], keep_rows)
+    kept, removed = state.filter(is_kept), state.filter(pc.invert(is_kept))
+    encode = good.filter(pc.invert(pc.is_in(good["id"], kept["id"])))
+    old_ids = pc.unique(state["id"])
+    new = int(pc.sum(pc.invert(pc.is_in(encode["id"], old_ids))).as_py() or 0)
+    deleted = pc.filter(old_ids, pc.invert(pc.is_in(old_ids, good["id"]))).to_pylist()
+    drops = removed.group_by("file").aggregate([("pos", "list")])
+    counts = {
+        "documents": good.num_rows,
+        "new": new,
+        "changed": encode.num_rows - new,
+        "unchanged": kept.num_rows,
+        "deleted": len(deleted),
+        "rejected": rejects.num_rows,
+        "indexed_before": len(old_ids),
+    }
+    return Diff(
+        encode=encode.select(["id", "_shard", "_line"]).rename_columns(["id", "shard", "line"]),
+        kept=kept.select(["id", "file"]),
+        rewrite={f: p.values for f, p in zip(drops["file"].to_pylist(), drops["pos_list"].combine_chunks())},
+        deleted=deleted,
+        rejects=rejects,
+        bad_files=bad_files,
+        counts=counts,
+    )
+
+
+def _first_of_each_id(good: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """The first row of each id in corpus order (file, then line), and the later ones."""
+    good = good.sort_by([("_shard", "ascending"), ("_line", "ascending")])
+    good = good.append_column("i", pa.array(range(good.num_rows), pa.int64()))
+    is_first = pc.is_in(good["i"], good.group_by("id").aggregate([("i", "min")])["i_min"])
+    return good.filter(is_first), good.filter(pc.invert(is_first))
+
+
+def _duplicate_rejects(duplicates: pa.Table, urls: list[str]) -> pa.Table:
+    n = duplicates.num_rows
+    return pa.table(
+        {
+            "id": duplicates["id"],
+            "source": pa.array([urls[i] for i in duplicates["_shard"].to_pylist()], pa.string()),
+            "line": duplicates["_line"],
+            "reason": pa.array(["duplicate_id"] * n, pa.string()),
+            "detail": pa.array(["an earlier row of the corpus has this id; the first one is indexed"] * n, pa.string()),
+        }
+    )
+
+
+def _render_plan(diff: Diff, full: bool, reason: str, *, dry_run: bool) -> str:
+    c = diff.counts
+    head = "splade-pipeline reindex" + (" (dry run: nothing is encoded or changed)" if dry_run else "")
+    mode = f"FULL RE-ENCODE: {reason}" if full else "incremental"
+    return (
+        f"{head}: {mode}\n  documents {c['documents']}: new {c['new']}, changed {c['changed']}, unchanged "
+        f"{c['unchanged']}; "
+        f"deleted {c['deleted']} (of {c['indexed_before']} indexed); rejected rows {c['rejected']}; "
+        f"files to rewrite {len(diff.rewrite)}; to encode {c['new'] + c['changed']}"
+    )
+
+
+def _guard(diff: Diff, config: JobConfig, allow_mass_delete: bool) -> None:
+    before, deleted = diff.counts["indexed_before"], diff.counts["deleted"]
+    limit = config.reindex.max_delete_percent
+    if before and deleted * 100 / before > limit and not allow_mass_delete:
+        raise MassDeleteError(
+            f"this reindex would delete {deleted} of {before} indexed documents ({deleted * 100 / before:.1f}%), more "
+            "than "
+            f"reindex.max_delete_percent ({limit}%). Nothing was changed. Check input.paths (is part of the corpus "
+            "missing?); "
+            "if the deletions are intended, re-run with --allow-mass-delete."
+        )
+
+
+def _work(diff: Diff, plan: Plan, generation: int, meta: dict[str, Any]) -> list[Shard]:
+    """One unit per input file holding rows to encode, restricted to those rows."""
+    lines: dict[int, list[int]] = {}
+    for shard, line in zip(diff.encode["shard"].to_pylist(), diff.encode["line"].to_pylist()):
+        lines.setdefault(shard, []).append(line)
+    work = []
+    for index, taken in sorted(lines.items()):
+        shard, taken = plan.shards[index], tuple(sorted(taken))
+        digest = hashlib.sha256(json.dumps(taken).encode()).hexdigest()
+        unit = unit_key(
+            "reindex", generation, shard.url, shard.version, meta["fingerprint_id"], meta["mapping"], digest
+        )
+        work.append(replace(shard, unit=unit, lines=taken))
+    return work
+
+
+def _kept_entries(commit: Commit | None, diff: Diff) -> pa.Table:
+    """Entries of committed data files kept as they are (their old rejects are superseded by this scan's)."""
+    if commit is None or not diff.kept.num_rows:
+        return empty_entries()
+    entries = commit.entries.filter(pc.is_valid(commit.entries["data_file"]))
+    entries = entries.filter(pc.invert(pc.is_in(entries["data_file"], pa.array(list(diff.rewrite), pa.string()))))
+    entries = entries.filter(pc.is_in(entries["data_file"], pc.unique(diff.kept["file"])))
+    n = entries.num_rows
+    entries = entries.set_column(entries.schema.get_field_index("rows"), "rows", entries["written"])
+    entries = entries.set_column(
+        entries.schema.get_field_index("block_rows"), "block_rows", pc.cast(entries["written"], pa.int32())
+    )
+    entries = entries.set_column(
+        entries.schema.get_field_index("rejected"), "rejected", pa.array(["{}"] * n, pa.string())
+    )
+    return entries.set_column(entries.schema.get_field_index("rejects_file"), "rejects_file", pa.nulls(n, pa.string()))
+
+
+def rewrite_files(
+    loc: OutputLocation, compression: str, rewrite: dict[str, pa.Array], generation: int, commit: Commit | None
+) -> pa.Table:
+    """Copies of committed files without their changed and deleted rows (no re-encoding)."""
+    if not rewrite:
+        return empty_entries()
+    urls = (
+        dict(zip(commit.entries["data_file"].to_pylist(), commit.entries["url"].to_pylist(), strict=True))
+        if commit
+        else {}
+    )
+
+    def one(item: tuple[str, pa.Array]) -> dict[str, Any] | None:
+        old, drop = item
+        table = loc.read_parquet(old)
+        table = table.filter(pc.invert(pc.is_in(pa.array(range(table.num_rows), pa.int32()), drop)))
+        if not table.num_rows:
+            return None
+        unit = "r" + unit_key("rewrite", generation, old)[:15]
+        new = f"{DATA_DIR}/part-{unit}-000000.parquet"
+        loc.write_parquet(new, table, compression_of(compression))
+        return {
+            "unit": unit,
+            "url": urls.get(old),
+            "shard": -1,
+            "block": 0,
+            "block_rows": table.num_rows,
+            "last": True,
+            "rows": table.num_rows,
+            "rejected": "{}",
+            "bad_file": None,
+            "data_file": new,
+            "rejects_file": None,
+            "attempt": "",
+            **data_stats(table),
+        }
+
+    with ThreadPoolExecutor(8) as pool:
+        rows = [r for r in pool.map(one, sorted(rewrite.items())) if r is not None]
+    return pa.Table.from_pylist(rows, schema=empty_entries().schema)
+
+
+def _rejects_entry(loc: OutputLocation, diff: Diff, generation: int) -> pa.Table:
+    entries = [
+        {
+            "unit": f"bad-{generation}-{i}",
+            "url": s.split(": ", 1)[0],
+            "shard": -1,
+            "block": 0,
+            "block_rows": 1,
+            "last": True,
+            "rows": 0,
+            "written": 0,
+            "rejected": "{}",
+            "tokens": 0,
+            "truncated": 0,
+            "nnz_hist": "{}",
+            "bad_file": s,
+        }
+        for i, s in enumerate(diff.bad_files)
+    ]
+    if diff.rejects.num_rows:
+        rejects = diff.rejects
+        path = f"{REJECTS_DIR}/reindex-{generation:08d}.parquet"
+        loc.write_parquet(path, rejects)
+        n = rejects.num_rows
+        entries.append(
+            {
+                "unit": f"rejects-{generation}",
+                "url": None,
+                "shard": -1,
+                "block": 0,
+                "block_rows": n,
+                "last": True,
+                "rows": n,
+                "written": 0,
+                "rejected": json.dumps(Counter(rejects["reason"].to_pylist())),
+                "tokens": 0,
+                "truncated": 0,
+                "nnz_hist": "{}",
+                "bad_file": None,
+                "data_file": None,
+                "rejects_file": path,
+            }
+        )
+    return pa.Table.from_pylist(entries, schema=empty_entries().schema)
+
+
+def _update_store(config: JobConfig, plan: Plan, encoded: pa.Table, deleted: list[str]) -> dict[str, Any]:
+    from pipeline.job.load import delete_ids, upsert_files
+    from pipeline.sinks import open_sink
+
+    files = [f for f in encoded["data_file"].to_pylist() if f]
+    loaded = {"upserted": 0, "rejected_empty_vectors": 0}
+    if files:
+        loaded = upsert_files(config, plan.output, files, plan.fingerprint)
+    removed = delete_ids(config.sink, plan.fingerprint, deleted) if deleted else 0
+    store = open_sink(config.sink, plan.fingerprint.vocab_size)
+    try:
+        name, count = store.name, store.count()
+    finally:
+        store.close()
+    return {
+        "store": name,
+        "upserted": loaded["upserted"],
+        "rejected_empty_vectors": loaded["rejected_empty_vectors"],
+        "deleted": removed,
+        "store_count": count,
+    }

@@ -1,0 +1,241 @@
+"""The per-batch work of each Ray Data stage: read a shard, encode a block, write a block."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import EncoderConfig, InputConfig, SinkConfig
+from pipeline.encode.fingerprint import Fingerprint
+from pipeline.encode.sparse import SPARSE_TYPE, sparse_rows
+from pipeline.job.attempts import CHUNK_ROWS
+from pipeline.job.faults import out_of_memory_point, poison_point
+from pipeline.output.layout import OOM_SPLITS, BlockWriter
+from pipeline.output.location import OutputLocation
+from pipeline.sinks import open_sink, store_limits
+from pipeline.sinks.protocol import Sink, SinkError, request_batches, request_limits
+from pipeline.sources import Shard, read_shard
+
+
+def read_shards(batch: pa.Table, cfg: InputConfig) -> Iterator[pa.Table]:
+    """Rows of shard descriptors in, blocks of validated rows out (streamed, one block at a time)."""
+    for row in batch.to_pylist():
+        lines = row.pop("lines")
+        shard = Shard(
+            **{**row, "skip_blocks": tuple(row["skip_blocks"] or ()), "lines": None if lines is None else tuple(lines)}
+        )
+        yield from read_shard(shard, cfg)
+
+
+class WriteBlocks:
+    """Writes each encoded block's data and rejects files; returns their stats (a writer actor).
+
+    Actors, not tasks: on a node whose worker processes are few (Ray keeps about one idle worker
+    per CPU), each writer task could land in a fresh process that imports pyarrow, s3fs and
+    botocore and builds a storage client first: about 0.3 s of CPU per block (measured on a
+    2-core x86_64 VM, `python -m benchmarks.pipeline_bench`), against 20 ms for the write
+    itself. A writer actor pays that once: the output location is resolved in the constructor.
+    """
+
+    def __init__(
+        self, output: OutputLocation, compression: str, fingerprint: Fingerprint, passthrough: list[str]
+    ) -> None:
+        self.writer = BlockWriter(output, compression, fingerprint, passthrough)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return self.writer.write(table)
+
+
+class EncodeBlocks:
+    """One SpladeEncoder per actor, loaded once; encodes the good rows of each block.
+
+    Tokenization runs here, inside the encoder actor, not as a separate CPU stage: on CPU
+    actors it shares the same cores anyway (SPLADE-tiny on a 2-core x86_64 VM, measured with
+    `python -m benchmarks.encoder_bench`: 0.02 s to tokenize 256 passages against 1.4 s to
+    encode them), and on an H200 host it was 30% of the
+    encoder's time per call (40,800 docs/s tokenizing alone vs 12,500 docs/s encoding) — a
+    separate stage would only pay off with the GPU pipelined behind it, which is future work.
+
+    Failures (see :mod:`pipeline.job.attempts`): a document whose encoding raises is isolated by
+    splitting the rows in halves and rejected (``encoder_error``), the rest encoded; a block whose
+    actor died ``isolate_after`` times is encoded in pieces so that the documents that kill the
+    process are found and rejected (``encoder_crash``). Out of memory halves the micro-batch
+    (in :class:`SpladeEncoder`); the count travels with the block (:data:`OOM_SPLITS`).
+    """
+
+    def __init__(
+        self, encoder: EncoderConfig, expected: Fingerprint, threads: int, attempts: Any = None, isolate_after: int = 2
+    ) -> None:
+        import torch
+
+        from pipeline.encode.encoder import SpladeEncoder
+        from pipeline.encode.fingerprint import fingerprint
+
+        torch.set_num_threads(max(1, threads))
+        mine = fingerprint(encoder)
+        if mine.weights_sha256 != expected.weights_sha256:
+            raise RuntimeError(
+                f"model {encoder.model!r}: weights on this worker (sha256 {mine.weights_sha256[:12]}) differ from the "
+                f"driver's ({expected.weights_sha256[:12]}); pin encoder.revision or use one model folder"
+            )
+        self.encoder = SpladeEncoder.from_config(encoder)
+        self.encoder.before_forward = out_of_memory_point  # test-only fault injection; a no-op unless configured
+        self.attempts, self.isolate_after = attempts, isolate_after
+        if attempts is not None:
+            import ray
+
+            attempts.ready.remote(time.time())
+            if ray.get_runtime_context().was_current_actor_reconstructed:
+                attempts.restarted.remote()
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        good_mask = pc.is_null(block["_reject"])
+        good = block.filter(good_mask)
+        rest = block.filter(pc.invert(good_mask)).drop_columns(["text"])
+        texts = good["text"].to_pylist()
+        key = None
+        if block.num_rows:
+            key = ("block", block["_unit"][0].as_py(), block["_block"][0].as_py(), pc.min(block["_line"]).as_py())
+        result = Encoded()
+        if self._begin(key) < self.isolate_after:
+            self._encode_rows(texts, np.arange(len(texts)), result)
+        else:
+            self._isolate(key, texts, result)
+        self._end(key)
+        failed = result.failed
+        if len(texts) > 1 and len(failed) == len(texts) and all(r == "encoder_error" for r, _ in failed.values()):
+            # Every document failing alone is the encoder's problem (a broken device), not the data's.
+            raise RuntimeError(f"every document of the block failed to encode, e.g.: {next(iter(failed.values()))[1]}")
+        encoded = pa.concat_tables([_EMPTY_PIECE, *result.pieces]).sort_by("_pos")
+        out = good.take(encoded["_pos"]).drop_columns(["text"])
+        for name in ("sparse", "num_tokens", "truncated"):
+            out = out.append_column(name, encoded[name])
+        if failed:
+            rest = pa.concat_tables([rest, _rejected(good.drop_columns(["text"]), failed)])
+        for name, kind in (("sparse", SPARSE_TYPE), ("num_tokens", pa.int32()), ("truncated", pa.bool_())):
+            rest = rest.append_column(name, pa.nulls(rest.num_rows, kind))
+        table = pa.concat_tables([out, rest], promote_options="permissive")
+        # Counted once per block, on its first row: a block Ray splits between writers still sums right.
+        splits = np.zeros(table.num_rows, np.int32)
+        if table.num_rows:
+            splits[0] = result.oom_splits
+        return table.append_column(OOM_SPLITS, pa.array(splits, pa.int32()))
+
+    def _encode_rows(self, texts: list[str], rows: np.ndarray, result: Encoded) -> None:
+        """Encode ``texts[rows]`` into ``result``; a failure splits the rows in halves until the failing
+        documents are alone, and those are rejected."""
+        from pipeline.encode.encoder import is_out_of_memory
+
+        subset = [texts[i] for i in rows]
+        poison_point(subset)  # test-only fault injection; a no-op unless configured
+        try:
+            batch = self.encoder.encode_batch(subset)
+        except Exception as err:
+            if len(rows) == 1:
+                what = "out of memory even alone" if is_out_of_memory(err) else "encoding raised"
+                result.failed[int(rows[0])] = ("encoder_error", f"{what}: {type(err).__name__}: {str(err)[:300]}")
+                return
+            half = len(rows) // 2
+            self._encode_rows(texts, rows[:half], result)
+            self._encode_rows(texts, rows[half:], result)
+            return
+        piece = {
+            "_pos": pa.array(rows, pa.int64()),
+            "sparse": batch.sparse,
+            "num_tokens": pa.array(batch.num_tokens, pa.int32()),
+            "truncated": pa.array(batch.truncated, pa.bool_()),
+        }
+        result.pieces.append(pa.table(piece))
+        result.oom_splits += batch.oom_splits
+
+    def _isolate(self, key: tuple, texts: list[str], result: Encoded) -> None:
+        """Encode a block that keeps killing its actor in announced pieces (see :mod:`pipeline.job.attempts`)."""
+        for start in range(0, len(texts), CHUNK_ROWS):
+            chunk = np.arange(start, min(len(texts), start + CHUNK_ROWS))
+            if self._begin(("chunk", key, start)) == 0:
+                self._encode_rows(texts, chunk, result)
+            else:  # this chunk was announced before and never finished: one row at a time
+                for row in chunk.tolist():
+                    row_key = ("row", key, row)
+                    if died := self._begin(row_key):
+                        detail = f"the encoder process died on this document ({died} times)"
+                        result.failed[row] = ("encoder_crash", detail)
+                        continue
+                    self._encode_rows(texts, np.array([row]), result)
+                    self._end(row_key)
+            self._end(("chunk", key, start))
+
+    def _begin(self, key: tuple | None) -> int:
+        if self.attempts is None or key is None:
+            return 0
+        import ray
+
+        return int(ray.get(self.attempts.begin.remote(key)))
+
+    def _end(self, key: tuple | None) -> None:
+        if self.attempts is not None and key is not None:
+            self.attempts.end.remote(key)
+
+
+@dataclass
+class Encoded:
+    """What encoding one block produced: vector pieces (by row position), the rows rejected with
+    their reason and detail, and the micro-batches halved after running out of memory."""
+
+    pieces: list[pa.Table] = field(default_factory=list)
+    failed: dict[int, tuple[str, str]] = field(default_factory=dict)
+    oom_splits: int = 0
+
+
+def _rejected(good: pa.Table, failed: dict[int, tuple[str, str]]) -> pa.Table:
+    rows = sorted(failed)
+    bad = good.take(pa.array(rows, pa.int64()))
+    for column, values in (("_reject", [failed[i][0] for i in rows]), ("_detail", [failed[i][1] for i in rows])):
+        bad = bad.set_column(bad.schema.get_field_index(column), column, pa.array(values, pa.string()))
+    return bad
+
+
+_EMPTY_PIECE = pa.schema(
+    [("_pos", pa.int64()), ("sparse", SPARSE_TYPE), ("num_tokens", pa.int32()), ("truncated", pa.bool_())]
+).empty_table()
+
+
+def upsert_batch(sink: Sink, cfg: SinkConfig, batch: pa.Table) -> tuple[int, int]:
+    """Upsert ``id`` + ``sparse`` rows in size-capped requests; return (upserted, empty vectors rejected)."""
+    limits = store_limits(cfg)
+    rows = batch
+    if not limits.accepts_empty_vectors:
+        rows = batch.filter(pc.greater(pc.list_value_length(pc.struct_field(batch["sparse"], "indices")), 0))
+    for request in request_batches(rows, *request_limits(cfg, limits)):
+        pairs = sparse_rows(request["sparse"])
+        sink.upsert(request["id"].to_pylist(), [p[0] for p in pairs], [p[1] for p in pairs])
+    return rows.num_rows, batch.num_rows - rows.num_rows
+
+
+class UpsertBlocks:
+    """One store client per actor (server stores), loaded once; upserts each batch it is given.
+
+    A store failure that outlived the retries is returned as data (the ``error`` column), not
+    raised: Ray would wrap it beyond recognition, and the driver must name the store and cause.
+    After one such failure the actor stops trying, so a dead store costs one retry deadline.
+    """
+
+    def __init__(self, sink: SinkConfig, dimension: int) -> None:
+        self.cfg = sink
+        self.sink = open_sink(sink, dimension)
+        self.failed: str | None = None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        upserted = empty = 0
+        if self.failed is None:
+            try:
+                upserted, empty = upsert_batch(self.sink, self.cfg, batch)
+            except SinkError as err:
+                self.failed = str(err)
+        return pa.table({"upserted": [upserted], "empty": [empty], "error": pa.array([self.failed], pa.string())})

@@ -1,0 +1,128 @@
+"""The output layout and how one block of encoded rows becomes files.
+
+    <output>/data/part-<unit>-<block>.parquet      id, content_hash, sparse, num_tokens, truncated, passthrough
+    <output>/rejects/part-<unit>-<block>.parquet   id, source, line, reason, detail
+    <output>/_commits/<generation>.parquet          the committed files (see pipeline.output.commits)
+    <output>/_SUMMARY.json                          the run summary (written last)
+
+File names derive from the unit of work (the input file, its version and the config: see
+:func:`pipeline.output.commits.unit_key`) and the block within it, so the same input and config
+give the same files, and a file's content never changes under its name.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.encode.fingerprint import Fingerprint
+from pipeline.output.commits import ENTRY_SCHEMA
+from pipeline.output.location import OutputLocation
+from pipeline.output.lock import LOCK_FILE
+from pipeline.sources import BAD_FILE
+
+DATA_DIR = "data"
+REJECTS_DIR = "rejects"
+SUMMARY_FILE = "_SUMMARY.json"
+FINGERPRINT_KEY = b"splade_pipeline.fingerprint"
+OOM_SPLITS = "_oom_splits"  # per encoded block, on its first row: micro-batches halved after running out of memory
+DATA_COLUMNS = ["id", "content_hash", "sparse", "num_tokens", "truncated"]
+
+
+def existing_files(loc: OutputLocation) -> list[str]:
+    """Files under the output (the run lock excluded), relative to it; storage errors name the URL."""
+    with loc.failures_named():
+        return [p for p in loc.files() if p != LOCK_FILE]
+
+
+def clear_output(loc: OutputLocation) -> None:
+    """Delete everything under the output but the run lock (``overwrite``: the user asked to start over)."""
+    doomed = existing_files(loc)
+    with loc.failures_named("clear"):
+        loc.remove(doomed)
+        loc.ensure_folder()
+
+
+def write_summary(loc: OutputLocation, summary: dict[str, Any]) -> None:
+    loc.overwrite(SUMMARY_FILE, json.dumps(summary, indent=2).encode())
+
+
+def compression_of(name: str) -> str | None:
+    return None if name == "none" else name
+
+
+class BlockWriter:
+    """Writes the data and rejects files of encoded blocks into one output (see the module docstring)."""
+
+    def __init__(self, loc: OutputLocation, compression: str, fingerprint: Fingerprint, passthrough: list[str]) -> None:
+        self.loc, self.compression, self.passthrough = loc, compression_of(compression), passthrough
+        self.metadata = {FINGERPRINT_KEY: json.dumps(fingerprint.to_dict()).encode()}
+
+    def write(self, table: pa.Table) -> pa.Table:
+        """Write the files of every (unit, block) in ``table``; return their entries (stats)."""
+        rows = []
+        keys = table.select(["_unit", "_block"]).group_by(["_unit", "_block"]).aggregate([]).to_pylist()
+        for key in keys:
+            same_unit = pc.equal(table["_unit"], key["_unit"])
+            piece = table.filter(pc.and_(same_unit, pc.equal(table["_block"], key["_block"])))
+            rows.append(self._write_piece(piece))
+        return pa.Table.from_pylist(rows, schema=ENTRY_SCHEMA)
+
+    def _write_piece(self, piece: pa.Table) -> dict[str, Any]:
+        first = {c: piece[c][0].as_py() for c in ("_unit", "_source", "_shard", "_block", "_block_rows")}
+        reason = piece["_reject"]
+        marker = pc.fill_null(pc.equal(reason, BAD_FILE), False)
+        good = piece.filter(pc.is_null(reason))
+        rejects = piece.filter(pc.and_(pc.is_valid(reason), pc.invert(marker)))
+        bad = piece.filter(marker)
+        # A block split across batches by Ray gets one file per piece, named by its first line.
+        name = f"part-{first['_unit']}-{first['_block']:06d}"
+        if piece.num_rows != first["_block_rows"]:
+            name += f"-{pc.min(piece['_line']).as_py()}"
+        stats: dict[str, Any] = {
+            "unit": first["_unit"],
+            "url": first["_source"],
+            "shard": first["_shard"],
+            "block": first["_block"],
+            "block_rows": first["_block_rows"],
+            "last": bool(pc.any(piece["_last"]).as_py()),
+            "rows": piece.num_rows - bad.num_rows,
+            "data_file": None,
+            "rejects_file": None,
+            "bad_file": None,
+        }
+        if good.num_rows:
+            data = good.select(["id", "_hash", *DATA_COLUMNS[2:], *self.passthrough])
+            data = data.rename_columns([*DATA_COLUMNS, *self.passthrough]).replace_schema_metadata(self.metadata)
+            stats["data_file"] = f"{DATA_DIR}/{name}.parquet"
+            self.loc.write_parquet(stats["data_file"], data, self.compression)
+        if rejects.num_rows:
+            stats["rejects_file"] = f"{REJECTS_DIR}/{name}.parquet"
+            self.loc.write_parquet(stats["rejects_file"], rejects_table(rejects), self.compression)
+        if bad.num_rows:
+            stats["bad_file"] = f"{bad['_source'][0].as_py()}: {bad['_detail'][0].as_py()}"
+        stats |= {"rejected": json.dumps(Counter(rejects["_reject"].to_pylist())), **data_stats(good)}
+        stats["oom_splits"] = int(pc.sum(piece[OOM_SPLITS]).as_py() or 0) if OOM_SPLITS in piece.column_names else 0
+        return stats
+
+
+def rejects_table(rejects: pa.Table) -> pa.Table:
+    """The rejects file's columns from rows carrying the reader's bookkeeping columns."""
+    columns = {"id": "id", "source": "_source", "line": "_line", "reason": "_reject", "detail": "_detail"}
+    return pa.table({name: rejects[column] for name, column in columns.items()})
+
+
+def data_stats(data: pa.Table) -> dict[str, Any]:
+    """The summary's statistics of encoded rows (``sparse``, ``num_tokens``, ``truncated`` columns)."""
+    nnz = pc.list_value_length(pc.struct_field(data["sparse"], "indices")).to_numpy()
+    return {
+        "written": data.num_rows,
+        "tokens": int(pc.sum(data["num_tokens"]).as_py() or 0) if data.num_rows else 0,
+        "truncated": int(pc.sum(pc.cast(data["truncated"], pa.int64())).as_py() or 0) if data.num_rows else 0,
+        "nnz_hist": json.dumps({int(k): int(v) for k, v in zip(*np.unique(nnz, return_counts=True), strict=True)}),
+    }

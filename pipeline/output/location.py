@@ -1,0 +1,149 @@
+"""The output location, resolved once: a filesystem and a root, and every file operation the
+output needs, addressed by paths relative to the root (``data/part-....parquet``).
+
+Every file written here is either absent or complete, whatever happens meanwhile: object
+stores have no atomic rename, but an object appears whole once its upload completes (one PUT,
+or a multipart upload completed on close); on local disks files are written aside and renamed.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import OutputConfig
+from pipeline.errors import PipelineError
+from pipeline.storage import url_to_fs
+
+TMP_DIR = "_tmp"
+
+
+class OutputError(PipelineError, ValueError):
+    """The output location cannot be used as configured; the message names the URL."""
+
+
+class OutputLocation:
+    """``url`` (as configured) resolved to a filesystem and a root path on it."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url
+        self.storage_options = dict(storage_options or {})
+        self.fs, root = url_to_fs(url, self.storage_options)
+        self.root = root.rstrip("/")
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        self.is_local = protocol in ("file", "local")
+
+    @classmethod
+    def of(cls, cfg: OutputConfig) -> OutputLocation:
+        return cls(cfg.path, cfg.storage_options)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # sent to Ray workers: they resolve their own client
+        return (OutputLocation, (self.url, self.storage_options))
+
+    def path(self, rel: str = "") -> str:
+        """The filesystem path of ``rel`` (relative to the root)."""
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def url_of(self, rel: str) -> str:
+        """A full URL of ``rel`` (``s3://bucket/...``, ``file:///...``)."""
+        return self.fs.unstrip_protocol(self.path(rel))
+
+    def relative(self, path: str) -> str:
+        """``path`` (as this filesystem lists it: no protocol) relative to the root."""
+        prefix = self.root + "/"
+        if not path.startswith(prefix):
+            raise ValueError(f"{path} is not under the output root {self.root}")
+        return path[len(prefix) :]
+
+    def ensure_folder(self, rel: str = "") -> None:
+        """Create a local folder; object stores have no folders (and a bucket is never created implicitly)."""
+        if self.is_local:
+            self.fs.makedirs(self.path(rel), exist_ok=True)
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def is_folder(self, rel: str = "") -> bool:
+        return self.fs.isdir(self.path(rel))
+
+    def refresh(self, rel: str = "") -> None:
+        """Forget cached listings under ``rel``: other processes (Ray workers) write here."""
+        self.fs.invalidate_cache(self.path(rel))
+
+    def files(self, rel: str = "") -> list[str]:
+        """Every file under ``rel``, relative to the root (markers like empty ``prefix/`` objects left out)."""
+        if not self.fs.isdir(self.path(rel)):
+            return []
+        return sorted(self.relative(p) for p in self.fs.find(self.path(rel)) if not p.endswith("/"))
+
+    def listing(self, rel: str) -> list[str]:
+        """The entries directly under ``rel``, relative to the root."""
+        return [self.relative(p) for p in self.fs.ls(self.path(rel), detail=False)]
+
+    def remove(self, rels: list[str]) -> None:
+        if rels:
+            self.fs.rm([self.path(r) for r in rels])
+
+    def remove_folder(self, rel: str) -> None:
+        try:
+            self.fs.rm(self.path(rel), recursive=True)
+        except FileNotFoundError:  # object stores have no empty folders to remove
+            pass
+
+    def open(self, rel: str, mode: str = "rb") -> Any:
+        return self.fs.open(self.path(rel), mode)
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write ``data`` so that ``rel`` is either absent or complete, whatever happens meanwhile."""
+        if not self.is_local:
+            with self.fs.open(self.path(rel), "wb") as fh:
+                fh.write(data)
+            return
+        tmp = self.path(f"{TMP_DIR}/{uuid.uuid4().hex}")
+        self.fs.makedirs(self.path(rel).rsplit("/", 1)[0], exist_ok=True)
+        self.fs.makedirs(self.path(TMP_DIR), exist_ok=True)
+        with self.fs.open(tmp, "wb") as fh:
+            fh.write(data)
+        self.fs.mv(tmp, self.path(rel))  # a rename on one local filesystem: atomic
+
+    def create_exclusive(self, rel: str, data: bytes) -> None:
+        """Create ``rel`` only if absent (``If-None-Match: *`` on S3, ``O_EXCL`` locally); else FileExistsError."""
+        self.ensure_folder(rel.rsplit("/", 1)[0] if "/" in rel else "")
+        with self.fs.open(self.path(rel), "xb") as fh:
+            fh.write(data)
+
+    def overwrite(self, rel: str, data: bytes) -> None:
+        """Replace ``rel`` in one write (no write-aside: for small records that may be rewritten)."""
+        with self.fs.open(self.path(rel), "wb") as fh:
+            fh.write(data)
+
+    def write_parquet(self, rel: str, table: pa.Table, compression: str | None = "zstd") -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression=compression)
+        self.write_bytes(rel, buf.getvalue())
+
+    def read_parquet(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        with self.open(rel) as fh:
+            return pq.read_table(fh, columns=columns)
+
+    @contextmanager
+    def failures_named(self, doing: str = "use") -> Iterator[None]:
+        """Storage failures inside become an :class:`OutputError` naming the URL."""
+        try:
+            yield
+        except PipelineError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any storage failure is reported with the URL
+            raise OutputError(f"{self.url}: cannot {doing} output location: {type(err).__name__}: {err}") from None
+
+    def __repr__(self) -> str:
+        return f"OutputLocation({self.url!r})"
