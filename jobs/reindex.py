@@ -4,7 +4,7 @@
         python jobs/reindex.py --config jobs/configs/s3-gpu.yaml
 
 Takes the same flags as ``splade-pipeline reindex`` (every config field, ``--config``,
-``--dry-run``, ``--allow-mass-delete``). Exits 2 with a one-line reason when the output is locked
+``--dry-run``, ``--allow-mass-delete``). Exits 2 with the reason when the output is locked
 by another run or the mass-delete guard refuses.
 """
 

@@ -3,7 +3,7 @@
 Public API: :class:`SpladeEncoder` (texts -> Arrow sparse vectors), the job
 (:func:`run_job`, :func:`encoded_dataset`, :func:`run_reindex`) and the typed config
 (:func:`load_config`). Names are imported on first use, so that Ray reader and writer workers,
-which import ``pipeline.sources`` or ``pipeline.output``, do not pay for torch and transformers.
+which import ``pipeline.job.stages`` (sources, output), do not pay for torch and transformers.
 
 The package, by responsibility:
 
@@ -17,13 +17,9 @@ The package, by responsibility:
 from __future__ import annotations
 
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-try:
-    __version__ = version("splade-pipeline")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
+from pipeline.version import __version__
 
 if TYPE_CHECKING:  # what editors and type checkers see; at run time the names load on first use
     from pipeline.config import EncoderConfig, JobConfig, load_config

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from pipeline.config import JobConfig, load_config, redacted
 from pipeline.encode.bundled import SPLADE_TINY
 from pipeline.errors import PipelineError, SettingError, find_cause
+from pipeline.redaction import scrub
 
 SECTIONS = ("input", "encoder", "output", "compute", "sink", "reindex")
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from pipeline.job.cluster import stop_on_sigterm
 
-    stop_on_sigterm()  # a command-line run stops on SIGTERM as on Ctrl-C; kept when Ray starts (see ensure_ray)
+    stop_on_sigterm()  # before Ray starts too; compute.stop_on_sigterm keeps it once Ray has started
     try:
         return _dispatch(args, flags.get(args.command, {}))
     except KeyboardInterrupt:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:  # noqa: BLE001 - users get one clear message, not a traceback
         message, user_error = explain(err)
-        print(f"splade-pipeline {args.command}: error: {message}", file=sys.stderr)
+        print(f"splade-pipeline {args.command}: error: {scrub(message)}", file=sys.stderr)
         if not user_error:
             raise
         return 2
@@ -127,6 +128,7 @@ def _job_command(
 
 def _dispatch(args: argparse.Namespace, flags: dict[str, str]) -> int:
     overrides = {dotted: getattr(args, dest) for dest, dotted in flags.items() if getattr(args, dest) is not None}
+    overrides.setdefault("compute.stop_on_sigterm", True)  # a command-line run stops on SIGTERM as on Ctrl-C
     config = load_config(args.config, overrides) if flags else None
     if args.command in ("upsert", "search") and not config.sink.type:
         raise SettingError(

@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import PipelineError
+from pipeline.redaction import KEY_VARIABLE_PREFIX, credential_in, is_secret_name, scrub
 
 SAMPLE_CORPUS_PATH = str(files("pipeline") / "data" / "sample_corpus.jsonl")
 Device = Literal["auto", "cpu", "cuda"]
@@ -18,7 +19,9 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no coercion ("5" is not 5, "yes" is not true, 256.0 is not 256): YAML and the
+    # command line's flags already give values their types, so a wrong type is a mistake to name.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class EncoderConfig(StrictModel):
@@ -76,19 +79,19 @@ class EncoderConfig(StrictModel):
 
 
 Format = Literal["auto", "parquet", "jsonl", "csv"]
-# fsspec option names that carry credentials: refused in configs (the environment or the
-# instance role provides them), and masked wherever a config is echoed.
-SECRET_WORDS = ("secret", "password", "token", "key", "credential", "session")
 
 
 def _refuse_secrets(options: dict[str, Any], where: str) -> None:
+    """Credentials, by option name or by value, are refused: the environment or an instance role
+    provides them (see :mod:`pipeline.redaction`)."""
     for name, value in options.items():
         if isinstance(value, dict):
             _refuse_secrets(value, f"{where}.{name}")
-        elif any(word in name.lower() for word in SECRET_WORDS):
+        elif is_secret_name(name) or (isinstance(value, str) and credential_in(value)):
             raise ValueError(
                 f"{where}.{name}: credentials are not accepted in the config; set them in the environment "
-                "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE) or use an instance role"
+                "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE, AZURE_STORAGE_KEY...) "
+                "or use an instance role"
             )
 
 
@@ -123,6 +126,18 @@ class InputConfig(StrictModel):
         description="A corrupt or schema-less file stops the run ('error') or is skipped and reported ('skip').",
     )
     rows_per_block: int = Field(2048, ge=1, description="Rows per block handed from readers to encoders.")
+    max_document_bytes: int = Field(
+        8 * 2**20,
+        ge=1024,
+        description="Largest document accepted (UTF-8 bytes of title + text); larger ones are rejected "
+        "(document_too_large).",
+    )
+    max_line_bytes: int = Field(
+        64 * 2**20,
+        ge=1024,
+        description="Largest JSONL or CSV line read; a longer one is rejected (line_too_long) without being held "
+        "in memory.",
+    )
 
     @model_validator(mode="after")
     def _no_secrets(self) -> InputConfig:
@@ -155,7 +170,7 @@ class OutputConfig(StrictModel):
     )
     lock_ttl_s: float = Field(
         120.0,
-        gt=0,
+        ge=5,
         description="The output's run lock (one run at a time) expires this long after its holder stops renewing it "
         "(renewed every third of it); a crashed run's lock on the same host is taken over at once.",
     )
@@ -171,6 +186,11 @@ class ComputeConfig(StrictModel):
 
     ray_address: str | None = Field(
         None, description="Ray cluster to join ('auto', 'ray://host:10001'); None starts or joins a local one."
+    )
+    stop_on_sigterm: bool = Field(
+        False,
+        description="SIGTERM (kill, `ray job stop`, a pod eviction) stops the run as Ctrl-C does: progress recorded, "
+        "lock released, exit 130. The command line turns it on; a notebook keeps its own signal handling.",
     )
     min_actors: int = Field(1, ge=1, description="Encoder actors kept alive (each holds one model).")
     max_actors: int = Field(1, ge=1, description="Encoder actors at most (one per GPU on a GPU cluster).")
@@ -288,6 +308,14 @@ class SinkConfig(StrictModel):
                 raise ValueError(
                     f"sink.collection: {self.collection!r} is not a plain SQL table name (letters, digits, _)"
                 )
+        own = {"qdrant": "QDRANT_API_KEY", "milvus": "MILVUS_TOKEN", "pinecone": "PINECONE_API_KEY"}.get(
+            self.type or ""
+        )
+        if self.api_key_env and self.api_key_env != own and not self.api_key_env.startswith(KEY_VARIABLE_PREFIX):
+            raise ValueError(
+                f"sink.api_key_env: {self.api_key_env!r} is not a store key variable; use {own or 'none'} or a name "
+                f"starting with {KEY_VARIABLE_PREFIX} (its value is sent to sink.url)"
+            )
         if self.type == "pinecone" and not self.url:
             raise ValueError(
                 "sink.url: Pinecone needs the index host (from the console or describe_index), e.g. "
@@ -318,6 +346,25 @@ class JobConfig(StrictModel):
     sink: SinkConfig = Field(default_factory=SinkConfig)
     reindex: ReindexConfig = Field(default_factory=ReindexConfig)
 
+    @model_validator(mode="after")
+    def _no_credentials_in_values(self) -> JobConfig:
+        for where, value in _strings(self.model_dump(mode="json")):
+            what = credential_in(value)
+            if what:
+                raise ValueError(
+                    f"{where}: holds {what}; credentials are not accepted in the config (use the environment, "
+                    "an instance role, ~/.pgpass)"
+                )
+        return self
+
+
+def _strings(node: Any, where: str = "") -> list[tuple[str, str]]:
+    if isinstance(node, dict):
+        return [s for k, v in node.items() for s in _strings(v, f"{where}.{k}" if where else k)]
+    if isinstance(node, list):
+        return [s for i, v in enumerate(node) for s in _strings(v, f"{where}[{i}]")]
+    return [(where, node)] if isinstance(node, str) else []
+
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:
     """YAML file (optional) plus dotted-path overrides (``{"encoder.top_k": 64}``), validated once."""
@@ -333,8 +380,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         node = data
         *parents, leaf = dotted.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # an empty section in YAML (`sink:`) is None
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise ConfigError(f"config {path}: {part} must be a mapping, got {type(node).__name__}")
         node[leaf] = value
+    data = {section: ({} if value is None else value) for section, value in data.items()}
     try:
         return JobConfig.model_validate(data)
     except ValidationError as err:
@@ -345,11 +397,22 @@ class ConfigError(PipelineError, ValueError):
     """A config that does not validate; the message names the field, the value and what is allowed."""
 
 
-def _explain(err: ValidationError, path: str | Path | None) -> str:
+M = TypeVar("M", bound=BaseModel)
+
+
+def validated(model: type[M], values: dict[str, Any], section: str) -> M:
+    """``model(**values)``, a failure named field by field as a :class:`ConfigError` (``section.field``)."""
+    try:
+        return model(**values)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, None, prefix=f"{section}.")) from None
+
+
+def _explain(err: ValidationError, path: str | Path | None, prefix: str = "") -> str:
     where = f"config {path}" if path else "config"
     lines = []
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"])
+        field = ".".join([prefix.rstrip(".")] * bool(prefix) + [str(p) for p in e["loc"]])
         got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
         lines.append(f"  {field}: {e['msg']}{got}")
     return f"{where} is invalid:\n" + "\n".join(lines)
@@ -360,9 +423,9 @@ def redacted(config: BaseModel) -> dict[str, Any]:
 
     def mask(node: Any) -> Any:
         if isinstance(node, dict):
-            return {k: "***" if any(w in k.lower() for w in SECRET_WORDS) and v else mask(v) for k, v in node.items()}
+            return {k: "***" if is_secret_name(k) and v else mask(v) for k, v in node.items()}
         if isinstance(node, list):
             return [mask(v) for v in node]
-        return node
+        return scrub(node) if isinstance(node, str) else node
 
     return mask(config.model_dump(mode="json"))

@@ -33,6 +33,8 @@ from pipeline.storage import open_url, url_to_fs
 
 GLOB_CHARS = "*?["
 BAD_FILE = "bad_file"
+BOM = b"\xef\xbb\xbf"
+TOO_LONG = "\uffffline_too_long\uffff\n"  # stands in for a CSV line over the limit (U+FFFF is no character)
 _SUFFIXES = {
     ".parquet": "parquet",
     ".pq": "parquet",
@@ -129,29 +131,51 @@ def _describe(err: BaseException) -> str:
 
 
 def check_columns(shard: Shard, cfg: InputConfig) -> None:
-    """Plan-time check on one shard that the configured columns exist (lists those found)."""
+    """Plan-time check on one shard that the configured columns exist (lists those found). A file
+    that cannot be read is an error naming it, or with ``on_bad_file: skip`` left to the reader
+    (which reports it as skipped)."""
+    try:
+        _check_columns(shard, cfg)
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a file we cannot read at all
+        if cfg.on_bad_file == "error":
+            raise _unreadable(shard, err) from None
+
+
+def _unreadable(shard: Shard, err: BaseException) -> InputError:
+    return InputError(
+        f"{shard.url}: cannot read as {shard.format}: {_describe(err)} (set input.on_bad_file: skip to skip such files)"
+    )
+
+
+def _check_columns(shard: Shard, cfg: InputConfig) -> None:
     with _open(shard, cfg) as fh:
         if shard.format == "parquet":
             found = pq.ParquetFile(fh).schema_arrow.names
         elif shard.format == "csv":
-            found = next(csv.reader(io.TextIOWrapper(fh, encoding="utf-8", errors="replace", newline="")), [])
+            found = next(csv.reader(io.TextIOWrapper(fh, encoding="utf-8-sig", errors="replace", newline="")), [])
         else:
-            first = next((line for line in fh if line.strip()), b"{}")
+            lines = (line for line in _capped_lines(fh, cfg.max_line_bytes) if line is None or line.strip())
+            first = next(lines, b"{}")
             try:
-                record = json.loads(first)
+                record = json.loads(first.removeprefix(BOM)) if first is not None else None
             except ValueError:
-                return  # the row-level reader reports it with its line number
-            found = list(record) if isinstance(record, dict) else []
+                record = None
+            if not isinstance(record, dict):
+                return  # the row-level reader reports the line with its number
+            # JSON records need not all carry the optional keys (title, passthrough): missing ones
+            # are null. Only the id and text columns are checked here, on the first record.
+            found = list(record)
+            _require_columns(shard, cfg, found, optional=False)
+            return
     _require_columns(shard, cfg, found)
 
 
-def _require_columns(shard: Shard, cfg: InputConfig, found: list[str]) -> None:
-    wanted = [
-        cfg.id_column,
-        cfg.text_column,
-        *([cfg.title_column] if cfg.title_column else []),
-        *cfg.passthrough_columns,
-    ]
+def _require_columns(shard: Shard, cfg: InputConfig, found: list[str], *, optional: bool = True) -> None:
+    wanted = [cfg.id_column, cfg.text_column]
+    if optional:
+        wanted += [*([cfg.title_column] if cfg.title_column else []), *cfg.passthrough_columns]
     missing = [c for c in wanted if c not in found]
     if missing:
         raise InputError(f"{shard.url}: missing column(s) {missing}; columns found: {list(found)}")
@@ -172,6 +196,10 @@ class _BlockBuilder:
         self.shard, self.cfg = shard, cfg
         self.rows: list[dict[str, Any]] = []
         self.block = 0
+        # Passthrough columns keep one type across blocks and files: a Parquet file's own column
+        # types (set by its reader), strings for JSONL and CSV (JSON values other than strings as
+        # their JSON text); a missing value is null.
+        self.types: dict[str, pa.DataType] = {name: pa.string() for name in cfg.passthrough_columns}
 
     def add(
         self, record: dict[str, Any] | None, line: int, reject: str | None = None, detail: str | None = None
@@ -180,6 +208,10 @@ class _BlockBuilder:
         row = {"id": None, "text": None, **{c: None for c in self.cfg.passthrough_columns}}
         if reject is None:
             reject, detail = _map_record(record, self.cfg, row)
+        if self.shard.format != "parquet":
+            for name in self.cfg.passthrough_columns:
+                value = row[name]
+                row[name] = value if value is None or isinstance(value, str) else json.dumps(value, ensure_ascii=False)
         row.update(
             _source=self.shard.url,
             _line=line,
@@ -194,18 +226,18 @@ class _BlockBuilder:
         n = len(self.rows)
         for row in self.rows:
             row.update(_shard=self.shard.index, _unit=self.shard.unit, _block=self.block, _block_rows=n)
-        table = _to_table(self.rows, self.cfg)
+        table = _to_table(self.rows, self.cfg, self.types)
         self.rows, self.block = [], self.block + 1
         return table
 
 
-def _to_table(rows: list[dict[str, Any]], cfg: InputConfig) -> pa.Table:
+def _to_table(rows: list[dict[str, Any]], cfg: InputConfig, types: dict[str, pa.DataType]) -> pa.Table:
     columns: dict[str, pa.Array] = {
         "id": pa.array([r["id"] for r in rows], pa.string()),
         "text": pa.array([r["text"] for r in rows], pa.string()),
     }
     for name in cfg.passthrough_columns:
-        columns[name] = pa.array([r[name] for r in rows]) if rows else pa.array([], pa.null())
+        columns[name] = pa.array([r[name] for r in rows], types[name])
     columns |= {
         "_source": pa.array([r["_source"] for r in rows], pa.string()),
         "_line": pa.array([r["_line"] for r in rows], pa.int64()),
@@ -228,17 +260,25 @@ def content_hash(text: str) -> int:
 
 def _map_record(record: dict[str, Any], cfg: InputConfig, row: dict[str, Any]) -> tuple[str | None, str | None]:
     """Fill ``row`` from ``record``; return (reason, detail) when the row must be rejected."""
+    broken = _field_with_lone_surrogate(record, cfg)
+    if broken is not None:
+        # Valid JSON ("\ud800") but not encodable as UTF-8: nothing of the row can reach Arrow as it is.
+        raw = record.get(cfg.id_column)
+        row["id"] = raw.encode("utf-8", "backslashreplace").decode() if isinstance(raw, str) else None
+        for name in cfg.passthrough_columns:
+            row[name] = None
+        return "invalid_unicode", f"{broken!r} holds a lone surrogate (U+D800..U+DFFF), which UTF-8 cannot encode"
     raw_id = record.get(cfg.id_column)
-    if cfg.id_column in record and raw_id is not None and not isinstance(raw_id, (dict, list)):
-        row["id"] = str(raw_id)
+    row["id"] = _normalised_id(raw_id)
     for name in cfg.passthrough_columns:
         row[name] = record.get(name)
     if cfg.id_column not in record:
         return "missing_id", f"no {cfg.id_column!r} field; fields found: {sorted(record)}"
     if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
         return "missing_id", f"{cfg.id_column!r} is null or empty"
-    if isinstance(raw_id, (dict, list)):
-        return "missing_id", f"{cfg.id_column!r} is a {type(raw_id).__name__}, not a scalar"
+    if row["id"] is None:
+        shown = repr(raw_id)[:80]
+        return "invalid_id", f"{cfg.id_column!r} is {type(raw_id).__name__} {shown}: ids are strings or integers"
     if cfg.text_column not in record:
         return "missing_text", f"no {cfg.text_column!r} field; fields found: {sorted(record)}"
     text = record[cfg.text_column]
@@ -253,8 +293,30 @@ def _map_record(record: dict[str, Any], cfg: InputConfig, row: dict[str, Any]) -
         text = f"{title} {text}"
     if not text.strip():
         return "empty_text", f"{cfg.text_column!r} is empty or whitespace"
+    size = len(text.encode("utf-8"))
+    if size > cfg.max_document_bytes:
+        return (
+            "document_too_large",
+            f"{size} bytes of text, more than input.max_document_bytes ({cfg.max_document_bytes})",
+        )
     row["text"] = text
     return None, None
+
+
+def _normalised_id(raw: Any) -> str | None:
+    """The id rule: strings as they are, integers in decimal; anything else (floats, NaN, booleans,
+    bytes, lists) is no id, and the row is rejected."""
+    if isinstance(raw, str):
+        return raw
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return str(raw)
+    return None
+
+
+def _field_with_lone_surrogate(record: dict[str, Any], cfg: InputConfig) -> str | None:
+    title = [cfg.title_column] if cfg.title_column else []
+    names = [cfg.id_column, cfg.text_column, *title, *cfg.passthrough_columns]
+    return next((n for n in names if isinstance(record.get(n), str) and _has_surrogates(record[n])), None)
 
 
 def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
@@ -270,7 +332,7 @@ def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
     try:
         with _open(shard, cfg) as fh:
             reader = {"parquet": _parquet_rows, "jsonl": _jsonl_rows, "csv": _csv_rows}[shard.format]
-            for record, line, reject, detail in reader(fh, shard, cfg):
+            for record, line, reject, detail in reader(fh, shard, cfg, builder.types):
                 if wanted is not None and line not in wanted:
                     continue
                 if (block := builder.add(record, line, reject, detail)) is not None:
@@ -281,10 +343,7 @@ def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
         raise
     except Exception as err:  # noqa: BLE001 - a file we cannot read at all
         if cfg.on_bad_file == "error":
-            raise InputError(
-                f"{shard.url}: cannot read as {shard.format}: {_describe(err)} (set input.on_bad_file: skip to skip "
-                "such files)"
-            ) from None
+            raise _unreadable(shard, err) from None
         # Rows of blocks already handed on stay (they were read and are valid); the marker says
         # how far the file got, and the rows of the unfinished block are dropped with the file.
         if held is not None and held[0] not in skip:
@@ -305,9 +364,12 @@ def read_shard(shard: Shard, cfg: InputConfig) -> Iterator[pa.Table]:
         )
 
 
-def _parquet_rows(fh: Any, shard: Shard, cfg: InputConfig) -> Iterator[tuple[dict, int, None, None]]:
+def _parquet_rows(
+    fh: Any, shard: Shard, cfg: InputConfig, types: dict[str, pa.DataType]
+) -> Iterator[tuple[dict, int, None, None]]:
     pf = pq.ParquetFile(fh)
     _require_columns(shard, cfg, pf.schema_arrow.names)
+    types.update({name: pf.schema_arrow.field(name).type for name in cfg.passthrough_columns})
     wanted = list(
         dict.fromkeys(
             [
@@ -325,8 +387,15 @@ def _parquet_rows(fh: Any, shard: Shard, cfg: InputConfig) -> Iterator[tuple[dic
             row += 1
 
 
-def _jsonl_rows(fh: Any, shard: Shard, cfg: InputConfig) -> Iterator[tuple[dict | None, int, str | None, str | None]]:
-    for number, raw in enumerate(fh, start=1):
+def _jsonl_rows(
+    fh: Any, shard: Shard, cfg: InputConfig, types: dict[str, pa.DataType]
+) -> Iterator[tuple[dict | None, int, str | None, str | None]]:
+    for number, raw in enumerate(_capped_lines(fh, cfg.max_line_bytes), start=1):
+        if raw is None:
+            yield None, number, "line_too_long", f"more than input.max_line_bytes ({cfg.max_line_bytes}) bytes"
+            continue
+        if number == 1:
+            raw = raw.removeprefix(BOM)  # files saved by Excel and some editors start with one
         if not raw.strip():
             continue  # blank lines are not records
         try:
@@ -345,15 +414,58 @@ def _jsonl_rows(fh: Any, shard: Shard, cfg: InputConfig) -> Iterator[tuple[dict 
         yield record, number, None, None
 
 
-def _csv_rows(fh: Any, shard: Shard, cfg: InputConfig) -> Iterator[tuple[dict | None, int, str | None, str | None]]:
-    # surrogateescape keeps undecodable bytes visible per row instead of failing the whole file
-    reader = csv.reader(io.TextIOWrapper(fh, encoding="utf-8", errors="surrogateescape", newline=""))
+def _capped_lines(fh: Any, limit: int, chunk: int = 1 << 20) -> Iterator[bytes | None]:
+    """The file's lines (newline kept), each at most ``limit`` bytes before its newline; a longer
+    line comes out as ``None``, and no more than ``limit + chunk`` bytes of it are ever held."""
+    pending = bytearray()
+    too_long = False  # the current line already ran past the limit (its start was dropped)
+    while True:
+        data = fh.read(chunk)
+        pending += data
+        start = 0
+        while (cut := pending.find(b"\n", start)) >= 0:
+            line = pending[start : cut + 1]
+            yield None if too_long or len(line) - 1 > limit else bytes(line)
+            too_long, start = False, cut + 1
+        del pending[:start]
+        if len(pending) > limit:
+            too_long = True
+            pending.clear()
+        if not data:
+            if too_long:
+                yield None
+            elif pending:
+                yield bytes(pending)
+            return
+
+
+def _csv_rows(
+    fh: Any, shard: Shard, cfg: InputConfig, types: dict[str, pa.DataType]
+) -> Iterator[tuple[dict | None, int, str | None, str | None]]:
+    # utf-8-sig: a byte-order mark (CSV from Excel) is not part of the first column's name.
+    # surrogateescape keeps undecodable bytes visible per row instead of failing the whole file.
+    lines = (
+        TOO_LONG if line is None else line.removeprefix(BOM if number == 0 else b"").decode("utf-8", "surrogateescape")
+        for number, line in enumerate(_capped_lines(fh, cfg.max_line_bytes))
+    )
+    csv.field_size_limit(max(cfg.max_line_bytes, csv.field_size_limit()))  # a field can be as long as a line
+    reader = csv.reader(lines)
     header = next(reader, None)
     if header is None:
         raise ValueError("empty CSV file (no header row)")
     _require_columns(shard, cfg, header)
-    for fields in reader:
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:  # the reader goes on with the next line
+            yield None, reader.line_num, "malformed_csv_row", str(err)
+            continue
         line = reader.line_num
+        if fields == [TOO_LONG.strip()]:
+            yield None, line, "line_too_long", f"more than input.max_line_bytes ({cfg.max_line_bytes}) bytes"
+            continue
         if not fields:
             continue
         if len(fields) != len(header):

@@ -184,6 +184,7 @@ def test_non_empty_output_refused(capsys: pytest.CaptureFixture, tmp_path: Path)
     )
 
 
+@pytest.mark.cluster  # starts moto's S3 server of its own
 def test_wrong_credentials(tmp_path: Path) -> None:
     """An S3 endpoint that checks credentials: a clear error naming the URL, and no secret printed."""
     port = free_port()

@@ -67,3 +67,29 @@ def test_every_document_failing_is_an_error_not_rejects(
     monkeypatch.setattr(stage.encoder, "encode_batch", broken)
     with pytest.raises(RuntimeError, match="every document of the block failed"):
         stage(_block(tmp_path, ["one text", "another text", "a third"]))
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_weights_are_rejected_not_sent_to_stores(
+    bad: float, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A decoder that overflows (the bias of one term +inf, or NaN) gives every document a weight no
+    store takes: each row is rejected with the count in its detail, none is dropped."""
+    import torch
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    model = AutoModelForMaskedLM.from_pretrained(tiny_models["bert"])
+    with torch.no_grad():
+        model.cls.predictions.decoder.bias[1234] = bad
+    folder = tmp_path / "overflowing"
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_models["bert"]).save_pretrained(folder)
+    config = EncoderConfig(model=str(folder), device="cpu")
+    out = EncodeBlocks(config, fingerprint(config), threads=1)(_block(tmp_path, ["one text", "another text"]))
+    assert out.num_rows == 3
+    rejected = {
+        i: (r, d) for i, r, d in zip(out["id"].to_pylist(), out["_reject"].to_pylist(), out["_detail"].to_pylist())
+    }
+    assert rejected["d0"][0] == rejected["d1"][0] == "non_finite_weights"
+    want = "1 infinite and 0 NaN" if bad == float("inf") else "0 infinite and 1 NaN"
+    assert want in rejected["d0"][1] and rejected["e"][0] == "empty_text"

@@ -91,3 +91,26 @@ def test_reindex_schedules() -> None:
         and "flock -n" in fields[6]
         and "jobs/reindex.py --config jobs/configs/s3-gpu.yaml" in fields[6]
     )
+
+
+def _secret_env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container.get("env", []) if "valueFrom" in e}
+
+
+def test_the_store_key_reaches_the_ray_processes_not_just_the_submitter() -> None:
+    """A submitted job's driver runs on the head and its upsert workers on the workers: the key
+    must be in their environment (from a Secret), not only in the shell that runs `ray job submit`."""
+    cluster = yaml.safe_load((ROOT / "infra/kuberay/raycluster.yaml").read_text())
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    workers = [g["template"]["spec"]["containers"][0] for g in cluster["spec"]["workerGroupSpecs"]]
+    for container in [head, *workers]:
+        assert _secret_env(container).get("QDRANT_API_KEY", {}).get("name") == "splade-vector-store"
+    cron = yaml.safe_load((ROOT / "infra/kuberay/reindex-cronjob.yaml").read_text())
+    submitter = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert not _secret_env(submitter)  # it would not reach the job
+    line = next(ln for ln in (ROOT / "infra/cron/splade-reindex.cron").read_text().splitlines() if ln[:1].isdigit())
+    assert "splade-pipeline.env" not in line  # sourcing it in the submitting shell reaches no Ray process
+    unit = (ROOT / "infra/cron/ray-head.service").read_text()
+    assert "EnvironmentFile=/etc/splade-pipeline.env" in unit and "ray start --head" in unit
+    runtime_env = yaml.safe_load((ROOT / "infra/runtime_env.yaml").read_text())
+    assert not any("KEY" in k or "TOKEN" in k for k in runtime_env.get("env_vars", {}))  # the dashboard shows these

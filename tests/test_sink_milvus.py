@@ -10,7 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from support.sink_checks import (
     assert_ensure_refused,
+    assert_hostile_ids_round_trip,
     assert_idempotent_and_delete,
+    assert_search_in_a_fresh_process,
     assert_search_matches_brute_force,
     run_into_store,
 )
@@ -69,3 +71,45 @@ def test_missing_collection_without_create(tmp_path: Path) -> None:
         None, {"sink.type": "milvus", "sink.path": str(tmp_path / "m.db"), "sink.create_if_missing": False}
     ).sink
     assert_ensure_refused(cfg, "collection does not exist", count_after=False)
+
+
+@pytest.mark.cluster
+def test_hostile_ids_are_data_not_filter_syntax(tmp_path: Path) -> None:
+    """Deleting "x'] or id not in ['" deletes that id only (pymilvus would paste it into the filter)."""
+    sink = load_config(None, {"sink.type": "milvus", "sink.path": str(tmp_path / "m.db"), "sink.collection": "h"}).sink
+    assert_hostile_ids_round_trip(sink)
+
+
+def test_search_in_a_fresh_process(loaded: dict, tmp_path: Path) -> None:
+    """A new process finds the collection 'released' by the one that loaded it: the store loads it."""
+    assert_search_in_a_fresh_process(
+        loaded["config"], tmp_path, {"path": str(tmp_path / "fresh.db"), "collection": "fresh"}
+    )
+
+
+def test_a_store_another_process_holds_is_an_error_not_a_traceback(loaded: dict, tmp_path: Path) -> None:
+    """Milvus Lite's file belongs to one process: `search` from a second one while this test process
+    holds it fails with the store named, exit 2."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from pipeline.sinks import open_sink
+
+    config = loaded["config"]
+    store = open_sink(config.sink, 30522)  # this process now holds the Lite file's lock
+    try:
+        store.count()
+        config_file = tmp_path / "job.yaml"
+        config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "search", "--config", str(config_file), "tides"],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    finally:
+        store.close()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "cannot open the Milvus Lite file: another process holds the lock" in proc.stderr

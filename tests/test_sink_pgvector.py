@@ -12,7 +12,9 @@ import pytest
 from support.sink_checks import (
     VOCAB,
     assert_ensure_refused,
+    assert_hostile_ids_round_trip,
     assert_idempotent_and_delete,
+    assert_search_in_a_fresh_process,
     assert_search_matches_brute_force,
     run_into_store,
 )
@@ -172,3 +174,12 @@ def test_store_down_for_good_then_upsert_from(
     ]
     assert main(["upsert", "--from", str(tmp_path / "out"), *args]) == 0
     assert "it holds 400" in capsys.readouterr().out
+
+
+def test_hostile_ids_are_data(postgres) -> None:
+    sink = load_config(None, {"sink.type": "pgvector", "sink.dsn": postgres.dsn, "sink.collection": "hostile"}).sink
+    assert_hostile_ids_round_trip(sink)
+
+
+def test_search_in_a_fresh_process(loaded: dict, tmp_path: Path) -> None:
+    assert_search_in_a_fresh_process(loaded["config"], tmp_path, {"collection": "fresh"})

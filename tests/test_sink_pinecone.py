@@ -15,7 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from support.pinecone_protocol import PINECONE_TEST_KEY, PineconeProtocolServer
-from support.sink_checks import assert_idempotent_and_delete, assert_search_matches_brute_force, run_into_store
+from support.sink_checks import (
+    assert_hostile_ids_round_trip,
+    assert_idempotent_and_delete,
+    assert_search_in_a_fresh_process,
+    assert_search_matches_brute_force,
+    run_into_store,
+)
 
 from pipeline.cli import main
 from pipeline.config import load_config
@@ -145,6 +151,9 @@ def test_ids_fit_pinecone() -> None:
     long_id, unicode_id = "x" * 600, "café-1"
     assert point_id(long_id).startswith("sha256-") and len(point_id(long_id)) <= 512
     assert point_id(unicode_id).isascii() and point_id(unicode_id) == point_id(unicode_id)
+    # One-to-one: an id that looks hashed is hashed itself, so it cannot meet another id's hash.
+    spelled = point_id(long_id)
+    assert point_id(spelled) != spelled and point_id(spelled).startswith("sha256-")
 
 
 def test_missing_api_key(server: PineconeProtocolServer, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,3 +163,16 @@ def test_missing_api_key(server: PineconeProtocolServer, monkeypatch: pytest.Mon
     cfg = load_config(None, {"sink.type": "pinecone", "sink.url": server.url}).sink
     with pytest.raises(SinkError, match="no API key; set the PINECONE_API_KEY environment variable"):
         open_sink(cfg, 30522)
+
+
+def test_hostile_ids_are_data_and_ids_map_one_to_one(
+    server: PineconeProtocolServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real id "sha256-<hex>" and the long id whose hash it spells stay two vectors."""
+    monkeypatch.setenv("PINECONE_API_KEY", PINECONE_TEST_KEY)
+    sink = load_config(None, {"sink.type": "pinecone", "sink.url": server.url, "sink.namespace": "hostile"}).sink
+    assert_hostile_ids_round_trip(sink)
+
+
+def test_search_in_a_fresh_process(loaded: dict, tmp_path: Path) -> None:
+    assert_search_in_a_fresh_process(loaded["config"], tmp_path, {"namespace": "fresh"})

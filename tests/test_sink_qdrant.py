@@ -12,7 +12,9 @@ from support.sink_checks import (
     QUERIES,
     VOCAB,
     assert_ensure_refused,
+    assert_hostile_ids_round_trip,
     assert_idempotent_and_delete,
+    assert_search_in_a_fresh_process,
     assert_search_matches_brute_force,
     run_into_store,
 )
@@ -115,3 +117,40 @@ def test_request_batches_respect_count_and_bytes() -> None:
     sizes = [b.num_rows for b in request_batches(rows, max_count=3, max_bytes=30_000)]
     assert sizes == [1, 1, 3, 1]  # 10 + 1000 terms overflow 30 kB; a too-large single vector still goes alone
     assert [b.num_rows for b in request_batches(rows, max_count=2, max_bytes=10**9)] == [2, 2, 2]
+
+
+@pytest.mark.cluster
+def test_hostile_ids_are_data(tmp_path: Path) -> None:
+    sink = load_config(None, {"sink.type": "qdrant", "sink.path": str(tmp_path / "q"), "sink.collection": "h"}).sink
+    assert_hostile_ids_round_trip(sink)
+
+
+def test_search_in_a_fresh_process(loaded: dict, tmp_path: Path) -> None:
+    assert_search_in_a_fresh_process(
+        loaded["config"], tmp_path, {"path": str(tmp_path / "fresh"), "collection": "fresh"}
+    )
+
+
+def test_an_embedded_load_starts_no_ray(loaded: dict, tmp_path: Path) -> None:
+    """The driver writes an embedded store alone: `upsert --from` reads the files itself, and no Ray
+    cluster is started (or joined) for it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    config = loaded["config"]
+    sink = config.sink.model_copy(update={"path": str(tmp_path / "again"), "collection": "again"})
+    script = (
+        "import json, sys, ray\n"
+        "from pipeline.config import JobConfig\n"
+        "from pipeline.job.load import upsert_output\n"
+        "config = JobConfig.model_validate_json(sys.argv[1])\n"
+        "result = upsert_output(config)\n"
+        "print(json.dumps({'ray': ray.is_initialized(), 'count': result['store_count']}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    arg = config.model_copy(update={"sink": sink}).model_dump_json()
+    proc = subprocess.run([sys.executable, "-c", script, arg], capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"ray": False, "count": 120}

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import PipelineError, SettingError
@@ -54,6 +56,19 @@ def resolve_model(name_or_path: str) -> str:
     if name_or_path != SPLADE_TINY:
         raise SettingError(f"model: unknown bundled model {name_or_path!r}; the bundled model is {SPLADE_TINY!r}")
     return str(fetch_splade_tiny())
+
+
+@contextmanager
+def model_errors_named(name: str) -> Iterator[None]:
+    """Failures to load a model (no such hub id, offline, a folder without a config or weights, a
+    broken file) become a :class:`SettingError` naming the model."""
+    try:
+        yield
+    except PipelineError:
+        raise
+    except (OSError, ValueError, KeyError) as err:  # what transformers and huggingface_hub raise for these
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SettingError(f"model {name!r}: cannot be loaded: {type(err).__name__}: {first}") from None
 
 
 def fetch_splade_tiny(cache_dir: Path | None = None) -> Path:

@@ -20,10 +20,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.config import EncoderConfig
+from pipeline.config import EncoderConfig, validated
 from pipeline.encode import splade
 from pipeline.encode.batching import padded_length, plan_micro_batches
-from pipeline.encode.bundled import resolve_model
+from pipeline.encode.bundled import model_errors_named, resolve_model
 from pipeline.encode.heads import MaskedLMParts, split_masked_lm
 from pipeline.encode.packed import Layout
 from pipeline.encode.screen import MAX_HIDDEN, ScreenedDecoder, bf16_products_accumulate_in_fp32
@@ -61,12 +61,13 @@ class SpladeEncoder:
     def __init__(self, model: str | None = None, /, **settings: Any) -> None:
         if model is not None:
             settings["model"] = str(model)
-        self.config = EncoderConfig(**settings)
+        self.config = validated(EncoderConfig, settings, "encoder")
         self.device = _resolve_device(self.config.device)
         self.compute_dtype = _resolve_dtype(self.config.dtype, self.device)
         self.model_path = resolve_model(self.config.model)
-        self.tokenizer, self._backend = _load_tokenizer(self.model_path, self.config)
-        self.model = _load_model(self.model_path, self.config.revision).to(self.device)
+        with model_errors_named(self.config.model):
+            self.tokenizer, self._backend = _load_tokenizer(self.model_path, self.config)
+            self.model = _load_model(self.model_path, self.config.revision).to(self.device)
         self.parts: MaskedLMParts = split_masked_lm(self.model)
         self.vocab_size = int(self.model.get_output_embeddings().out_features)
         self.max_length = _check_max_length(self.config.max_length, self.tokenizer, self.model)

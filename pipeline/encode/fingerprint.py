@@ -16,10 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import EncoderConfig
-from pipeline.encode.bundled import resolve_model
+from pipeline.encode.bundled import model_errors_named, resolve_model
 from pipeline.errors import SettingError
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
 NAMES = ("model", "revision", "package_version")  # recorded, but names, not weights: they never decide
 
 
@@ -30,11 +37,12 @@ class Fingerprint:
     model: str
     revision: str | None
     weights_sha256: str
+    tokenizer_sha256: str
     vocab_size: int
     max_length: int
     top_k: int | None
     min_weight: float
-    dtype: str
+    dtype: str  # the compute dtype the encoders resolve ("auto" never appears here)
     package_version: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,10 +76,8 @@ def model_folder(config: EncoderConfig) -> Path:
         return Path(resolved)
     from huggingface_hub import snapshot_download
 
-    try:
+    with model_errors_named(config.model):
         return Path(snapshot_download(resolved, revision=config.revision))
-    except Exception as err:  # noqa: BLE001 - offline, unknown id, no access: the user's to fix
-        raise SettingError(f"model {config.model!r}: cannot be fetched: {type(err).__name__}: {err}") from None
 
 
 def weights_sha256(folder: Path) -> str:
@@ -91,21 +97,46 @@ def weights_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(config: EncoderConfig, folder: Path | None = None) -> Fingerprint:
-    """The fingerprint of ``config``'s model (``folder``: its already resolved local folder)."""
+def tokenizer_sha256(folder: Path) -> str:
+    """sha256 over the tokenizer files present (names and bytes): a changed vocabulary or
+    normalisation changes the vectors as surely as changed weights."""
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            digest.update(name.encode())
+            digest.update((folder / name).read_bytes())
+    return digest.hexdigest()
+
+
+def resolved_dtype(config: EncoderConfig, gpus_per_encoder: float = 0.0) -> str:
+    """The compute dtype an encoder will use: ``dtype`` as set, or for ``auto`` bfloat16 on CUDA
+    (``device: cuda``, or ``auto`` with GPUs per encoder) and float32 on CPU. An encoder whose
+    device resolves otherwise (a GPU without bf16) refuses to start rather than mix precisions."""
+    if config.dtype != "auto":
+        return config.dtype
+    on_gpu = config.device == "cuda" or (config.device == "auto" and gpus_per_encoder > 0)
+    return "bfloat16" if on_gpu else "float32"
+
+
+def fingerprint(config: EncoderConfig, folder: Path | None = None, gpus_per_encoder: float = 0.0) -> Fingerprint:
+    """The fingerprint of ``config``'s model (``folder``: its already resolved local folder), for
+    encoders with ``gpus_per_encoder`` GPUs each."""
     from transformers import AutoConfig
 
-    from pipeline import __version__
+    from pipeline.version import __version__
 
     folder = folder or model_folder(config)
+    with model_errors_named(config.model):
+        vocab_size = int(AutoConfig.from_pretrained(folder).vocab_size)
     return Fingerprint(
         model=config.model,
         revision=config.revision,
         weights_sha256=weights_sha256(folder),
-        vocab_size=int(AutoConfig.from_pretrained(folder).vocab_size),
+        tokenizer_sha256=tokenizer_sha256(folder),
+        vocab_size=vocab_size,
         max_length=config.max_length,
         top_k=config.top_k,
         min_weight=config.min_weight,
-        dtype=config.dtype,
+        dtype=resolved_dtype(config, gpus_per_encoder),
         package_version=__version__,
     )

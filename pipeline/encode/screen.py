@@ -10,16 +10,32 @@ model's) is run in three steps:
    logit could still be > 0;
 3. those terms are recomputed in fp32 from the document's rows (about twice the non-zeros).
 
-The bound. For a row ``h`` and decoder row ``w`` (length ``n``), the fp32 product
-``e = fl32(h.w)`` and the bf16 one ``a = bf16(sum_k bf16(h_k) bf16(w_k))``, accumulated in fp32,
-differ by at most ``(2u + u^2 + u + 2n 2^-24) * sum_k |h_k w_k|`` with ``u = 2^-9`` (bf16's unit
-roundoff): below ``0.0064 * ||h|| ||w||`` for ``n <= 4096``. :data:`MARGIN` is ``2^-7 = 0.0078``.
+The bound. For a row ``h`` and a decoder row ``w`` of length ``n``, the screen computes
+``a = bf16(sum_k bf16(h_k) bf16(w_k))``: both inputs rounded to bf16, their products (exact in
+fp32: 8 + 8 significant bits) accumulated in fp32, the sum rounded to bf16 on output. With
+bf16's unit roundoff ``u = 2^-8`` (8 significant bits) and fp32's ``gamma_n = n 2^-24 / (1 -
+n 2^-24)`` (Higham, Accuracy and Stability of Numerical Algorithms, 3.1), and ``S = sum_k
+|h_k w_k|``, the three roundings give
+
+    |bf16(h_k) bf16(w_k) - h_k w_k| <= (2u + u^2) |h_k w_k|                     (inputs)
+    |fl32(sum) - sum| <= gamma_n (1 + u)^2 S                                     (accumulation)
+    |bf16(s) - s| <= u |s| <= u (1 + u)^2 (1 + gamma_n) S                        (output)
+
+so ``|a - h.w| <= c_n S <= c_n ||h|| ||w||`` with ``c_n = 2u + u^2 + (1 + u)^2 (gamma_n + u (1 +
+gamma_n))`` (:func:`bf16_error_coefficient`): 0.01201 for ``n = 4096`` (:data:`MAX_HIDDEN`).
+Every rounding can err the same way: ``tests/test_screen.py`` builds such a case (all inputs
+and the sum rounding down) and finds an error of ``0.0102 S``, above the ``2^-7 = 0.0078`` an
+earlier margin assumed. :data:`MARGIN` is ``c_n`` plus a relative slack of ``2^-10``, which
+covers the fp32 roundings of the bound's own arithmetic (norms, products, the additions
+below: a few ``2^-24`` of values no larger than ``||h|| ||w||`` where the sign can flip).
+
 Hence if ``max_i a_ij + MARGIN * max_i ||h_i|| * ||w_j|| + b_j <= 0`` for a document, its exact
 largest logit of term ``j`` is <= 0 as well and ``w_j = 0``: leaving the term out changes
 nothing. Every kept term is recomputed in fp32, so the vectors are the fp32 computation's (up
 to the summation order of a differently shaped product). The bound assumes bf16 products are
-accumulated in fp32, as AMX, AVX512-BF16 and tensor cores do; :func:`bf16_products_accumulate_in_fp32`
-checks that on the device before screening is used.
+accumulated in fp32 and rounded once, as AMX, AVX512-BF16 and tensor cores do;
+:func:`bf16_products_accumulate_in_fp32` checks that on the device, on the worst case above and
+on random data, before screening is used.
 """
 
 from __future__ import annotations
@@ -32,8 +48,19 @@ import torch
 
 from pipeline.encode.splade import VOCAB_CHUNK, segment_max_products
 
-MARGIN = 2.0**-7
-MAX_HIDDEN = 4096  # the bound above is derived for hidden sizes up to this
+BF16_UNIT_ROUNDOFF = 2.0**-8  # 8 significant bits
+FP32_UNIT_ROUNDOFF = 2.0**-24
+MAX_HIDDEN = 4096  # screening is used for hidden sizes up to this
+
+
+def bf16_error_coefficient(n: int) -> float:
+    """``c_n``: ``|bf16 product - exact| <= c_n * sum_k |h_k w_k|`` for length-``n`` rows (see above)."""
+    u = BF16_UNIT_ROUNDOFF
+    gamma = n * FP32_UNIT_ROUNDOFF / (1 - n * FP32_UNIT_ROUNDOFF)
+    return 2 * u + u * u + (1 + u) ** 2 * (gamma + u * (1 + gamma))
+
+
+MARGIN = bf16_error_coefficient(MAX_HIDDEN) * (1 + 2.0**-10)
 
 
 class ScreenedDecoder:
@@ -58,7 +85,7 @@ class ScreenedDecoder:
         bound = approx.add_(MARGIN * doc_norms[:, None] * self.weight_norms[None, :]).add_(bias)
         out = torch.full_like(approx, float("-inf"))
         for doc, (a, b) in enumerate(pairwise(offsets)):
-            terms = torch.nonzero(bound[doc] > 0).squeeze(1)
+            terms = torch.nonzero(~(bound[doc] <= 0)).squeeze(1)  # NaN bounds kept: the recompute shows them
             if terms.numel() == 0:
                 continue
             exact = torch.mm(rows[a:b], self.weight.index_select(0, terms).t()).amax(dim=0)
@@ -73,18 +100,40 @@ class ScreenedDecoder:
 def bf16_products_accumulate_in_fp32(device: torch.device) -> bool:
     """Whether bf16 matrix products on ``device`` stay within the error bound screening relies on.
 
-    Probes with all-positive inputs (whose errors cannot cancel, so a bf16 accumulator would be
-    off by far more than the bound) and with signed ones, at bert-base's width.
+    Probes the worst case (every input and the output rounding down, all products positive, so
+    no error cancels: :func:`worst_case_rows`), and random all-positive and signed data, at
+    bert-base's width. A device that accumulates in bf16 or rounds more than once fails by far.
     """
     gen = torch.Generator().manual_seed(0)
     probes = [
+        worst_case_rows(768),
         (torch.rand(64, 768, generator=gen) + 0.5, torch.rand(512, 768, generator=gen) + 0.5),
         (torch.randn(64, 768, generator=gen) * 3, torch.randn(512, 768, generator=gen) * 0.05),
     ]
     for h, w in probes:
         exact = h.double() @ w.double().t()
         approx = (h.to(device, torch.bfloat16) @ w.to(device, torch.bfloat16).t()).double().cpu()
-        limit = MARGIN / 2 * (h.abs().double() @ w.abs().double().t())
+        limit = bf16_error_coefficient(h.shape[1]) * (h.abs().double() @ w.abs().double().t())
         if not bool(((approx - exact).abs() <= limit).all()):
             return False
     return True
+
+
+def worst_case_rows(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row ``h`` and a decoder row ``w`` (``[1, n]`` each, fp32) on which every bf16 rounding
+    errs downward: each entry sits just below the midpoint above a bf16 value (relative error
+    close to ``u``), the products are all positive, and the bf16-rounded products sum to just
+    below the midpoint above a bf16 value, so the output rounds down too. The bf16 product then
+    errs by about ``3u S`` (0.0102 S at ``n = 768``)."""
+    if n % 64:
+        raise ValueError(f"worst_case_rows: n must be a multiple of 64, got {n}")
+    below_midpoint = 1 + 0.499 / 128  # rounds down to 1.0 in bf16, by nearly half a step
+    h = torch.full((1, n), 8.0 * below_midpoint)
+    w = torch.full((1, n), 2.0**-5 * below_midpoint)
+    # bf16(h) bf16(w) = 2^-2 each, n of them: n/4, a bf16 value for n a multiple of 64. Raising
+    # some w to 2^-5 (17/16) (just below its own midpoint) adds 2^-6 each; stop just below the
+    # midpoint above n/4, so the sum rounds down to n/4.
+    half_step = 2.0 ** (torch.tensor(n / 4).log2().floor().item() - 7) / 2
+    raised = int(half_step / 2.0**-6) - (half_step % 2.0**-6 == 0)
+    w[0, :raised] = 2.0**-5 * (1 + (8 + 0.499) / 128)
+    return h, w

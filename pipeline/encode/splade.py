@@ -176,9 +176,11 @@ def prune_(weights: torch.Tensor, top_k: int | None, min_weight: float) -> torch
 def to_csr(weights: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Dense ``[B, V]`` weights to CSR on the host: ``(offsets int32[B+1], indices int32, values float32)``.
 
-    Row ``r`` owns ``indices[offsets[r]:offsets[r+1]]``, strictly ascending, with values > 0.
+    Row ``r`` owns ``indices[offsets[r]:offsets[r+1]]``, strictly ascending, with values > 0, or
+    NaN: a NaN weight (an overflow upstream) is kept, never silently dropped, so callers see it
+    (the job rejects such rows).
     """
-    nonzero = weights > 0
+    nonzero = ~(weights <= 0)  # NaN compares false both ways: kept
     coords = nonzero.nonzero()  # row-major, so columns ascend within each row
     values = weights[coords[:, 0], coords[:, 1]].float()
     counts = nonzero.sum(dim=1)

@@ -1,10 +1,9 @@
 """The cluster session: the only place that starts or joins Ray.
 
 :func:`ensure_ray` joins the cluster named by ``compute.ray_address`` or ``RAY_ADDRESS``, or
-starts a local one. A SIGTERM handler installed by the caller before Ray starts (the command
-line installs :func:`stop_on_sigterm`, so ``kill``, ``ray job stop`` or an evicted pod stop the
-run as Ctrl-C does: progress recorded, lock released, a hint to resume) is put back after
-``ray.init``, which installs its own that exits without the hint. Notebooks keep Ray's.
+starts a local one. With ``compute.stop_on_sigterm`` (the command line sets it), SIGTERM stops
+the run as Ctrl-C does: progress recorded, lock released, a hint to resume; the handler is
+installed again after ``ray.init``, which installs its own that exits without the hint.
 """
 
 from __future__ import annotations
@@ -28,13 +27,12 @@ def ensure_ray(compute: ComputeConfig) -> None:
     if not ray.is_initialized():
         env = forwarded()  # test-only fault injection reaches the workers; empty in production
         options: dict[str, Any] = {"log_to_driver": True, **({"runtime_env": {"env_vars": env}} if env else {})}
-        ours = _caller_sigterm_handler()
         if compute.ray_address is None and not os.environ.get("RAY_ADDRESS"):
             start_local_ray(**options)
         else:
             ray.init(address=compute.ray_address, **options)
-        if ours is not None:
-            signal.signal(signal.SIGTERM, ours)
+        if compute.stop_on_sigterm:
+            stop_on_sigterm()
     _warn_if_small(compute, ray.cluster_resources().get("CPU", 0))
 
 
@@ -77,11 +75,3 @@ def stop_on_sigterm() -> None:
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _caller_sigterm_handler() -> Any:
-    """The SIGTERM handler the caller installed (a Python function), to put back after ``ray.init``."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    handler = signal.getsignal(signal.SIGTERM)
-    return handler if callable(handler) else None

@@ -12,15 +12,18 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pyarrow as pa
+
 from pipeline.config import JobConfig, SinkConfig
 from pipeline.encode.fingerprint import Fingerprint
+from pipeline.encode.sparse import SPARSE_TYPE
 from pipeline.job.cluster import ensure_ray
 from pipeline.job.faults import crash_point
 from pipeline.job.resume import recorded_fingerprint
 from pipeline.job.stages import UpsertBlocks, upsert_batch
 from pipeline.output.commits import COMMITS_DIR, OutputError, latest_commit
 from pipeline.output.location import OutputLocation
-from pipeline.sinks import SinkError, SinkSettingError, open_sink, store_limits
+from pipeline.sinks import Sink, SinkError, SinkSettingError, open_sink, store_limits
 from pipeline.sinks.protocol import check_caps
 
 
@@ -43,7 +46,8 @@ def check_sink(sink: SinkConfig, fingerprint: Fingerprint) -> None:
 
 def output_files(loc: OutputLocation) -> tuple[list[str], Fingerprint]:
     """The committed data files of an encoded output (relative to it) and their fingerprint."""
-    commit = latest_commit(loc)
+    with loc.failures_named("read the commit records of the"):
+        commit = latest_commit(loc)
     if commit is None:
         raise OutputError(
             f"{loc.url}: no committed encoded output here (no {COMMITS_DIR}/ record); run or finish the encode job "
@@ -80,19 +84,21 @@ def delete_ids(sink: SinkConfig, fingerprint: Fingerprint, ids: list[str]) -> in
 
 
 def upsert_files(config: JobConfig, loc: OutputLocation, files: list[str], fingerprint: Fingerprint) -> dict[str, Any]:
-    """Upsert the vectors of the data ``files`` (relative to ``loc``) into ``config.sink``."""
+    """Upsert the vectors of the data ``files`` (relative to ``loc``) into ``config.sink``.
+
+    A server store is loaded by a pool of Ray actors; an embedded store (one process's files) by
+    this process alone, reading the files itself: no Ray is started for it.
+    """
     start = time.perf_counter()
     check_sink(config.sink, fingerprint)
     for folder in {f.rsplit("/", 1)[0] for f in files}:
         loc.refresh(folder)  # files Ray workers wrote since this client last listed them
-    ensure_ray(config.compute)
-    ds = _vectors(loc, files)
-    if store_limits(config.sink).embedded:
-        results = _load_in_driver(ds, config.sink, fingerprint.vocab_size)
-    else:
-        results = _load_in_actors(ds, config, fingerprint.vocab_size)
+    embedded = store_limits(config.sink).embedded
+    results = [] if embedded else _load_in_actors(loc, files, config, fingerprint.vocab_size)
     store = open_sink(config.sink, fingerprint.vocab_size)
     try:
+        if embedded:
+            results = _load_in_driver(loc, files, store, config.sink)
         store.finish()
         name, count = store.name, store.count()
     finally:
@@ -110,31 +116,29 @@ def upsert_files(config: JobConfig, loc: OutputLocation, files: list[str], finge
     }
 
 
-def _vectors(loc: OutputLocation, files: list[str]) -> Any:
-    import pyarrow.fs as pafs
-    import ray
-
-    filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(loc.fs))
-    return ray.data.read_parquet([loc.path(f) for f in files], filesystem=filesystem).select_columns(["id", "sparse"])
-
-
-def _load_in_driver(ds: Any, sink: SinkConfig, dimension: int) -> list[dict[str, int]]:
-    """An embedded store is one process's files: the driver is its single writer, fed by Ray Data's
-    streaming reads."""
-    store = open_sink(sink, dimension)
-    results = []
-    try:
-        for batch in ds.iter_batches(batch_size=sink.batch_size * 4, batch_format="pyarrow"):
-            results.append(dict(zip(("upserted", "empty"), upsert_batch(store, sink, batch), strict=True)))
+def _load_in_driver(loc: OutputLocation, files: list[str], store: Sink, sink: SinkConfig) -> list[dict[str, int]]:
+    """Stream the files' ``id`` and ``sparse`` columns, a file at a time, into the one client in
+    batches of ``4 * sink.batch_size`` rows (cut into requests by the store's limits)."""
+    size, results = sink.batch_size * 4, []
+    pending = pa.table({"id": pa.array([], pa.string()), "sparse": pa.nulls(0, SPARSE_TYPE)})
+    for i, rel in enumerate(files):
+        pending = pa.concat_tables([pending, loc.read_parquet(rel, columns=["id", "sparse"])])
+        final = i == len(files) - 1
+        while pending.num_rows >= size or (final and pending.num_rows):
+            batch, pending = pending.slice(0, size), pending.slice(size)
+            upserted, empty = upsert_batch(store, sink, batch)
+            results.append({"upserted": upserted, "empty": empty})
             crash_point("upsert")
-    finally:
-        store.close()
     return results
 
 
-def _load_in_actors(ds: Any, config: JobConfig, dimension: int) -> list[dict[str, Any]]:
+def _load_in_actors(loc: OutputLocation, files: list[str], config: JobConfig, dimension: int) -> list[dict[str, Any]]:
+    import pyarrow.fs as pafs
     import ray
 
+    ensure_ray(config.compute)
+    filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(loc.fs))
+    ds = ray.data.read_parquet([loc.path(f) for f in files], filesystem=filesystem).select_columns(["id", "sparse"])
     loaded = ds.map_batches(
         UpsertBlocks,
         batch_size=config.sink.batch_size * 4,

@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config import JobConfig
+from pipeline.encode.bundled import model_errors_named
 from pipeline.encode.fingerprint import Fingerprint, fingerprint, model_folder
 from pipeline.errors import SettingError
 from pipeline.job.cluster import ensure_ray
@@ -25,6 +26,7 @@ from pipeline.job.resume import assign_units
 from pipeline.job.stages import EncodeBlocks, WriteBlocks, read_shards
 from pipeline.output.location import OutputLocation
 from pipeline.sources import Shard, check_columns, list_shards
+from pipeline.storage import url_to_fs
 
 READER_MEMORY = 256 * 2**20
 
@@ -42,12 +44,45 @@ def make_plan(config: JobConfig) -> Plan:
     check_columns(shards[0], config.input)
     folder = model_folder(config.encoder)  # resolved (downloaded, verified) once
     _check_model_limits(config, folder)
-    fp = fingerprint(config.encoder, folder)
+    fp = fingerprint(config.encoder, folder, config.compute.num_gpus_per_actor)
+    output = OutputLocation.of(config.output)
+    check_apart(config.input.paths, config.input.storage_options, output)
     if config.sink.type:
         from pipeline.job.load import check_sink
 
         check_sink(config.sink, fp)
-    return Plan(assign_units(shards, config, fp), fp, OutputLocation.of(config.output))
+    return Plan(assign_units(shards, config, fp), fp, output)
+
+
+def check_apart(inputs: list[str], storage_options: dict[str, Any], output: OutputLocation) -> None:
+    """Refuse an output inside an input (its files would be read back as input next time) or an
+    input inside the output."""
+    for path in inputs:
+        fs, root = url_to_fs(path, storage_options)
+        static = root.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0].rstrip("/")  # a glob's fixed prefix
+        if type(fs) is not type(output.fs):
+            continue
+        inside = output.root == static or output.root.startswith(static + "/")
+        holds = static.startswith(output.root + "/")
+        if inside or holds:
+            relation = "is inside" if inside else "contains"
+            raise SettingError(
+                f"output.path {output.url} {relation} the input {path}: its files would be read back as input on the "
+                "next run; use an output location apart from the input"
+            )
+
+
+def check_output_reachable(output: OutputLocation) -> None:
+    """A local output on a cluster of several nodes would be scattered over each node's own disk."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if output.is_local and len(nodes) > 1:
+        raise SettingError(
+            f"output.path {output.url} is a local path, and the cluster has {len(nodes)} nodes: each writer would "
+            "write its own node's disk. Use shared storage (s3://, gs://, a mounted shared filesystem given as an "
+            "fsspec URL)"
+        )
 
 
 def read_dataset(config: JobConfig, shards: list[Shard], fn: Callable[..., Iterator[pa.Table]] = read_shards) -> Any:
@@ -141,7 +176,8 @@ def _ray_remote_args_accepted() -> Iterator[None]:
 def _check_model_limits(config: JobConfig, folder: Path) -> None:
     from transformers import AutoConfig
 
-    limit = getattr(AutoConfig.from_pretrained(folder), "max_position_embeddings", None)
+    with model_errors_named(config.encoder.model):
+        limit = getattr(AutoConfig.from_pretrained(folder), "max_position_embeddings", None)
     if limit and config.encoder.max_length > limit:
         raise SettingError(
             f"encoder.max_length: {config.encoder.max_length} exceeds what the model accepts ({limit} positions)"

@@ -149,9 +149,11 @@ def _summary(
 
 def _compare_now(config: JobConfig, plan: Plan, meta: dict[str, Any]) -> tuple[Diff, bool, str, Commit | None]:
     """The difference between the corpus now and the output's last commit."""
-    previous = latest_commit(plan.output)
+    with plan.output.failures_named("read the commit records of the"):
+        previous = latest_commit(plan.output)
+        state = read_state(plan.output, previous)
     full, reason = _needs_full(previous, meta, config.output.overwrite)
-    diff = compare(scan(config, plan), read_state(plan.output, previous), full, [s.url for s in plan.shards])
+    diff = compare(scan(config, plan), state, full, [s.url for s in plan.shards])
     return diff, full, reason, previous
 
 

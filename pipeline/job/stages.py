@@ -85,6 +85,12 @@ class EncodeBlocks:
                 f"driver's ({expected.weights_sha256[:12]}); pin encoder.revision or use one model folder"
             )
         self.encoder = SpladeEncoder.from_config(encoder)
+        dtype = str(self.encoder.compute_dtype).removeprefix("torch.")
+        if dtype != expected.dtype:
+            raise RuntimeError(
+                f"encoder.dtype: this worker computes in {dtype} ({self.encoder.device.type}), the output is "
+                f"{expected.dtype}: vectors of two precisions must not be mixed; set encoder.dtype explicitly"
+            )
         self.encoder.before_forward = out_of_memory_point  # test-only fault injection; a no-op unless configured
         self.attempts, self.isolate_after = attempts, isolate_after
         if attempts is not None:
@@ -145,13 +151,20 @@ class EncodeBlocks:
             self._encode_rows(texts, rows[:half], result)
             self._encode_rows(texts, rows[half:], result)
             return
-        piece = {
-            "_pos": pa.array(rows, pa.int64()),
-            "sparse": batch.sparse,
-            "num_tokens": pa.array(batch.num_tokens, pa.int32()),
-            "truncated": pa.array(batch.truncated, pa.bool_()),
-        }
-        result.pieces.append(pa.table(piece))
+        piece = pa.table(
+            {
+                "_pos": pa.array(rows, pa.int64()),
+                "sparse": batch.sparse,
+                "num_tokens": pa.array(batch.num_tokens, pa.int32()),
+                "truncated": pa.array(batch.truncated, pa.bool_()),
+            }
+        )
+        infinite, nan = non_finite_counts(batch.sparse)
+        broken = (infinite + nan) > 0
+        for i in np.flatnonzero(broken):
+            detail = f"{infinite[i]} infinite and {nan[i]} NaN weights (a float16 overflow?); no store takes them"
+            result.failed[int(rows[i])] = ("non_finite_weights", detail)
+        result.pieces.append(piece.filter(pa.array(~broken)) if broken.any() else piece)
         result.oom_splits += batch.oom_splits
 
     def _isolate(self, key: tuple, texts: list[str], result: Encoded) -> None:
@@ -191,6 +204,20 @@ class Encoded:
     pieces: list[pa.Table] = field(default_factory=list)
     failed: dict[int, tuple[str, str]] = field(default_factory=dict)
     oom_splits: int = 0
+
+
+def non_finite_counts(sparse: pa.StructArray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``sparse``: how many weights are +-inf, and how many NaN."""
+    _, weights = sparse.flatten()  # flatten() honours a sliced struct's offset
+    offsets = weights.offsets.to_numpy()
+    values = pc.list_flatten(weights).to_numpy(zero_copy_only=False)
+    counts = np.diff(offsets)
+
+    def per_row(flags: np.ndarray) -> np.ndarray:
+        cumulative = np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
+        return cumulative[offsets[1:] - offsets[0]] - cumulative[offsets[:-1] - offsets[0]] if len(counts) else counts
+
+    return per_row(np.isinf(values)), per_row(np.isnan(values))
 
 
 def _rejected(good: pa.Table, failed: dict[int, tuple[str, str]]) -> pa.Table:

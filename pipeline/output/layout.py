@@ -24,6 +24,7 @@ from pipeline.encode.fingerprint import Fingerprint
 from pipeline.output.commits import ENTRY_SCHEMA
 from pipeline.output.location import OutputLocation
 from pipeline.output.lock import LOCK_FILE
+from pipeline.redaction import scrub
 from pipeline.sources import BAD_FILE
 
 DATA_DIR = "data"
@@ -49,7 +50,7 @@ def clear_output(loc: OutputLocation) -> None:
 
 
 def write_summary(loc: OutputLocation, summary: dict[str, Any]) -> None:
-    loc.overwrite(SUMMARY_FILE, json.dumps(summary, indent=2).encode())
+    loc.overwrite(SUMMARY_FILE, scrub(json.dumps(summary, indent=2)).encode())
 
 
 def compression_of(name: str) -> str | None:

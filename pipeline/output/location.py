@@ -34,7 +34,10 @@ class OutputLocation:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         self.url = url
         self.storage_options = dict(storage_options or {})
-        self.fs, root = url_to_fs(url, self.storage_options)
+        try:
+            self.fs, root = url_to_fs(url, self.storage_options)
+        except Exception as err:  # noqa: BLE001 - unknown protocol, missing fsspec package, bad options
+            raise OutputError(f"{url}: cannot use output location: {type(err).__name__}: {err}") from None
         self.root = root.rstrip("/")
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.is_local = protocol in ("file", "local")

@@ -10,6 +10,8 @@ from __future__ import annotations
 from importlib import import_module
 
 from pipeline.config import SinkConfig
+from pipeline.errors import PipelineError
+from pipeline.redaction import scrub
 from pipeline.sinks.protocol import Sink, SinkError, SinkSettingError, StoreLimits
 
 STORES = {
@@ -33,8 +35,17 @@ def store_limits(cfg: SinkConfig) -> StoreLimits:
 
 
 def open_sink(cfg: SinkConfig, dimension: int) -> Sink:
-    """A client for the configured store; ``dimension`` is the vocabulary size of the vectors."""
-    return store_class(cfg)(cfg, dimension)
+    """A client for the configured store; ``dimension`` is the vocabulary size of the vectors.
+    A store that cannot be opened (unreachable, locked by another process, refused) is a
+    :class:`SinkError` naming it."""
+    kind = store_class(cfg)
+    try:
+        return kind(cfg, dimension)
+    except PipelineError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the store's client raises its own kinds
+        where = cfg.url or cfg.dsn or cfg.store_path
+        raise SinkError(scrub(f"{cfg.type} ({where}): cannot open the store: {type(err).__name__}: {err}")) from err
 
 
 __all__ = ["STORES", "Sink", "SinkError", "SinkSettingError", "StoreLimits", "open_sink", "store_class", "store_limits"]

@@ -8,7 +8,11 @@ are searchable at full speed.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -19,18 +23,48 @@ from pipeline.sinks.protocol import SinkError, StoreLimits, with_retries
 MAX_ID_LENGTH = 65_535  # VARCHAR's limit in Milvus
 
 
+def id_filter(ids: list[str]) -> str:
+    """``id in ["...", ...]`` with every id a double-quoted literal, escaped as JSON escapes it
+    (backslash, quote, control characters): the escapes Milvus's expression parser reads back
+    (Go's ``strconv.Unquote``), so an id can only ever be an id, never part of the expression."""
+    return "id in [" + ", ".join(json.dumps(i, ensure_ascii=False) for i in ids) + "]"
+
+
+@contextmanager
+def _lite_failures_named(name: str) -> Iterator[None]:
+    """Milvus Lite logs why it could not open its file (another process holds it, say) as a
+    traceback and raises a bare "Open local milvus failed": keep the log quiet and put its reason
+    into the error instead."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("milvus_lite")
+    propagate, logger.propagate = logger.propagate, False
+    logger.addHandler(handler)
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - reported with the reason Milvus Lite logged
+        reasons = [str(r.exc_info[1]) for r in records if r.exc_info and r.exc_info[1]] or [str(err)]
+        raise SinkError(f"{name}: cannot open the Milvus Lite file: {reasons[-1]}") from err
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
 class MilvusSink:
     def __init__(self, cfg: SinkConfig, dimension: int) -> None:
         from pymilvus import MilvusClient
 
         self.cfg, self.field = cfg, cfg.vector_name
+        self._is_loaded = False
         if cfg.url:
             self.name = f"milvus {cfg.url} collection {cfg.collection!r}"
             self.client = MilvusClient(uri=cfg.url, token=os.environ.get(cfg.api_key_variable, ""))
         else:
             self.name = f"milvus (lite {cfg.store_path}) collection {cfg.collection!r}"
             os.makedirs(os.path.dirname(os.path.abspath(cfg.store_path)), exist_ok=True)
-            self.client = MilvusClient(cfg.store_path)
+            with _lite_failures_named(self.name):
+                self.client = MilvusClient(cfg.store_path)
 
     @classmethod
     def limits(cls, cfg: SinkConfig) -> StoreLimits:
@@ -84,13 +118,24 @@ class MilvusSink:
         )
 
     def delete(self, ids: list[str]) -> None:
-        self._call(f"deleting {len(ids)} ids", lambda: self.client.delete(self.cfg.collection, ids=ids))
+        # Never ``delete(ids=...)``: pymilvus pastes string ids into a filter expression unescaped
+        # (an id holding a quote breaks it; a crafted one deletes other rows), and Milvus Lite has no
+        # filter templates. So the ids go in as escaped string literals (see id_filter).
+        self._call(f"deleting {len(ids)} ids", lambda: self.client.delete(self.cfg.collection, filter=id_filter(ids)))
         self.finish()
 
     def finish(self) -> None:
         self._call("flushing", lambda: self.client.flush(self.cfg.collection))
 
+    def _load(self) -> None:
+        """Load the collection into memory once per client: a collection created or last used by
+        another process is 'released', and Milvus refuses to search or query it until loaded."""
+        if not self._is_loaded:
+            self._call("loading the collection", lambda: self.client.load_collection(self.cfg.collection))
+            self._is_loaded = True
+
     def search(self, indices: np.ndarray, values: np.ndarray, k: int) -> list[tuple[str, float]]:
+        self._load()
         query = [dict(zip(indices.tolist(), values.tolist()))]
         hits = self._call(
             "searching",
@@ -106,6 +151,7 @@ class MilvusSink:
         return [(h["id"], float(h["distance"])) for h in hits[0] if h["distance"] > 0]
 
     def count(self) -> int:
+        self._load()
         rows = self._call(
             "counting", lambda: self.client.query(self.cfg.collection, filter="", output_fields=["count(*)"])
         )

@@ -36,7 +36,7 @@ class PgvectorSink:
             embedded=False,
             accepts_empty_vectors=True,
             max_nonzeros=HNSW_MAX_NONZEROS if cfg.hnsw_index else None,
-            nonzeros_reason="sink.hnsw_index: pgvector's HNSW index on sparsevec",
+            nonzeros_reason="pgvector's HNSW index on sparsevec (sink.hnsw_index)",
             nonzeros_remedy="or sink.hnsw_index: false",
         )
 

@@ -2,9 +2,11 @@
 
 Pinecone's limits are the store's caps: at most 2048 non-zeros per sparse vector (checked
 against encoder.top_k before any work), 1000 vectors and 2 MB per upsert request (requests
-are cut to fit), ids of at most 512 ASCII characters (longer or non-ASCII document ids map to
-``sha256-<hex>``; the document id always travels in the metadata as ``doc_id``). Empty
-vectors are refused by Pinecone and become counted rejects.
+are cut to fit), ids of at most 512 ASCII characters. The vector id is the document id where
+Pinecone takes it as it is; a longer or non-ASCII id, or one that itself starts with the reserved
+``sha256-``, maps to ``sha256-<hex of the id>``, so two document ids never share a vector id (the
+document id always travels in the metadata as ``doc_id``). Empty vectors are refused by Pinecone
+and become counted rejects.
 """
 
 from __future__ import annotations
@@ -24,10 +26,15 @@ MAX_REQUEST_BYTES = 2 * 1024 * 1024
 MAX_ID_LENGTH = 512
 
 
+HASHED_PREFIX = "sha256-"
+
+
 def point_id(doc_id: str) -> str:
-    if doc_id.isascii() and len(doc_id) <= MAX_ID_LENGTH:
+    """The vector id of a document id, one-to-one: ids that pass as they are never start with the
+    prefix every hashed id carries."""
+    if doc_id.isascii() and len(doc_id) <= MAX_ID_LENGTH and not doc_id.startswith(HASHED_PREFIX):
         return doc_id
-    return "sha256-" + hashlib.sha256(doc_id.encode()).hexdigest()
+    return HASHED_PREFIX + hashlib.sha256(doc_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class PineconeSink:

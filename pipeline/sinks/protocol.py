@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 
 from pipeline.config import SinkConfig
 from pipeline.errors import PipelineError
+from pipeline.redaction import scrub
 
 T = TypeVar("T")
 TRANSIENT_STATUS = {429, 500, 502, 503, 504}
@@ -126,7 +127,7 @@ def with_retries(action: Callable[[], T], what: str, deadline_s: float, store: s
             return action()
         except Exception as err:  # noqa: BLE001 - classified right below
             if not is_transient(err) or time.monotonic() - start + delay > deadline_s:
-                raise SinkError(f"{store}: {what} failed: {type(err).__name__}: {err}") from err
+                raise SinkError(scrub(f"{store}: {what} failed: {type(err).__name__}: {err}")) from err
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 10.0)
 

@@ -16,7 +16,6 @@ import numpy as np
 from pipeline.config import SinkConfig
 from pipeline.sinks.protocol import SinkError, StoreLimits, with_retries
 
-MAX_REQUEST_BYTES = 32 * 2**20
 NAMESPACE = uuid.UUID("6f1c3b52-5a1d-4a52-9a55-2b9c1e6d0a71")  # fixed: ids must not change between runs
 
 
@@ -39,8 +38,9 @@ class QdrantSink:
 
     @classmethod
     def limits(cls, cfg: SinkConfig) -> StoreLimits:
-        # Local mode is one process's files; a server takes requests up to 32 MB (its default).
-        return StoreLimits(embedded=not cfg.url, accepts_empty_vectors=True, max_request_bytes=MAX_REQUEST_BYTES)
+        # Local mode is one process's files. A server's request size limit is its own setting
+        # (service.max_request_size_mb, 32 by default): sink.max_request_bytes follows it.
+        return StoreLimits(embedded=not cfg.url, accepts_empty_vectors=True)
 
     def _call(self, what: str, action: Any) -> Any:
         return with_retries(action, what, self.cfg.retry_deadline_s, self.name)

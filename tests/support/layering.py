@@ -51,17 +51,93 @@ def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
     """Every node but those under ``if TYPE_CHECKING:`` (imports for type checkers, never run)."""
     skipped: set[int] = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
             skipped.update(id(n) for child in node.body for n in ast.walk(child))
     return [n for n in ast.walk(tree) if id(n) not in skipped]
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def string_imports(tree: ast.AST) -> set[str]:
+    """Modules a file imports by name at run time: the values of a dict literal assigned to
+    ``_EXPORTS`` or ``STORES`` (``"pipeline.x"`` or ``"pipeline.x:Name"``), as the lazy public face
+    and the store registry do."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):
+            names = {t.id for t in node.targets if isinstance(t, ast.Name)}
+            if names & {"_EXPORTS", "STORES"}:
+                found.update(v.value.split(":")[0] for v in node.value.values if isinstance(v, ast.Constant))
+    return found
+
+
+def exported_from(tree: ast.AST) -> dict[str, str]:
+    """``_EXPORTS`` of a lazy face: name -> module."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "_EXPORTS" for t in node.targets):
+            return {k.value: v.value for k, v in zip(node.value.keys, node.value.values)}
+    return {}
+
+
+def private_attribute_uses(tree: ast.AST, name: str, is_package: bool) -> set[str]:
+    """``module._name`` where ``module`` is a pipeline module bound by an import in this file."""
+    aliases: dict[str, str] = {}
+    package = name if is_package else name.rpartition(".")[0]
+    for node in _runtime_nodes(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("pipeline") and alias.asname:
+                    aliases[alias.asname] = alias.name
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
+            if base.startswith("pipeline"):
+                for alias in node.names:
+                    aliases[alias.asname or alias.name] = f"{base}.{alias.name}"
+    return {
+        f"{aliases[n.value.id]}.{n.attr}"
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute)
+        and isinstance(n.value, ast.Name)
+        and n.value.id in aliases
+        and n.attr.startswith("_")
+        and not n.attr.startswith("__")
+    }
+
+
+def calls_ray_init(tree: ast.AST) -> bool:
+    """``ray.init(...)``, or ``init`` imported from ray."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "init":
+            if isinstance(node.func.value, ast.Name) and node.func.value.id == "ray":
+                return True
+        if isinstance(node, ast.ImportFrom) and node.module == "ray" and any(a.name == "init" for a in node.names):
+            return True
+    return False
+
+
 def read_modules(root: Path = PACKAGE_ROOT) -> dict[str, Module]:
+    """Every module's imports: statements anywhere in the file (function level included), the
+    modules named by string in lazy faces and registries, and ``from pipeline import name`` read
+    through the public face's ``_EXPORTS`` as an import of the module that defines ``name``."""
+    trees = {module_name(p, root): (p, ast.parse(p.read_text(), filename=str(p))) for p in sorted(root.rglob("*.py"))}
+    face = exported_from(trees[root.name][1]) if root.name in trees else {}
     modules = {}
-    for path in sorted(root.rglob("*.py")):
-        name = module_name(path, root)
-        tree = ast.parse(path.read_text(), filename=str(path))
-        modules[name] = Module(name, path, frozenset(imported_names(tree, name, path.name == "__init__.py")))
+    for name, (path, tree) in trees.items():
+        found = imported_names(tree, name, path.name == "__init__.py") | string_imports(tree)
+        found |= {
+            face[i.rsplit(".", 1)[1]]
+            for i in found
+            if i.rpartition(".")[0] == root.name and i.rsplit(".", 1)[1] in face
+        }
+        modules[name] = Module(name, path, frozenset(found))
     return modules
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -94,3 +95,76 @@ def assert_idempotent_and_delete(config: JobConfig, total: int) -> str:
         store.close()
     assert first_hit not in [i for i, _ in search(config, QUERIES[:1], 10)[0]]
     return first_hit
+
+
+# Ids a store must take as data, never as syntax: quotes, backslashes, brackets, an expression
+# that would match every other row if pasted into a filter, unicode, and a Pinecone-style hashed
+# id ("sha256-" + the hash another id maps to).
+HOSTILE_IDS = [
+    "plain",
+    "it's",
+    'say "hi"',
+    "back\\slash",
+    "x'] or id not in ['",
+    'x"] or id not in ["',
+    "[brackets]",
+    "naïve café 東京 🚀",
+    "line\nbreak",
+    "x" * 600,
+    "sha256-" + hashlib.sha256(("x" * 600).encode()).hexdigest(),
+]
+
+
+def assert_hostile_ids_round_trip(sink: SinkConfig) -> None:
+    """Upsert vectors under ``HOSTILE_IDS``, search them back by exact id, delete the injection-shaped
+    ones: exactly those go, every other id stays and is found."""
+    store = open_sink(sink, VOCAB)
+    try:
+        store.ensure()
+        # One shared term (7) so a query on it finds every vector; a distinct term per id to tell them apart.
+        indices = [np.array([7, 100 + i], np.int32) for i in range(len(HOSTILE_IDS))]
+        values = [np.array([1.0, 0.5 + i / 100], np.float32) for i in range(len(HOSTILE_IDS))]
+        store.upsert(HOSTILE_IDS, indices, values)
+        store.finish()
+        assert store.count() == len(HOSTILE_IDS)  # no two ids collapsed onto one point
+        hits = store.search(np.array([7], np.int32), np.array([1.0], np.float32), 50)
+        assert sorted(i for i, _ in hits) == sorted(HOSTILE_IDS)
+        for i, doc_id in enumerate(HOSTILE_IDS):
+            found = store.search(np.array([100 + i], np.int32), np.array([1.0], np.float32), 5)
+            assert [h for h, _ in found] == [doc_id]
+        doomed = ["x'] or id not in ['", 'x"] or id not in ["', "it's", "x" * 600]
+        store.delete(doomed)
+        store.finish()
+        assert store.count() == len(HOSTILE_IDS) - len(doomed)
+        left = store.search(np.array([7], np.int32), np.array([1.0], np.float32), 50)
+        assert sorted(i for i, _ in left) == sorted(set(HOSTILE_IDS) - set(doomed))
+    finally:
+        store.close()
+
+
+def assert_search_in_a_fresh_process(config: JobConfig, tmp_path: Path, fresh: dict[str, Any]) -> None:
+    """As a user would: ``splade-pipeline upsert --from`` the output into a new collection (``fresh``
+    sink settings) in one process, then ``splade-pipeline search`` in another (the store opened
+    cold): the hits are brute force's over the output."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = config.model_copy(update={"sink": config.sink.model_copy(update=fresh)})
+    config_file = tmp_path / "job.yaml"
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    queries = QUERIES[:3]
+    commands = [
+        ["upsert", "--from", config.output.path, "--config", str(config_file)],
+        ["search", "--config", str(config_file), "--k", "5", *queries],
+    ]
+    for command in commands:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *command], capture_output=True, text=True, timeout=240
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for query, want in zip(queries, brute_force(config, 5)):
+        block = proc.stdout.split(f"{query!r}:\n", 1)[1].split("\n'", 1)[0]
+        got = [line.split()[1] for line in block.strip().splitlines()]
+        assert got == [i for i, _ in want], (query, proc.stdout)
