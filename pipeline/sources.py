@@ -211,7 +211,7 @@ class _BlockBuilder:
         if self.shard.format != "parquet":
             for name in self.cfg.passthrough_columns:
                 value = row[name]
-                row[name] = value if value is None or isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+                row[name] = value if value is None or isinstance(value, str) else _json_text(value)
         row.update(
             _source=self.shard.url,
             _line=line,
@@ -301,6 +301,13 @@ def _map_record(record: dict[str, Any], cfg: InputConfig, row: dict[str, Any]) -
         )
     row["text"] = text
     return None, None
+
+
+def _json_text(value: Any) -> str:
+    """A JSON value as JSON text, readable (non-ASCII kept) unless it holds a lone surrogate, which
+    only an escape can carry into UTF-8."""
+    text = json.dumps(value, ensure_ascii=False)
+    return json.dumps(value) if _has_surrogates(text) else text
 
 
 def _normalised_id(raw: Any) -> str | None:

@@ -43,6 +43,8 @@ def test_local_output_on_a_multi_node_cluster_is_refused(splade_tiny: Path, tmp_
     """A head and a worker node (separate raylets, as on a real cluster): a local output path would
     land on whichever node each writer runs on."""
     corpus = _corpus(tmp_path / "corpus")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("someone's file")  # overwrite must not clear it: refused first
     script = textwrap.dedent(
         f"""
         import os, subprocess, sys
@@ -54,7 +56,7 @@ def test_local_output_on_a_multi_node_cluster_is_refused(splade_tiny: Path, tmp_
         proc = subprocess.run(
             [sys.executable, "-m", "pipeline.cli", "encode", "--input", {str(corpus)!r},
              "--output", {str(tmp_path / "out")!r}, "--model", {str(splade_tiny)!r}, "--min-actors", "1",
-             "--max-actors", "1", "--num-cpus-per-actor", "1", "--io-cpus", "0.25"],
+             "--max-actors", "1", "--num-cpus-per-actor", "1", "--io-cpus", "0.25", "--overwrite", "true"],
             capture_output=True, text=True, env=env, timeout=300,
         )
         cluster.shutdown()
@@ -66,3 +68,4 @@ def test_local_output_on_a_multi_node_cluster_is_refused(splade_tiny: Path, tmp_
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=500)
     assert "EXIT 2" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "is a local path, and the cluster has 2 nodes" in proc.stdout
+    assert (tmp_path / "out" / "keep.txt").exists() and not (tmp_path / "out" / "data").exists()

@@ -84,6 +84,7 @@ def test_lone_surrogates_cost_one_row_not_the_file(tmp_path: Path) -> None:
         '{"id": "bad-title", "title": "\\udfff", "text": "fine", "lang": "en"}',
         '{"id": "bad-lang", "title": "t", "text": "fine", "lang": "\\ud83d"}',
         '{"id": "ok-2", "title": "t", "text": "emoji \\ud83d\\ude80 pair is fine", "lang": "en"}',
+        '{"id": "ok-3", "title": "t", "text": "nested", "lang": {"x": "\\ud800", "y": "\u00e9"}}',
     ]
     (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
     for on_bad_file in ("error", "skip"):
@@ -94,6 +95,7 @@ def test_lone_surrogates_cost_one_row_not_the_file(tmp_path: Path) -> None:
         table = pa.concat_tables(blocks)
         assert table.num_rows == len(lines)
         rows = {r["_line"]: r for r in table.to_pylist()}
+        assert rows[7]["_reject"] is None and json.loads(rows[7]["lang"]) == {"x": "\ud800", "y": "\u00e9"}
         assert [rows[i]["_reject"] for i in range(1, 7)] == [
             None,
             "invalid_unicode",

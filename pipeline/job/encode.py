@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import JobConfig, redacted
-from pipeline.job.plan import make_plan
+from pipeline.job.plan import check_output_reachable, make_plan
 from pipeline.job.resume import Resume, plan_resume
 from pipeline.job.steps import OUTPUT_FOLDERS, commit, finish, write_work
 from pipeline.job.summary import Pace, render, summarize
@@ -35,6 +35,7 @@ def run_job(config: JobConfig) -> dict[str, Any]:
     log.info("config: %s", json.dumps(redacted(config)))
     plan = make_plan(config)
     loc = plan.output
+    check_output_reachable(config, loc)
     with lock_output(loc, "encode", config.output.lock_ttl_s) as lock:
         resume = plan_resume(config, plan.shards, plan.fingerprint, loc)
         _announce(resume, config)

@@ -8,6 +8,7 @@ format, missing columns, an unusable output, an unknown model, sink settings) fa
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -72,10 +73,15 @@ def check_apart(inputs: list[str], storage_options: dict[str, Any], output: Outp
             )
 
 
-def check_output_reachable(output: OutputLocation) -> None:
-    """A local output on a cluster of several nodes would be scattered over each node's own disk."""
+def check_output_reachable(config: JobConfig, output: OutputLocation) -> None:
+    """A local output on a cluster of several nodes would be scattered over each node's own disk.
+    Checked before a run takes the lock or clears anything; a cluster this process starts itself
+    has one node, so only a joined one is asked."""
+    if not output.is_local or not (config.compute.ray_address or os.environ.get("RAY_ADDRESS")):
+        return
     import ray
 
+    ensure_ray(config.compute)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if output.is_local and len(nodes) > 1:
         raise SettingError(

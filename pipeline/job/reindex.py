@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 
 from pipeline.config import JobConfig
 from pipeline.errors import PipelineError
-from pipeline.job.plan import Plan, make_plan, read_dataset
+from pipeline.job.plan import Plan, check_output_reachable, make_plan, read_dataset
 from pipeline.job.resume import differences, reusable, run_meta
 from pipeline.job.stages import read_shards
 from pipeline.job.steps import OUTPUT_FOLDERS, commit, finish, write_work
@@ -85,6 +85,7 @@ def run_reindex(config: JobConfig, *, dry_run: bool = False, allow_mass_delete: 
         diff, full, reason, _ = _compare_now(config, plan, meta)
         print(_render_plan(diff, full, reason, dry_run=True), flush=True)
         return {"dry_run": True, "full": full, "reason": reason, **diff.counts}
+    check_output_reachable(config, loc)
     with lock_output(loc, "reindex", config.output.lock_ttl_s) as lock:
         diff, full, reason, previous = _compare_now(config, plan, meta)
         print(_render_plan(diff, full, reason, dry_run=False), flush=True)

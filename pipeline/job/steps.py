@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 from pipeline.config import JobConfig, redacted
 from pipeline.job.cluster import ensure_ray
 from pipeline.job.faults import crash_point
-from pipeline.job.plan import Plan, check_output_reachable, encoded_dataset, written_dataset
+from pipeline.job.plan import Plan, encoded_dataset, written_dataset
 from pipeline.job.summary import Pace
 from pipeline.output.commits import Progress, clean, empty_entries, write_commit
 from pipeline.output.layout import DATA_DIR, REJECTS_DIR, write_summary
@@ -39,7 +39,6 @@ def write_work(
     from pipeline.job.attempts import start_log
 
     ensure_ray(config.compute)  # before the first Ray call, which would otherwise start Ray its own way
-    check_output_reachable(plan.output)
     attempts = start_log()
     written = written_dataset(config, plan, encoded_dataset(config, plan, work, attempts))
     try:
