@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import logging
 import os
 import socket
 from typing import Any
@@ -19,15 +18,13 @@ def free_port() -> int:
 
 
 def start_s3() -> Any:
-    """moto's S3 server on 127.0.0.1, exported to every client through AWS_ENDPOINT_URL; returns the server."""
-    from moto.server import ThreadedMotoServer
+    """moto's S3 server on 127.0.0.1 in its own process (see tests.support.s3_server), exported to every
+    client through AWS_ENDPOINT_URL; returns the server."""
+    from tests.support.s3_server import S3Server
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = S3Server().start()
     os.environ.update(
-        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_ENDPOINT_URL=server.url,
         AWS_ACCESS_KEY_ID="bench",
         AWS_SECRET_ACCESS_KEY="bench",
         AWS_DEFAULT_REGION="us-east-1",

@@ -32,34 +32,15 @@ def synthetic_output(folder: Path, n: int, fingerprint: dict) -> Path:
     indices = np.concatenate([np.sort(rng.choice(30522, k, replace=False)) for k in nnz]).astype(np.int32)
     values = (rng.random(offsets[-1], dtype=np.float32) * 2 + 0.01).astype(np.float32)
     table = pa.table({"id": [f"doc-{i:07d}" for i in range(n)], "sparse": sparse_array(offsets, indices, values)})
-    from pipeline.output.commits import ENTRY_SCHEMA, write_commit
-    from pipeline.output.location import OutputLocation
+    from tests.support.tables import commit_files
 
     (folder / "data").mkdir(parents=True)
     meta = {FINGERPRINT_KEY: json.dumps(fingerprint).encode()}
-    entries = []
+    files = {}
     for part, start in enumerate(range(0, n, 5000)):
-        piece = table.slice(start, 5000)
-        name = f"data/part-synthetic-{part:06d}.parquet"
-        pq.write_table(piece.replace_schema_metadata(meta), folder / name)
-        entries.append(
-            {
-                "unit": "synthetic",
-                "block": part,
-                "block_rows": piece.num_rows,
-                "last": start + 5000 >= n,
-                "rows": piece.num_rows,
-                "written": piece.num_rows,
-                "data_file": name,
-            }
-        )
-    # Committed like a job's output, so that upsert_output reads it through the same path.
-    write_commit(
-        OutputLocation(str(folder)),
-        1,
-        pa.Table.from_pylist(entries, schema=ENTRY_SCHEMA),
-        {"fingerprint": fingerprint},
-    )
+        files[f"data/part-synthetic-{part:06d}.parquet"] = piece = table.slice(start, 5000)
+        pq.write_table(piece.replace_schema_metadata(meta), folder / f"data/part-synthetic-{part:06d}.parquet")
+    commit_files(folder, files, fingerprint)  # one Delta version, read back through upsert_output's own path
     return folder
 
 

@@ -15,7 +15,7 @@ import sys
 # even where it is not pip-installed on the cluster image.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.cli import main  # noqa: E402
+from pipeline.cli import run  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["reindex", *sys.argv[1:]]))
+    run(["reindex", *sys.argv[1:]])

@@ -30,7 +30,6 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time the names l
     from pipeline.job.encode import run_job
     from pipeline.job.plan import encoded_dataset
     from pipeline.job.reindex import run_reindex
-    from pipeline.output.commits import committed_files
 
 _EXPORTS = {
     "SPARSE_TYPE": "pipeline.encode.sparse",
@@ -40,7 +39,6 @@ _EXPORTS = {
     "JobConfig": "pipeline.config",
     "PipelineError": "pipeline.errors",
     "SpladeEncoder": "pipeline.encode.encoder",
-    "committed_files": "pipeline.output.commits",
     "encoded_dataset": "pipeline.job.plan",
     "fetch_splade_tiny": "pipeline.encode.bundled",
     "load_config": "pipeline.config",

@@ -158,26 +158,27 @@ class OutputConfig(StrictModel):
     )
     overwrite: bool = Field(
         False,
-        description="Start over: delete the existing output first. Otherwise a re-run resumes: committed work is kept, "
-        "and an output encoded with settings that change the vectors is refused.",
+        description="Replace the table's content with this run's (a new version; older versions stay readable until "
+        "vacuumed). Otherwise a re-run resumes: committed work is kept, and an output encoded with settings that "
+        "change the vectors is refused.",
     )
     compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet compression.")
-    commit_interval_s: float = Field(
-        30.0,
+    retention_days: float = Field(
+        7.0,
         ge=0,
-        description="Record finished blocks (what a re-run after a crash keeps) at most this often; 0: after every "
-        "block.",
+        description="`splade-pipeline vacuum` keeps every file a version of the last retention_days still reads, "
+        "and files not yet committed that are younger than that.",
     )
-    lock_ttl_s: float = Field(
-        120.0,
-        ge=5,
-        description="The output's run lock (one run at a time) expires this long after its holder stops renewing it "
-        "(renewed every third of it); a crashed run's lock on the same host is taken over at once.",
+    table_options: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra delta-rs storage options for the table (e.g. AWS_REGION); never credentials. The S3 "
+        "endpoint is taken from storage_options or AWS_ENDPOINT_URL.",
     )
 
     @model_validator(mode="after")
     def _no_secrets(self) -> OutputConfig:
         _refuse_secrets(self.storage_options, "output.storage_options")
+        _refuse_secrets(self.table_options, "output.table_options")
         return self
 
 

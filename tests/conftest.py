@@ -8,7 +8,6 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-import logging  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
@@ -20,6 +19,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from support.pg_server import Postgres, free_port  # noqa: E402
 from support.pinecone_protocol import PINECONE_TEST_KEY  # noqa: E402
+from support.s3_server import S3Server  # noqa: E402
 
 from pipeline.encode.bundled import fetch_splade_tiny  # noqa: E402
 
@@ -93,21 +93,17 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory, splade_tiny: Path) -> 
 
 # ---- real services on 127.0.0.1: S3 (moto's HTTP server) and a Ray cluster ---------------------
 
+EXIT_STATUS = pytest.StashKey[int]()
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
-    """moto's S3 server on 127.0.0.1; its URL is exported as AWS_ENDPOINT_URL for every client."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    os.environ.update(S3_ENV | {"AWS_ENDPOINT_URL": url, "PINECONE_API_KEY": PINECONE_TEST_KEY})
-    yield url
+    """moto's S3 server on 127.0.0.1, in its own process (see support.s3_server); its URL is exported
+    as AWS_ENDPOINT_URL for every client."""
+    server = S3Server().start()
+    os.environ.update(S3_ENV | {"AWS_ENDPOINT_URL": server.url, "PINECONE_API_KEY": PINECONE_TEST_KEY})
+    yield server.url
     server.stop()
 
 
@@ -195,3 +191,21 @@ def postgres() -> Iterator[Postgres]:
     except subprocess.CalledProcessError:
         pass  # already stopped by a test
     shutil.rmtree(root, ignore_errors=True)
+
+
+# ---- the process's exit status is the tests' ---------------------------------------------------
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """End with pytest's exit status, skipping C++ static destructors: after delta-rs has run in a
+    process, Arrow's and delta-rs's thread pools can abort the interpreter at exit (status 134)
+    whatever the tests did (see ``pipeline.cli.run``, which does the same for the command line)."""
+    if EXIT_STATUS in config.stash:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(config.stash[EXIT_STATUS])

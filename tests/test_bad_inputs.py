@@ -177,11 +177,8 @@ def test_non_empty_output_refused(capsys: pytest.CaptureFixture, tmp_path: Path)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.parquet").write_bytes(b"x")
     code, _, err = run_cli(capsys, "encode", "--output", str(tmp_path / "out"))
-    assert (
-        code == 2
-        and "output is not empty (1 files) and holds no splade-pipeline commit records; set output.overwrite: true"
-        in err
-    )
+    assert code == 2 and "output is not empty (1 files, e.g. old.parquet) and is not a splade-pipeline table" in err
+    assert "choose an empty output" in err
 
 
 @pytest.mark.cluster  # starts moto's S3 server of its own

@@ -72,6 +72,12 @@ def test_reindex_bench(tmp_path: Path) -> None:
     assert [r["encoded"] for r in runs] == [200, 10, 0]
 
 
+def test_commit_bench(tmp_path: Path) -> None:
+    result = bench(tmp_path, "commit_bench.py", "--files", "40", "--s3")
+    assert result["files"] == 40 and result["where"] == "moto S3"
+    assert result["commit_s"] > 0 and result["reindex_commit_s"] > 0 and result["read_snapshot_s"] > 0
+
+
 def test_sink_bench(tmp_path: Path) -> None:
     result = bench(tmp_path, "sink_bench.py", "--n", "300")
     assert len(result) == 4 and all(rate > 0 for rate in result.values())

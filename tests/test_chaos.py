@@ -19,16 +19,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import s3fs
 from support.fault_proxy import FaultProxy
-from support.jobs import ROOT, cli, corpus_rows, put_jsonl_shards, reference_vectors, start_until_progress
+from support.jobs import ROOT, cli, corpus_rows, put_jsonl_shards, read_delta, reference_vectors, start_until_written
 from support.reference import densify
 
 from pipeline.job.faults import OOM_ABOVE, POISON
-from pipeline.output.commits import committed_files
 
 VOCAB = 30522
 FILES, ROWS_PER_FILE = 8, 100
@@ -65,8 +62,6 @@ def args(splade_tiny: Path, output: str, source: str = "s3://chaos/corpus/", *ex
         "64",
         "--rows-per-block",
         "20",
-        "--commit-interval-s",
-        "0",
         "--min-actors",
         "2",
         "--max-actors",
@@ -83,7 +78,7 @@ def check_output(output: str, corpus: dict[str, np.ndarray], ids: list[str] | No
     """The committed output holds each expected document once, with its reference vector."""
     fs = s3fs.S3FileSystem()
     fs.invalidate_cache()
-    data = pa.concat_tables([pq.read_table(fs.open(f, "rb")) for f in committed_files(output)])
+    data = read_delta(output)
     got = data["id"].to_pylist()
     assert sorted(got) == sorted(ids if ids is not None else corpus) and len(set(got)) == len(
         got
@@ -118,7 +113,7 @@ def test_encoder_actors_killed_mid_run(corpus: dict, splade_tiny: Path) -> None:
     while job.poll() is None and len(killed) < 3:
         assert time.monotonic() < deadline
         fs.invalidate_cache()
-        started = fs.exists("chaos/out-killed/_progress") and fs.find("chaos/out-killed/_progress")
+        started = fs.exists("chaos/out-killed/data") and fs.find("chaos/out-killed/data")
         pids = [p for p in encoder_actor_pids() if p not in killed] if started else []
         if pids:
             os.kill(pids[0], signal.SIGKILL)  # an encoder dies mid-run, as under the OOM killer
@@ -164,8 +159,7 @@ def test_document_that_kills_its_encoder_is_rejected(corpus: dict, splade_tiny: 
     summary = check_output(output, corpus, expected)
     assert summary["rows_read"] == 121 and summary["rows_written"] == 120
     assert summary["rejected_by_reason"] == {"encoder_crash": 1}
-    fs = s3fs.S3FileSystem()
-    rejects = pa.concat_tables([pq.read_table(fs.open(f, "rb")) for f in committed_files(output, kind="rejects_file")])
+    rejects = read_delta(f"{output}/_rejects")
     assert rejects["id"].to_pylist() == ["pill"] and "died on this document" in rejects["detail"][0].as_py()
     assert rejects["source"][0].as_py() == "s3://chaos/poisoned/part-0.jsonl" and rejects["line"][0].as_py() == 61
     assert summary["faults"]["actor_restarts"] >= 3 and summary["faults"]["blocks_retried"] == 1, summary["faults"]
@@ -181,7 +175,7 @@ def test_out_of_memory_halves_the_batch(corpus: dict, splade_tiny: Path) -> None
 
 def test_sigterm_stops_promptly_then_resumes(corpus: dict, splade_tiny: Path) -> None:
     output = "s3://chaos/out-sigterm"
-    job = start_until_progress(
+    job = start_until_written(
         args(splade_tiny, output), "chaos/out-sigterm", stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     fs = s3fs.S3FileSystem()
@@ -191,7 +185,6 @@ def test_sigterm_stops_promptly_then_resumes(corpus: dict, splade_tiny: Path) ->
     assert time.monotonic() - stopped < 30  # promptly
     assert job.returncode == 130 and "interrupted" in err and "run the same command again to resume" in err
     fs.invalidate_cache()
-    assert not fs.exists("chaos/out-sigterm/_lock")  # released on the way out
 
     again = cli(*args(splade_tiny, output))
     assert again.returncode == 0, again.stderr[-3000:]

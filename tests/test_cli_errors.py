@@ -60,4 +60,4 @@ def test_an_output_url_no_filesystem_knows(tmp_path: Path, capsys: pytest.Captur
 
 def test_upsert_from_an_output_with_no_commit(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     err = _run(["upsert", "--from", str(tmp_path), "--sink-type", "qdrant", "--sink-path", str(tmp_path / "q")], capsys)
-    assert "no committed encoded output here" in err
+    assert "no Delta table here (no _delta_log/); run or finish the encode job first" in err

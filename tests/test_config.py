@@ -15,7 +15,7 @@ from pipeline.config import ConfigError, load_config
         ({"encoder.top_k": "5"}, "encoder.top_k: Input should be a valid integer (got '5')"),
         ({"output.overwrite": "yes"}, "output.overwrite: Input should be a valid boolean (got 'yes')"),
         ({"encoder.max_length": 256.0}, "encoder.max_length: Input should be a valid integer (got 256.0)"),
-        ({"output.lock_ttl_s": 0.001}, "output.lock_ttl_s: Input should be greater than or equal to 5"),
+        ({"output.retention_days": -1}, "output.retention_days: Input should be greater than or equal to 0"),
         ({"input.max_line_bytes": 10}, "input.max_line_bytes: Input should be greater than or equal to 1024"),
     ],
 )

@@ -14,6 +14,8 @@ from support.reference import densify
 
 from pipeline import SPARSE_TYPE, SpladeEncoder
 from pipeline.output.layout import FINGERPRINT_KEY
+from pipeline.output.location import OutputLocation
+from pipeline.output.table import DeltaOutput
 
 
 def test_s3_job_via_cli(ray_cluster: str, splade_tiny: Path) -> None:
@@ -47,7 +49,11 @@ def test_s3_job_via_cli(ray_cluster: str, splade_tiny: Path) -> None:
     assert data.schema.field("sparse").type == SPARSE_TYPE
     assert data.column_names == ["id", "content_hash", "sparse", "num_tokens", "truncated", "lang"]
     assert set(data["lang"].to_pylist()) == {"en"}
-    fp = json.loads(data.schema.metadata[FINGERPRINT_KEY])
+    table = DeltaOutput(OutputLocation("s3://vectors/run1")).snapshot()
+    assert table is not None and table.version == 0 and table.record["kind"] == "encode"
+    fp = table.record["fingerprint"]  # in the commit info, where every Delta reader sees it...
+    for rel in table.files:  # ...and in each data file's key-value metadata
+        assert json.loads(pq.read_schema(fs.open(f"vectors/run1/{rel}", "rb")).metadata[FINGERPRINT_KEY]) == fp
     assert fp["model"] == str(splade_tiny) and fp["max_length"] == 64 and len(fp["weights_sha256"]) == 64
 
     by_id = {r["id"]: f"{r['title']} {r['text']}" for r in rows}
@@ -85,11 +91,13 @@ def test_same_input_same_files(ray_cluster: str, splade_tiny: Path, tmp_path: Pa
         )
         run_job(cfg)
         names.append(sorted(p.name for p in (tmp_path / run / "data").iterdir()))
-    assert names[0] == names[1] and len(names[0]) == 3  # named by input file, its version, the config and the block
-    assert [re.fullmatch(r"part-[0-9a-f]{16}-(\d{6})\.parquet", n).group(1) for n in names[0]] == [
-        "000000",
-        "000001",
-        "000002",
+    # named by the unit (input file, its version, the config), the block and the attempt that wrote it
+    parts = [
+        [re.fullmatch(r"part-([0-9a-f]{16})-(\d{6})-(\d{8}T\d{6}-[0-9a-f]{8})\.parquet", n) for n in run]
+        for run in names
     ]
+    assert [[m.group(1, 2) for m in run] for run in parts][0] == [[m.group(1, 2) for m in run] for run in parts][1]
+    assert [m.group(2) for m in parts[0]] == ["000000", "000001", "000002"]
+    assert {m.group(3) for m in parts[0]} != {m.group(3) for m in parts[1]}  # two runs never share a name
     first = pq.read_table(tmp_path / "a" / "data" / names[0][0])
     assert first["id"].to_pylist() == [f"d{i:05d}" for i in range(16)]

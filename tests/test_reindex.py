@@ -9,26 +9,26 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psycopg
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import s3fs
-from support.jobs import cli, corpus_rows
+from deltalake import DeltaTable
+from support.jobs import ROOT, cli, corpus_rows, delta_options, read_delta, read_polars, read_ray, table_filesystem
 from support.reference import densify
 
 from pipeline import SpladeEncoder
 from pipeline.config import JobConfig, load_config
 from pipeline.job.encode import run_job
-from pipeline.job.faults import VARIABLE
+from pipeline.job.faults import PAUSE, VARIABLE
 from pipeline.job.reindex import MassDeleteError, run_reindex
-from pipeline.output.commits import committed_files, latest_commit
 from pipeline.output.location import OutputLocation
-from pipeline.output.lock import LockedError, RunLock
+from pipeline.output.table import DeltaOutput
 
 VOCAB = 30522
 SHARDS = 4
@@ -86,7 +86,6 @@ def make_config(splade_tiny: Path, postgres: Any, name: str, **extra: Any) -> Jo
             "encoder.model": str(splade_tiny),
             "encoder.max_length": 64,
             "input.rows_per_block": 25,
-            "output.commit_interval_s": 0,
             "sink.type": "pgvector",
             "sink.dsn": postgres.dsn,
             "sink.collection": name,
@@ -110,21 +109,29 @@ def store_vectors(postgres: Any, table: str) -> dict[str, np.ndarray]:
     return out
 
 
-def assert_current(config: JobConfig, postgres: Any, docs: dict[str, str], encoder: SpladeEncoder) -> None:
-    """Store and committed output hold exactly the corpus now, each document once, with its current vector."""
+def assert_current(
+    config: JobConfig, postgres: Any, docs: dict[str, str], encoder: SpladeEncoder, *, store: bool = True
+) -> None:
+    """Store and table hold exactly the corpus now, each document once, with its current vector."""
     ids = sorted(docs)
     want = dict(zip(ids, densify(encoder.encode([docs[i] for i in ids]), VOCAB)))
-    stored = store_vectors(postgres, config.sink.collection)
-    assert sorted(stored) == ids
-    assert max(np.abs(stored[i] - want[i]).max() for i in ids) <= 1e-5
-    fs = s3fs.S3FileSystem()
-    data = pa.concat_tables([pq.read_table(fs.open(f, "rb")) for f in committed_files(config.output.path)])
-    assert sorted(data["id"].to_pylist()) == ids  # exactly once
+    if store:
+        stored = store_vectors(postgres, config.sink.collection)
+        assert sorted(stored) == ids
+        assert max(np.abs(stored[i] - want[i]).max() for i in ids) <= 1e-5
+    assert_table(config.output.path, docs, want)
+
+
+def assert_table(url: str, docs: dict[str, str], want: dict[str, np.ndarray]) -> None:
+    data = read_delta(url)
+    assert sorted(data["id"].to_pylist()) == sorted(docs)  # exactly once
     got = densify(data["sparse"].combine_chunks(), VOCAB)
     assert max(np.abs(got[k] - want[i]).max() for k, i in enumerate(data["id"].to_pylist())) <= 1e-5
-    root = config.output.path.removeprefix("s3://")
-    fs.invalidate_cache()
-    assert {f"s3://{p}" for p in fs.find(f"{root}/data")} == set(committed_files(config.output.path))
+
+
+def version(config: JobConfig) -> int | None:
+    snap = DeltaOutput(OutputLocation(config.output.path)).snapshot()
+    return None if snap is None else snap.version
 
 
 def test_reindex_encodes_only_new_and_changed(
@@ -141,8 +148,9 @@ def test_reindex_encodes_only_new_and_changed(
     plan = run_reindex(config, dry_run=True)
     assert (len(what["added"]), len(what["changed"]), len(what["deleted"])) == (10, 20, 10)
     assert (plan["new"], plan["changed"], plan["deleted"], plan["unchanged"]) == (10, 20, 10, 170) and not plan["full"]
-    assert len(store_vectors(postgres, "main")) == 200 and latest_commit(_output(config)).generation == 1  # untouched
+    assert len(store_vectors(postgres, "main")) == 200 and version(config) == 0  # untouched
 
+    before = DeltaTable(config.output.path, storage_options=delta_options())  # a reader on version 0...
     summary = run_reindex(config)
     counts = summary["reindex"]
     assert (counts["new"], counts["changed"], counts["deleted"], counts["unchanged"]) == (10, 20, 10, 170)
@@ -151,12 +159,25 @@ def test_reindex_encodes_only_new_and_changed(
         summary["sink"]["upserted"] == 30 and summary["sink"]["deleted"] == 10 and summary["sink"]["store_count"] == 200
     )
     assert summary["rows_read"] == summary["rows_written"] + summary["rows_rejected"] == 200
+    assert summary["table_version"] == version(config) == 1  # the whole change is one version
     assert_current(config, postgres, now, encoder)
+    # ...keeps reading version 0 after the commit: no file of it was deleted
+    old = before.to_pyarrow_table(filesystem=table_filesystem(config.output.path))
+    assert sorted(old["id"].to_pylist()) == sorted(docs)
+    # every Delta reader sees the same rows
+    for reader in (read_polars, read_ray):
+        other = reader(config.output.path)
+        assert sorted(other["id"].to_pylist()) == sorted(now)
+        assert sorted(map(str, other["sparse"].to_pylist())) == sorted(
+            map(str, read_delta(config.output.path)["sparse"].to_pylist())
+        )
 
     again = run_reindex(config)
     assert again["reindex"]["encoded_now"] == 0 and again["reindex"]["unchanged"] == 200
-    assert "sink" not in again and again["generation"] == summary["generation"] == 2  # nothing sent, nothing committed
+    assert again["table_version"] == version(config) == 1  # nothing to do: no version written
+    assert again["sink"]["upserted"] == again["sink"]["deleted"] == 0  # the store already holds version 1
     assert_current(config, postgres, now, encoder)
+
     # The output now belongs to reindex: a plain encode run refuses instead of re-encoding it all.
     refused = cli(
         "encode",
@@ -173,14 +194,30 @@ def test_reindex_encodes_only_new_and_changed(
     )
     assert refused.returncode == 2 and "maintained by `splade-pipeline reindex`" in refused.stderr
 
+    history = cli("history", "--output", config.output.path)
+    assert history.returncode == 0, history.stderr[-2000:]
+    lines = history.stdout.splitlines()
+    assert lines[1].split()[:5] == ["1", *lines[1].split()[1:3], "WRITE", "reindex"]
+    assert "CREATE" in lines[2] and "encode" in lines[2] and len(lines) == 3
+
+    # rollback to version 0: the table and the store hold the first corpus again
+    args = ["--output", config.output.path, "--sink-type", "pgvector", "--sink-dsn", postgres.dsn]
+    back = cli("rollback", "--to-version", "0", *args, "--sink-collection", "main")
+    assert back.returncode == 0, back.stderr[-2000:]
+    assert version(config) == 2 and "restored version 0" in back.stdout
+    assert_current(config, postgres, docs, encoder)
+
 
 def _output(config: JobConfig) -> OutputLocation:
     return OutputLocation(config.output.path)
 
 
-@pytest.mark.parametrize("point", ["written:2", "delete"])  # mid-encoding; after the store changed, before the commit
+@pytest.mark.parametrize(
+    ("point", "version_after_kill"),
+    [("written:2", 0), ("before_commit", 0), ("commit", 1), ("delete", 1)],
+)  # mid-encoding; all written; the table committed, rejects not; the store half-synced
 def test_killed_reindex_then_next_completes(
-    ray_cluster: str, splade_tiny: Path, postgres: Any, encoder: SpladeEncoder, point: str
+    ray_cluster: str, splade_tiny: Path, postgres: Any, encoder: SpladeEncoder, point: str, version_after_kill: int
 ) -> None:
     name = f"kill_{point.split(':')[0]}"
     docs = base_docs(120)
@@ -202,8 +239,6 @@ def test_killed_reindex_then_next_completes(
         "64",
         "--rows-per-block",
         "5",
-        "--commit-interval-s",
-        "0",
         "--sink-type",
         "pgvector",
         "--sink-dsn",
@@ -216,25 +251,28 @@ def test_killed_reindex_then_next_completes(
     killed = cli(*args, env=os.environ | {VARIABLE: point})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     out = _output(config)
-    assert latest_commit(out).generation == 1  # killed before its commit: the previous state stays valid
+    assert version(config) == version_after_kill  # before its commit: the previous version stays as it was
 
     done = cli(*args)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(out.read_bytes("_SUMMARY.json"))
-    assert summary["reindex"]["new"] + summary["reindex"]["changed"] == 18
-    # Blocks the killed attempt finished are reused, not encoded again.
-    assert summary["rows_reused"] > 0 and summary["reindex"]["encoded_now"] == 18 - summary["rows_reused"]
+    assert version(config) == 1  # one version for the whole change, whatever the kill
+    if version_after_kill == 0:
+        assert summary["reindex"]["new"] + summary["reindex"]["changed"] == 18
+        # Blocks the killed attempt wrote are reused, not encoded again.
+        assert summary["rows_reused"] > 0 and summary["reindex"]["encoded_now"] == 18 - summary["rows_reused"]
+    else:
+        assert summary["reindex"]["encoded_now"] == 0  # committed already: the re-run only finishes the store
     assert_current(config, postgres, now, encoder)
 
 
-def test_guards_lock_dry_run_and_full_reencode(
+def test_guards_dry_run_and_full_reencode(
     ray_cluster: str, splade_tiny: Path, postgres: Any, encoder: SpladeEncoder
 ) -> None:
     docs = base_docs(60)
     write_corpus("reindex/guard/corpus", docs)
     config = make_config(splade_tiny, postgres, "guard")
     run_reindex(config)
-    out = _output(config)
 
     # Half the corpus gone (say, a wrong input path): refused before anything changes.
     half = {i: t for i, t in docs.items() if int(i[1:]) % 2 == 0}
@@ -243,7 +281,7 @@ def test_guards_lock_dry_run_and_full_reencode(
         MassDeleteError, match=r"would delete 30 of 60 indexed documents \(50.0%\).*--allow-mass-delete"
     ):
         run_reindex(config)
-    assert len(store_vectors(postgres, "guard")) == 60 and latest_commit(out).generation == 1
+    assert len(store_vectors(postgres, "guard")) == 60 and version(config) == 0
     proc = cli(
         "reindex",
         "--input",
@@ -268,10 +306,6 @@ def test_guards_lock_dry_run_and_full_reencode(
     assert proc.returncode == 0, proc.stderr[-3000:]  # a higher limit lets it through
     assert_current(config, postgres, half, encoder)
 
-    # Another run holds the output: refused, nothing touched.
-    with RunLock(out, "reindex", ttl_s=60), pytest.raises(LockedError, match="another reindex holds this output"):
-        run_reindex(config)
-
     # A setting that changes the vectors: everything re-encoded, and said so.
     changed = make_config(splade_tiny, postgres, "guard", **{"encoder.top_k": 40})
     summary = run_reindex(changed)
@@ -279,3 +313,85 @@ def test_guards_lock_dry_run_and_full_reencode(
     assert summary["reindex"]["encoded_now"] == 30
     stored = store_vectors(postgres, "guard")
     assert sorted(stored) == sorted(half) and max(int((v > 0).sum()) for v in stored.values()) <= 40
+
+
+def test_two_racing_reindexes_leave_one_of_the_two_outcomes(
+    ray_cluster: str, splade_tiny: Path, postgres: Any, encoder: SpladeEncoder, tmp_path: Path
+) -> None:
+    """No lock at all: two reindexes of different corpora read the same version, write their files,
+    and commit at the same moment. Delta's conditional commit lets one land; the other fails with a
+    clear message and changes nothing; the table is exactly one of the two outcomes."""
+    docs = base_docs(80)
+    write_corpus("reindex/race/a", docs)
+    config = make_config(splade_tiny, postgres, "race", **{"input.paths": ["s3://reindex/race/a/"], "sink.type": None})
+    run_reindex(config)
+    one, _ = evolve(docs)
+    two = {i: t + " Second edit." for i, t in docs.items() if int(i[1:]) % 3}
+    write_corpus("reindex/race/a", one)
+    write_corpus("reindex/race/b", two)
+
+    def race_args(corpus: str) -> list[str]:
+        args = ["reindex", "--input", corpus, "--output", config.output.path, "--model", str(splade_tiny)]
+        return [*args, "--max-length", "64", "--rows-per-block", "25", "--reindex-max-delete-percent", "100"]
+
+    def start(corpus: str, log: Path) -> subprocess.Popen:
+        env = os.environ | {PAUSE: "before_commit:8"}  # both reach their commit with the same base version
+        with log.open("w") as out:  # files, not pipes: a full pipe would hold a run back from the race
+            return subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", *race_args(corpus)], cwd=ROOT, env=env, stdout=out, stderr=out
+            )
+
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    runs = [start("s3://reindex/race/a/", logs[0]), start("s3://reindex/race/b/", logs[1])]
+    results = [(p.wait(timeout=600), "", log.read_text()) for p, log in zip(runs, logs)]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 2], [r[2][-2000:] for r in results]
+    loser = next(err for code, _, err in results if code == 2)
+    assert "another run (reindex) committed version 1" in loser and "Nothing of this run was committed" in loser
+    assert version(config) == 1
+    winner = one if results[0][0] == 0 else two
+    want = {i: v for i, v in zip(sorted(winner), densify(encoder.encode([winner[i] for i in sorted(winner)]), VOCAB))}
+    assert_table(config.output.path, winner, want)
+
+    # the loser's re-run applies its change on top of the winner's version
+    loser_corpus = "s3://reindex/race/b/" if winner is one else "s3://reindex/race/a/"
+    rerun = cli(*race_args(loser_corpus))
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    final = two if winner is one else one
+    want = {i: v for i, v in zip(sorted(final), densify(encoder.encode([final[i] for i in sorted(final)]), VOCAB))}
+    assert_table(config.output.path, final, want)
+    assert version(config) == 2
+
+
+def test_vacuum_keeps_files_inside_the_retention_window(
+    ray_cluster: str, splade_tiny: Path, postgres: Any, encoder: SpladeEncoder
+) -> None:
+    docs = base_docs(40)
+    write_corpus("reindex/vacuum/corpus", docs)
+    config = make_config(splade_tiny, postgres, "vacuum", **{"sink.type": None})
+    run_reindex(config)
+    now, _ = evolve(docs)
+    write_corpus("reindex/vacuum/corpus", now)
+    run_reindex(config)  # version 1 removes the files of the documents that changed
+    fs = s3fs.S3FileSystem()
+    fs.pipe("reindex/vacuum/out/data/part-0123456789abcdef-000000-orphan.parquet", b"a killed run's file")
+    out = ["--output", config.output.path]
+
+    kept = cli("vacuum", *out)  # default 7 days: everything is younger
+    assert kept.returncode == 0 and "table: deleted 0 files" in kept.stdout, kept.stderr[-2000:]
+    assert read_delta(config.output.path, version=0).num_rows == 40  # the old version still reads
+
+    dry = cli("vacuum", *out, "--retention-days", "0", "--dry-run")
+    assert dry.returncode == 0 and "would delete" in dry.stdout and "orphan" in dry.stdout
+    gone = cli("vacuum", *out, "--retention-days", "0")
+    assert gone.returncode == 0, gone.stderr[-2000:]
+    fs.invalidate_cache()
+    assert not fs.exists("reindex/vacuum/out/data/part-0123456789abcdef-000000-orphan.parquet")
+    assert_current(config, postgres, now, encoder, store=False)  # the latest version is whole
+    with pytest.raises(Exception):  # noqa: B017 - version 0's replaced files are gone now
+        read_delta(config.output.path, version=0)
+    # the vacuum's own commits (two per table per call) do not hide the table's record from the next run
+    again, _ = evolve(now)
+    write_corpus("reindex/vacuum/corpus", again)
+    assert run_reindex(config)["table_version"] == version(config) > 2
+    assert_current(config, postgres, again, encoder, store=False)

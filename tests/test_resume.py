@@ -1,8 +1,10 @@
-"""Killed and re-run: the output holds every document exactly once, and committed work is not redone.
+"""Killed and re-run: the table holds every document exactly once, and written work is not redone.
 
 The driver is killed with SIGKILL at chosen points (``SPLADE_PIPELINE_CRASH_AT``, a test-only
 hook) or from outside at whatever moment it has reached, on a real local Ray cluster with S3
-through moto's server; then the same command runs again.
+through moto's server; then the same command runs again. Nothing but the files themselves
+records progress: a re-run finds what was written by reading the footers of the files no
+version references.
 """
 
 from __future__ import annotations
@@ -11,21 +13,18 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import s3fs
-from support.jobs import cli, corpus_rows, put_jsonl_shards, reference_vectors, start_until_progress
+from support.jobs import cli, corpus_rows, put_jsonl_shards, read_delta, reference_vectors, start_until_written
 from support.reference import densify
 
 from pipeline.job.faults import VARIABLE
-from pipeline.output.commits import committed_files, complete_blocks, read_progress
 from pipeline.output.location import OutputLocation
-from pipeline.output.lock import RunLock
+from pipeline.output.records import complete_blocks, entries_on_disk, unit_of
+from pipeline.output.table import DeltaOutput
 
 VOCAB = 30522
 FILES, ROWS_PER_FILE, BLOCK = 3, 60, 10
@@ -54,8 +53,6 @@ def encode_args(splade_tiny: Path, output: str, *extra: str) -> list[str]:
         "64",
         "--rows-per-block",
         str(BLOCK),
-        "--commit-interval-s",
-        "0",
         *extra,
     ]
 
@@ -67,124 +64,128 @@ def crash_env(point: str) -> dict[str, str]:
 def assert_exactly_once(output: str, corpus: dict[str, np.ndarray]) -> dict:
     fs = s3fs.S3FileSystem()
     root = output.removeprefix("s3://")
-    files = committed_files(output)
-    data = pa.concat_tables([pq.read_table(fs.open(f, "rb")) for f in files])
+    data = read_delta(output)
     ids = data["id"].to_pylist()
     assert sorted(ids) == sorted(corpus) and len(set(ids)) == len(ids)  # every document, exactly once
     want = np.stack([corpus[i] for i in ids])
     assert np.abs(densify(data["sparse"].combine_chunks(), VOCAB) - want).max() <= 1e-5
-    assert {f"s3://{p}" for p in fs.find(f"{root}/data")} == set(files)  # no file of a killed attempt left
-    assert not fs.exists(f"{root}/_progress") and not fs.exists(f"{root}/_lock")
     summary = json.loads(fs.cat(f"{root}/_SUMMARY.json"))
     assert summary["rows_read"] == summary["rows_written"] == len(corpus)
+    assert summary["table_version"] == table_version(output)
     return summary
 
 
-def recorded(output: str) -> tuple[int, dict[str, str]]:
-    """Rows in blocks a killed attempt recorded as finished, and those files' modification times."""
+def table_version(output: str) -> int | None:
+    snap = DeltaOutput(OutputLocation(output)).snapshot()
+    return None if snap is None else snap.version
+
+
+def written(output: str) -> tuple[int, dict[str, str]]:
+    """Rows in complete blocks a killed attempt left (found as a re-run finds them: by their footers),
+    and those files' modification times."""
     fs = s3fs.S3FileSystem()
-    root = output.removeprefix("s3://")
-    entries = complete_blocks(pa.concat_tables([t for t, _ in read_progress(OutputLocation(output), 1)]))
-    files = [f"{root}/{f}" for f in entries["data_file"].to_pylist()]
+    loc = OutputLocation(output)
+    units = {u for f in loc.files("data") if (u := unit_of(f))}
+    entries = complete_blocks(entries_on_disk(loc, ("data", "_rejects"), set(), units))
+    files = [f"{loc.root}/{f}" for f in entries["data_file"].to_pylist()]
     return int(sum(entries["rows"].to_pylist())), {f: str(fs.info(f, refresh=True)["LastModified"]) for f in files}
 
 
-@pytest.mark.parametrize(("point", "kept_rows"), [("written:2", BLOCK), ("progress:3", 3 * BLOCK)])
-def test_killed_while_encoding_resumes_exactly_once(
-    corpus: dict, splade_tiny: Path, point: str, kept_rows: int
-) -> None:
+@pytest.mark.parametrize(
+    ("point", "least"),
+    [("written:1", BLOCK), ("written:7", 7 * BLOCK), ("before_commit", FILES * ROWS_PER_FILE)],
+)
+def test_killed_before_any_commit_resumes_exactly_once(corpus: dict, splade_tiny: Path, point: str, least: int) -> None:
+    """During the first data writes (nothing committed or recorded yet), later writes, and after every
+    write but before the commit: the re-run keeps every complete block, rewrites none, ends once."""
     output = f"s3://resume/out-{point.replace(':', '-')}"
     killed = cli(*encode_args(splade_tiny, output), env=crash_env(point))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    rows, mtimes = recorded(output)
-    assert rows == kept_rows
+    assert table_version(output) is None  # nothing committed: no table yet
+    rows, mtimes = written(output)
+    assert rows >= least
 
     again = cli(*encode_args(splade_tiny, output))
     assert again.returncode == 0, again.stderr[-3000:]
     summary = assert_exactly_once(output, corpus)
-    assert summary["rows_reused"] == kept_rows  # committed blocks were not encoded again...
+    assert summary["table_version"] == 0  # one run, one version
+    assert summary["rows_reused"] == rows  # blocks written before the kill were not encoded again...
     fs = s3fs.S3FileSystem()
     assert {f: str(fs.info(f, refresh=True)["LastModified"]) for f in mtimes} == mtimes  # ...nor rewritten
-    assert f"{kept_rows} rows already committed are kept" in again.stdout
+    assert f"{rows} rows already written are kept" in again.stdout
 
 
-def test_killed_after_commit_reencodes_nothing(corpus: dict, splade_tiny: Path) -> None:
-    output = "s3://resume/out-commit"
-    killed = cli(*encode_args(splade_tiny, output), env=crash_env("commit"))
+@pytest.mark.parametrize("point", ["commit", "committed"])
+def test_killed_during_or_after_the_commit_reencodes_nothing(corpus: dict, splade_tiny: Path, point: str) -> None:
+    """``commit``: the table's version landed, the rejects table not yet; ``committed``: both landed."""
+    output = f"s3://resume/out-{point}"
+    killed = cli(*encode_args(splade_tiny, output), env=crash_env(point))
     assert killed.returncode == -signal.SIGKILL
+    assert table_version(output) == 0
+    assert (DeltaOutput(OutputLocation(output), "_rejects").snapshot() is None) == (point == "commit")
     again = cli(*encode_args(splade_tiny, output))
     assert again.returncode == 0, again.stderr[-3000:]
     summary = assert_exactly_once(output, corpus)
-    assert summary["rows_reused"] == len(corpus) and summary["generation"] == 1
-    # A third run of a finished job is a no-op too.
+    assert summary["rows_reused"] == len(corpus) and summary["table_version"] == 0  # no second version
+    assert DeltaOutput(OutputLocation(output), "_rejects").snapshot() is not None  # the re-run finished it
     third = cli(*encode_args(splade_tiny, output))
-    assert (
-        third.returncode == 0 and f"{len(corpus)} rows already committed are kept; 0 input files left" in third.stdout
-    )
+    assert third.returncode == 0 and f"{len(corpus)} rows already written are kept; 0 input files left" in third.stdout
+    assert table_version(output) == 0
 
 
 def test_killed_from_outside_at_any_moment(corpus: dict, splade_tiny: Path) -> None:
     output = "s3://resume/out-outside"
     fs = s3fs.S3FileSystem()
-    proc = start_until_progress(
+    proc = start_until_written(
         encode_args(splade_tiny, output), "resume/out-outside", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     fs.invalidate_cache()
-    rows, _ = recorded(output)
+    rows, _ = written(output)
     again = cli(*encode_args(splade_tiny, output))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert assert_exactly_once(output, corpus)["rows_reused"] == rows >= BLOCK
+    assert assert_exactly_once(output, corpus)["rows_reused"] == rows
 
 
-def test_settings_that_change_vectors_are_refused_unless_starting_over(corpus: dict, splade_tiny: Path) -> None:
+def test_settings_that_change_vectors_are_refused_unless_overwriting(corpus: dict, splade_tiny: Path) -> None:
     output = "s3://resume/out-change"
-    killed = cli(*encode_args(splade_tiny, output), env=crash_env("progress:2"))
-    assert killed.returncode == -signal.SIGKILL
+    first = cli(*encode_args(splade_tiny, output))
+    assert first.returncode == 0, first.stderr[-3000:]
     refused = cli(*encode_args(splade_tiny, output, "--max-length", "32", "--top-k", "50"))
     assert refused.returncode == 2
     assert "encoded with different settings" in refused.stderr
     assert "encoder max_length: 64 -> 32" in refused.stderr and "encoder top_k: None -> 50" in refused.stderr
-    assert "output.overwrite" in refused.stderr
-    fresh = cli(*encode_args(splade_tiny, output, "--overwrite", "true"))
+    assert "output.overwrite" in refused.stderr and table_version(output) == 0
+    # overwrite with the same settings: the files are the same units, so nothing is encoded or committed
+    same = cli(*encode_args(splade_tiny, output, "--overwrite", "true"))
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert assert_exactly_once(output, corpus)["rows_reused"] == len(corpus) and table_version(output) == 0
+    # overwrite with settings that change the vectors: a new version replaces the content
+    fresh = cli(*encode_args(splade_tiny, output, "--overwrite", "true", "--top-k", "50"))
     assert fresh.returncode == 0, fresh.stderr[-3000:]
-    assert assert_exactly_once(output, corpus)["rows_reused"] == 0
+    data = read_delta(output)
+    assert sorted(data["id"].to_pylist()) == sorted(corpus) and table_version(output) == 1
+    assert max(len(v["indices"]) for v in data["sparse"].to_pylist()) <= 50
+    assert json.loads(s3fs.S3FileSystem().cat("resume/out-change/_SUMMARY.json"))["rows_reused"] == 0
+    assert read_delta(output, version=0).num_rows == len(corpus)  # the version it replaced is still readable
 
 
-def test_one_run_at_a_time(corpus: dict, splade_tiny: Path) -> None:
+def test_a_folder_holding_other_files_is_refused(corpus: dict, splade_tiny: Path) -> None:
     fs = s3fs.S3FileSystem()
-    with RunLock(OutputLocation("s3://resume/out-locked"), "reindex", ttl_s=60):
-        refused = cli(*encode_args(splade_tiny, "s3://resume/out-locked"))
-    assert refused.returncode == 2
-    assert "another reindex holds this output" in refused.stderr and "expires at" in refused.stderr
-    # A lock whose holder died (no renewal past its expiry) is taken over.
-    fs.pipe(
-        "resume/out-locked/_lock", json.dumps({"owner": "dead", "what": "encode", "expires": time.time() - 1}).encode()
-    )
-    done = cli(*encode_args(splade_tiny, "s3://resume/out-locked"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert_exactly_once("s3://resume/out-locked", corpus)
+    fs.pipe("resume/out-foreign/notes.txt", b"someone else's file")
+    for extra in ([], ["--overwrite", "true"]):  # overwrite too: vacuum would delete the stranger's file
+        refused = cli(*encode_args(splade_tiny, "s3://resume/out-foreign", *extra))
+        assert refused.returncode == 2 and "is not a splade-pipeline table" in refused.stderr
+        assert "notes.txt" in refused.stderr
+    assert fs.cat("resume/out-foreign/notes.txt") == b"someone else's file"
 
 
-def test_lock_is_exclusive_and_renewed(s3_endpoint: str) -> None:
-    fs = s3fs.S3FileSystem()
-    fs.mkdir("locks")
-    first = RunLock(OutputLocation("s3://locks/a"), "reindex", ttl_s=0.6).acquire()
-    try:
-        time.sleep(1.0)  # past one ttl: the heartbeat has renewed it
-        with pytest.raises(Exception, match="another reindex holds this output"):
-            RunLock(OutputLocation("s3://locks/a"), "reindex", ttl_s=0.6).acquire()
-        first.check()
-    finally:
-        first.release()
-    assert not fs.exists("locks/a/_lock")
-    with RunLock(OutputLocation("s3://locks/a"), "encode", ttl_s=5) as second:
-        second.check()
-
-
-def test_killed_during_upsert_store_holds_each_document_once(corpus: dict, splade_tiny: Path, tmp_path: Path) -> None:
-    output, store = "s3://resume/out-upsert", tmp_path / "qdrant"
+@pytest.mark.parametrize(("point", "stored_before"), [("committed", 0), ("upsert:2", 80)])
+def test_killed_before_or_during_the_store_load_store_holds_each_document_once(
+    corpus: dict, splade_tiny: Path, tmp_path: Path, point: str, stored_before: int
+) -> None:
+    output, store = f"s3://resume/out-load-{point.replace(':', '-')}", tmp_path / "qdrant"
     args = [
         *encode_args(splade_tiny, output),
         "--sink-type",
@@ -194,9 +195,12 @@ def test_killed_during_upsert_store_holds_each_document_once(corpus: dict, splad
         "--sink-batch-size",
         "10",
     ]
-    killed = cli(*args, env=crash_env("upsert:2"))  # the driver loads an embedded store: killed after 2 batches of 40
+    killed = cli(*args, env=crash_env(point))  # the driver loads an embedded store (batches of 40)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert len(_stored(store)) == 80
+    assert len(_stored(store)) == stored_before if store.exists() else stored_before == 0
+    records = [json.loads(OutputLocation(output).read_bytes(f)) for f in OutputLocation(output).files("_splade/stores")]
+    # no load finished: the record says none is held; a load toward version 0 began where it got that far
+    assert all(r["table_version"] is None for r in records) and len(records) == (point != "committed")
 
     again = cli(*args)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -205,6 +209,8 @@ def test_killed_during_upsert_store_holds_each_document_once(corpus: dict, splad
     stored = _stored(store)
     assert sorted(stored) == sorted(corpus)  # each document once (point ids are a function of the document id)
     assert max(np.abs(vector - corpus[doc_id]).max() for doc_id, vector in stored.items()) <= 1e-5
+    (record,) = OutputLocation(output).files("_splade/stores")
+    assert json.loads(OutputLocation(output).read_bytes(record))["table_version"] == 0  # the version it holds
 
 
 def _stored(path: Path) -> dict[str, np.ndarray]:

@@ -22,14 +22,13 @@ from support.sink_checks import (
     assert_search_matches_brute_force,
     run_into_store,
 )
+from support.tables import commit_files
 
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.encode.sparse import sparse_array
 from pipeline.job.load import upsert_output
-from pipeline.output.commits import ENTRY_SCHEMA, write_commit
 from pipeline.output.layout import FINGERPRINT_KEY
-from pipeline.output.location import OutputLocation
 from pipeline.sinks.pinecone import point_id
 from pipeline.sinks.protocol import SinkError
 
@@ -80,21 +79,7 @@ def _big_output(loaded: dict, folder: Path, rows: int, nnz: int) -> Path:
     pq.write_table(
         table.replace_schema_metadata({FINGERPRINT_KEY: fingerprint}), folder / "data" / "part-000000-000000.parquet"
     )
-    entry = {
-        "unit": "big",
-        "block": 0,
-        "block_rows": rows,
-        "last": True,
-        "rows": rows,
-        "written": rows,
-        "data_file": "data/part-000000-000000.parquet",
-    }
-    write_commit(
-        OutputLocation(str(folder)),
-        1,
-        pa.Table.from_pylist([entry], schema=ENTRY_SCHEMA),
-        {"fingerprint": json.loads(fingerprint)},
-    )
+    commit_files(folder, {"data/part-000000-000000.parquet": table}, json.loads(fingerprint))
     return folder
 
 

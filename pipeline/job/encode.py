@@ -1,7 +1,9 @@
-"""The encoding job: plan -> lock -> resume plan -> encode and write (recording progress) ->
-commit -> summary (-> load the store).
+"""The encoding job: plan -> resume plan -> encode and write -> commit one table version ->
+summary (-> load the store).
 
-A re-run after a crash keeps what was committed or recorded (see :mod:`pipeline.job.resume`).
+The run commits once, at the end: a version of the table is always a whole run, so a reader
+never sees a half-encoded corpus, and the log grows by one version per run. A re-run after a
+crash keeps every block already written, committed or not (see :mod:`pipeline.job.resume`).
 """
 
 from __future__ import annotations
@@ -17,12 +19,10 @@ import pyarrow.compute as pc
 from pipeline.config import JobConfig, redacted
 from pipeline.job.plan import check_output_reachable, make_plan
 from pipeline.job.resume import Resume, plan_resume
-from pipeline.job.steps import OUTPUT_FOLDERS, commit, finish, write_work
+from pipeline.job.steps import commit, finish, write_work
 from pipeline.job.summary import Pace, render, summarize
-from pipeline.output.commits import Progress, clean, listed_files
 from pipeline.output.layout import write_summary
 from pipeline.output.location import OutputLocation
-from pipeline.output.lock import lock_output
 
 log = logging.getLogger(__name__)
 DRIVER_DEDUP_MAX_ROWS = 5_000_000
@@ -36,47 +36,34 @@ def run_job(config: JobConfig) -> dict[str, Any]:
     plan = make_plan(config)
     loc = plan.output
     check_output_reachable(config, loc)
-    with lock_output(loc, "encode", config.output.lock_ttl_s) as lock:
-        resume = plan_resume(config, plan.shards, plan.fingerprint, loc)
-        _announce(resume, config)
-        progress = Progress(loc, resume.generation, resume.meta, config.output.commit_interval_s)
-        new, faults = write_work(config, plan, resume.work, progress, pace)
-        entries = pa.concat_tables([resume.reused, new])
-        if _unchanged(resume, entries):
-            generation = resume.previous.generation
-            clean(loc, entries, generation, OUTPUT_FOLDERS)
-        else:
-            generation = resume.generation
-            commit(loc, lock, generation, entries, resume.meta)
-        data_files = [f for f in entries["data_file"].to_pylist() if f]
-        duplicates = count_duplicate_ids(loc, data_files, int(pc.sum(entries["written"]).as_py() or 0))
-        summary = summarize(
-            entries,
-            files=len(plan.shards),
-            duplicate_ids=duplicates,
-            seconds=time.perf_counter() - start,
-            fingerprint=plan.fingerprint,
-            reused_rows=resume.reused_rows,
-        )
-        summary["faults"] |= faults
-        summary["pace"] = pace.summary()
-        finish(summary, config, loc, generation)
+    resume = plan_resume(config, plan.shards, plan.fingerprint, loc)
+    _announce(resume, config)
+    new, faults = write_work(config, plan, resume.work, resume.attempt, pace)
+    entries = pa.concat_tables([resume.reused, new])
+    version = commit(config, plan, resume.base, entries, resume.meta, resume.attempt)  # no change: no version
+    data_files = [f for f in entries["data_file"].to_pylist() if f]
+    duplicates = count_duplicate_ids(loc, data_files, int(pc.sum(entries["written"]).as_py() or 0))
+    summary = summarize(
+        entries,
+        files=len(plan.shards),
+        duplicate_ids=duplicates,
+        seconds=time.perf_counter() - start,
+        fingerprint=plan.fingerprint,
+        reused_rows=resume.reused_rows,
+    )
+    summary["faults"] |= faults
+    summary["pace"] = pace.summary()
+    finish(summary, config, loc, version)
     print(render(summary, config.output.path), flush=True)
     if config.sink.type:
         _load_sink(summary, config, loc)
     return summary
 
 
-def _unchanged(resume: Resume, entries: pa.Table) -> bool:
-    """Nothing to commit: a re-run of a finished job found every file committed already."""
-    previous = resume.previous
-    return previous is not None and not resume.work and listed_files(entries) == listed_files(previous.entries)
-
-
 def _announce(resume: Resume, config: JobConfig) -> None:
-    if resume.reused.num_rows or resume.previous is not None:
+    if resume.reused.num_rows:
         print(
-            f"splade-pipeline: resuming {config.output.path}: {resume.reused_rows} rows already committed are kept; "
+            f"splade-pipeline: resuming {config.output.path}: {resume.reused_rows} rows already written are kept; "
             f"{len(resume.work)} input files left to read",
             flush=True,
         )
@@ -84,11 +71,11 @@ def _announce(resume: Resume, config: JobConfig) -> None:
 
 def _load_sink(summary: dict[str, Any], config: JobConfig, loc: OutputLocation) -> None:
     from pipeline.errors import find_cause
-    from pipeline.job.load import upsert_output
+    from pipeline.job.load import sync_store
     from pipeline.sinks import SinkError
 
     try:
-        summary["sink"] = upsert_output(config)
+        summary["sink"] = sync_store(config, loc)
     except Exception as raised:
         err = find_cause(raised, SinkError)  # the store's error, inside Ray's wrappers
         if err is None:
@@ -96,7 +83,8 @@ def _load_sink(summary: dict[str, Any], config: JobConfig, loc: OutputLocation) 
         summary["sink"] = {"error": str(err)}
         write_summary(loc, summary)
         raise SinkError(
-            f"{err}\nThe Parquet output in {config.output.path} is complete; once the store is back, load it with: "
+            f"{err}\nThe table in {config.output.path} is committed; once the store is back, run the same command "
+            "again (it loads the store from the version it was last loaded from) or load it in full with: "
             f"splade-pipeline upsert --from {config.output.path} --config <this job's config>"
         ) from None
     write_summary(loc, summary)

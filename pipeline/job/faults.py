@@ -3,10 +3,13 @@ an out-of-memory trigger for the chaos tests. Every hook is a no-op unless its v
 which is never the case in production.
 
 ``SPLADE_PIPELINE_CRASH_AT=<point>[:<n>]`` makes the driver kill itself with SIGKILL the n-th
-time (default 1st) it passes ``<point>``: ``written`` (a block's files are durable, not yet
-recorded), ``progress`` (a progress record was just written), ``upsert`` (a store request
-succeeded), ``delete`` (deletions done), ``commit`` (the commit is written, old files not yet
-cleaned).
+time (default 1st) it passes ``<point>``: ``written`` (a block's files are durable, nothing
+committed), ``before_commit`` (every file written, the commit not begun), ``commit`` (the table's
+version committed, the rejects table not yet), ``committed`` (both committed, the store not yet
+loaded), ``upsert`` (a store request succeeded), ``delete`` (deletions done).
+
+``SPLADE_PIPELINE_PAUSE_AT=<point>:<seconds>`` makes the driver sleep at ``<point>``: two runs
+paused before their commits race for the same table version (the concurrency tests).
 
 ``SPLADE_PIPELINE_POISON=<text>``: an encoder process that is given a document containing
 ``<text>`` dies at once (SIGKILL), every time: a document that kills its worker.
@@ -25,6 +28,7 @@ import sys
 from collections import Counter
 
 VARIABLE = "SPLADE_PIPELINE_CRASH_AT"
+PAUSE = "SPLADE_PIPELINE_PAUSE_AT"
 POISON = "SPLADE_PIPELINE_POISON"
 OOM_ABOVE = "SPLADE_PIPELINE_OOM_ABOVE"
 _passed: Counter[str] = Counter()
@@ -41,6 +45,14 @@ def crash_point(point: str) -> None:
     if _passed[point] == int(nth or 1):
         print(f"[{VARIABLE}] killing the driver at {point} #{_passed[point]}", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def pause_point(point: str) -> None:
+    name, _, seconds = os.environ.get(PAUSE, "").partition(":")
+    if name == point:
+        import time
+
+        time.sleep(float(seconds or 1))
 
 
 def poison_point(texts: list[str]) -> None:

@@ -1,18 +1,28 @@
 """Loading an encoded output into the configured vector store: after the job, or on its own.
 
-The upsert reads the committed Parquet output, not the live encoding stream: the Parquet
-output is complete whatever the store does, a store outage never costs GPU time, and the same
-code serves ``splade-pipeline upsert --from <output>`` after an outage or into a second store.
+The upsert reads a committed version of the table, not the live encoding stream: the table is
+complete whatever the store does, a store outage never costs GPU time, and the same code serves
+``splade-pipeline upsert --from <output>`` after an outage or into a second store.
+
+Each store's load is recorded beside the table (``_splade/stores/<store>.json``: the table
+version it holds). After a run, a reindex or a rollback the store is brought from its recorded
+version to the latest (:func:`sync_store`): the vectors of files added since are upserted, and
+the ids of files removed since that no added file holds are deleted. A load that failed or was
+killed records nothing, so the next run loads from the same recorded version again (upserts
+and deletes are idempotent).
 A bounded pool of writer actors (``sink.writers``) applies back-pressure to a slow store; an
 embedded store (one process's files) is written by the driver alone.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.config import JobConfig, SinkConfig
 from pipeline.encode.fingerprint import Fingerprint
@@ -21,8 +31,9 @@ from pipeline.job.cluster import ensure_ray
 from pipeline.job.faults import crash_point
 from pipeline.job.resume import recorded_fingerprint
 from pipeline.job.stages import UpsertBlocks, upsert_batch
-from pipeline.output.commits import COMMITS_DIR, OutputError, latest_commit
-from pipeline.output.location import OutputLocation
+from pipeline.output.location import OutputError, OutputLocation
+from pipeline.output.state import Committed, read_committed
+from pipeline.output.table import DeltaOutput
 from pipeline.sinks import Sink, SinkError, SinkSettingError, open_sink, store_limits
 from pipeline.sinks.protocol import check_caps
 
@@ -44,30 +55,149 @@ def check_sink(sink: SinkConfig, fingerprint: Fingerprint) -> None:
         store.close()
 
 
-def output_files(loc: OutputLocation) -> tuple[list[str], Fingerprint]:
-    """The committed data files of an encoded output (relative to it) and their fingerprint."""
-    with loc.failures_named("read the commit records of the"):
-        commit = latest_commit(loc)
-    if commit is None:
+STORES_DIR = "_splade/stores"
+
+
+def committed_output(loc: OutputLocation, options: dict[str, str]) -> tuple[Committed, Fingerprint]:
+    """The output's latest version and the fingerprint of its vectors."""
+    committed = read_committed(loc, options)
+    if committed is None:
+        raise OutputError(f"{loc.url}: no Delta table here (no _delta_log/); run or finish the encode job first")
+    if committed.record is None or "vocab_size" not in (committed.record.get("fingerprint") or {}):
         raise OutputError(
-            f"{loc.url}: no committed encoded output here (no {COMMITS_DIR}/ record); run or finish the encode job "
-            "first"
+            f"{loc.url}: its commits carry no encoding fingerprint; it was not written by splade-pipeline"
         )
-    files = sorted(f for f in commit.entries["data_file"].to_pylist() if f)
-    if not files:
-        raise OutputError(f"{loc.url}: the committed output holds no data files (every row was rejected?)")
-    if "vocab_size" not in (commit.meta.get("fingerprint") or {}):
-        raise OutputError(
-            f"{loc.url}: its commit carries no encoding fingerprint; it was not written by splade-pipeline"
-        )
-    return files, recorded_fingerprint(commit.meta)
+    return committed, recorded_fingerprint(committed.record)
 
 
 def upsert_output(config: JobConfig, output: str | None = None) -> dict[str, Any]:
-    """Upsert every vector of ``output`` (default: the job's output) into ``config.sink``."""
+    """Upsert every vector of the latest version of ``output`` (default: the job's output) into
+    ``config.sink`` (deleting the ids the store got from an earlier version that this one lacks),
+    and record that version as the store's."""
     loc = OutputLocation(output or config.output.path, config.output.storage_options)
-    files, fingerprint = output_files(loc)
-    return upsert_files(config, loc, files, fingerprint)
+    return sync_store(config, loc, full=True)
+
+
+def sync_store(config: JobConfig, loc: OutputLocation, *, full: bool = False) -> dict[str, Any]:
+    """Bring ``config.sink`` from the table version it was last loaded from to the latest one
+    (``full``: upsert every vector of the latest one).
+
+    Before the store is touched its record says which versions it may hold pieces of (``pending``):
+    a load that fails or is killed half-way is redone by the next one from both, sending every
+    vector again, so nothing it deleted or had not yet upserted is skipped as "already there".
+    """
+    options = config.output.table_options
+    committed, fingerprint = committed_output(loc, options)
+    record = _store_record(loc, config.sink) or {}
+    held = [v for v in (record.get("table_version"), record.get("pending")) if v is not None]
+    if not full and record.get("pending") is None and held == [committed.version]:
+        return _count_only(config, fingerprint) | {"table_version": committed.version, "deleted": 0}
+    before: set[str] = set().union(*(_files_at(loc, options, v) for v in held))
+    now = set(committed.snapshot.files)
+    resend = full or record.get("pending") is not None or record.get("fingerprint_id") != fingerprint.id
+    added, removed = sorted(now if resend else now - before), sorted(before - now)
+    columns = ["id"] if resend else ["id", "content_hash"]  # hashes only to find rows merely copied
+    old = _documents(loc, removed, columns)
+    new = _documents(loc, added, columns) if len(old) or not resend else old.slice(0, 0)
+    gone = pc.filter(old["id"], pc.invert(pc.is_in(old["id"], new["id"])))
+    if len(gone) and (committed.record or {}).get("kind") != "reindex":  # encode outputs may repeat an id
+        kept = _documents(loc, sorted(now - set(added)), ["id"])
+        gone = pc.filter(gone, pc.invert(pc.is_in(gone, kept["id"])))
+    # unchanged rows in a rewritten copy, encoded the same way: the store holds them already
+    moved = (
+        pa.array([], pa.string())
+        if resend
+        else new.join(old, ["id", "content_hash"], join_type="inner")["id"].combine_chunks()
+    )
+    _record_store(loc, config.sink, record.get("table_version"), fingerprint, pending=committed.version)
+    deleted = delete_ids(config.sink, fingerprint, pc.unique(gone).to_pylist()) if len(gone) else 0
+    if added and (resend or len(moved) < new.num_rows):
+        loaded = upsert_files(config, loc, added, fingerprint, skip=moved)
+    else:
+        loaded = _count_only(config, fingerprint)
+    _record_store(loc, config.sink, committed.version, fingerprint, store=loaded["store"])
+    return loaded | {
+        "table_version": committed.version,
+        "from_version": record.get("table_version"),
+        "deleted": deleted,
+    }
+
+
+def _files_at(loc: OutputLocation, options: dict[str, str], version: int) -> set[str]:
+    try:
+        snap = DeltaOutput(loc, options=options).snapshot(version)
+    except Exception as err:  # noqa: BLE001 - its log was cleaned up: only a full load can tell
+        raise OutputError(
+            f"{loc.url}: the store was last loaded from table version {version}, which cannot be read any more "
+            f"({type(err).__name__}: {err}); load the store anew with `splade-pipeline upsert --from {loc.url}` "
+            "into an empty collection"
+        ) from None
+    return set(snap.files) if snap else set()
+
+
+def _documents(loc: OutputLocation, files: list[str], columns: list[str]) -> pa.Table:
+    """``columns`` (``id``, ``content_hash``) of the rows of ``files``."""
+    types = {"id": pa.string(), "content_hash": pa.int64()}
+    out = [pa.table({c: pa.array([], types[c]) for c in columns})]
+    for rel in files:
+        try:
+            out.append(loc.read_parquet(rel, columns=columns))
+        except FileNotFoundError:
+            raise OutputError(
+                f"{loc.url}: {rel}, a file of the version the store was last loaded from, was vacuumed; load the "
+                f"store anew with `splade-pipeline upsert --from {loc.url}` into an empty collection"
+            ) from None
+    return pa.concat_tables(out)
+
+
+def _store_key(sink: SinkConfig) -> str:
+    where = sink.url or sink.path or sink.dsn or ""
+    identity = f"{sink.type}|{where}|{sink.collection}|{sink.namespace}"
+    return f"{STORES_DIR}/{sink.type}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json"
+
+
+def _store_record(loc: OutputLocation, sink: SinkConfig) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(loc.read_bytes(_store_key(sink))))
+    except FileNotFoundError:
+        return None
+
+
+def _record_store(
+    loc: OutputLocation,
+    sink: SinkConfig,
+    version: int | None,
+    fp: Fingerprint,
+    *,
+    pending: int | None = None,
+    store: str | None = None,
+) -> None:
+    """The store's record: the version it holds (``pending``: a load toward that version has begun)."""
+    record = {
+        "table_version": version,
+        "pending": pending,
+        "fingerprint_id": fp.id,
+        "store": store,
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    loc.write_bytes(_store_key(sink), json.dumps(record).encode())
+
+
+def _count_only(config: JobConfig, fingerprint: Fingerprint) -> dict[str, Any]:
+    store = open_sink(config.sink, fingerprint.vocab_size)
+    try:
+        store.ensure()
+        name, count = store.name, store.count()
+    finally:
+        store.close()
+    return {
+        "store": name,
+        "upserted": 0,
+        "rejected_empty_vectors": 0,
+        "store_count": count,
+        "seconds": 0.0,
+        "vectors_per_s": None,
+    }
 
 
 def delete_ids(sink: SinkConfig, fingerprint: Fingerprint, ids: list[str]) -> int:
@@ -83,8 +213,11 @@ def delete_ids(sink: SinkConfig, fingerprint: Fingerprint, ids: list[str]) -> in
     return len(ids)
 
 
-def upsert_files(config: JobConfig, loc: OutputLocation, files: list[str], fingerprint: Fingerprint) -> dict[str, Any]:
-    """Upsert the vectors of the data ``files`` (relative to ``loc``) into ``config.sink``.
+def upsert_files(
+    config: JobConfig, loc: OutputLocation, files: list[str], fingerprint: Fingerprint, skip: pa.Array | None = None
+) -> dict[str, Any]:
+    """Upsert the vectors of the data ``files`` (relative to ``loc``) into ``config.sink``, but
+    those of the ids in ``skip``.
 
     A server store is loaded by a pool of Ray actors; an embedded store (one process's files) by
     this process alone, reading the files itself: no Ray is started for it.
@@ -94,11 +227,12 @@ def upsert_files(config: JobConfig, loc: OutputLocation, files: list[str], finge
     for folder in {f.rsplit("/", 1)[0] for f in files}:
         loc.refresh(folder)  # files Ray workers wrote since this client last listed them
     embedded = store_limits(config.sink).embedded
-    results = [] if embedded else _load_in_actors(loc, files, config, fingerprint.vocab_size)
+    skipped = skip if skip is not None else pa.array([], pa.string())
+    results = [] if embedded else _load_in_actors(loc, files, config, fingerprint.vocab_size, skipped)
     store = open_sink(config.sink, fingerprint.vocab_size)
     try:
         if embedded:
-            results = _load_in_driver(loc, files, store, config.sink)
+            results = _load_in_driver(loc, files, store, config.sink, skipped)
         store.finish()
         name, count = store.name, store.count()
     finally:
@@ -116,13 +250,15 @@ def upsert_files(config: JobConfig, loc: OutputLocation, files: list[str], finge
     }
 
 
-def _load_in_driver(loc: OutputLocation, files: list[str], store: Sink, sink: SinkConfig) -> list[dict[str, int]]:
+def _load_in_driver(
+    loc: OutputLocation, files: list[str], store: Sink, sink: SinkConfig, skip: pa.Array
+) -> list[dict[str, int]]:
     """Stream the files' ``id`` and ``sparse`` columns, a file at a time, into the one client in
     batches of ``4 * sink.batch_size`` rows (cut into requests by the store's limits)."""
     size, results = sink.batch_size * 4, []
     pending = pa.table({"id": pa.array([], pa.string()), "sparse": pa.nulls(0, SPARSE_TYPE)})
     for i, rel in enumerate(files):
-        pending = pa.concat_tables([pending, loc.read_parquet(rel, columns=["id", "sparse"])])
+        pending = pa.concat_tables([pending, without(loc.read_parquet(rel, columns=["id", "sparse"]), skip)])
         final = i == len(files) - 1
         while pending.num_rows >= size or (final and pending.num_rows):
             batch, pending = pending.slice(0, size), pending.slice(size)
@@ -132,13 +268,22 @@ def _load_in_driver(loc: OutputLocation, files: list[str], store: Sink, sink: Si
     return results
 
 
-def _load_in_actors(loc: OutputLocation, files: list[str], config: JobConfig, dimension: int) -> list[dict[str, Any]]:
+def without(table: pa.Table, ids: pa.Array) -> pa.Table:
+    """``table`` without the rows of ``ids``."""
+    return table.filter(pc.invert(pc.is_in(table["id"], ids))) if len(ids) else table
+
+
+def _load_in_actors(
+    loc: OutputLocation, files: list[str], config: JobConfig, dimension: int, skip: pa.Array
+) -> list[dict[str, Any]]:
     import pyarrow.fs as pafs
     import ray
 
     ensure_ray(config.compute)
     filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(loc.fs))
     ds = ray.data.read_parquet([loc.path(f) for f in files], filesystem=filesystem).select_columns(["id", "sparse"])
+    if len(skip):
+        ds = ds.map_batches(without, fn_kwargs={"ids": skip}, batch_format="pyarrow", batch_size=None)
     loaded = ds.map_batches(
         UpsertBlocks,
         batch_size=config.sink.batch_size * 4,

@@ -146,8 +146,9 @@ def encoded_dataset(
         )
 
 
-def written_dataset(config: JobConfig, plan: Plan, encoded: Any) -> Any:
-    """``encoded`` written by a pool of writer actors: one row of stats per written block (piece)."""
+def written_dataset(config: JobConfig, plan: Plan, encoded: Any, attempt: str) -> Any:
+    """``encoded`` written by a pool of writer actors: one row of stats per written block (piece);
+    file names carry ``attempt``."""
     import ray
 
     compute = config.compute
@@ -158,7 +159,7 @@ def written_dataset(config: JobConfig, plan: Plan, encoded: Any) -> Any:
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=compute.max_writers),
             num_cpus=compute.io_cpus,
-            # A writer that dies is restarted and its block written again (same file names).
+            # A writer that dies is restarted and its block written again (same file names, same content).
             max_restarts=compute.max_actor_restarts,
             max_task_retries=compute.max_task_retries,
             fn_constructor_kwargs={
@@ -166,6 +167,7 @@ def written_dataset(config: JobConfig, plan: Plan, encoded: Any) -> Any:
                 "compression": config.output.compression,
                 "fingerprint": plan.fingerprint,
                 "passthrough": config.input.passthrough_columns,
+                "attempt": attempt,
             },
         )
 

@@ -2,7 +2,7 @@
 
 The state of a committed output is, per document, its id and the 64-bit hash of exactly the
 text that was encoded (title joined in), under the commit's encoding fingerprint: the ``id`` and
-``content_hash`` columns of the committed Parquet files. A reindex, holding the output's lock:
+``content_hash`` columns of the files of the table's latest version. A reindex:
 
 1. scans the corpus (Ray tasks): ``(id, hash, file, line)`` of every good row, and the rejects;
    texts never reach the driver;
@@ -10,14 +10,18 @@ text that was encoded (title joined in), under the commit's encoding fingerprint
    deleted; a second occurrence of an id is rejected as ``duplicate_id``;
 3. encodes the new and changed documents: only the files holding them are read again, only
    those rows (the same Ray Data plan as the encoding job);
-4. rewrites the committed files that hold changed or deleted documents, without those rows;
-5. upserts the new vectors and deletes the ids that disappeared (the mass-delete guard runs
-   before anything is written);
-6. commits the new generation in one object and deletes the files no commit lists.
+4. writes copies of the committed files that hold changed or deleted documents, without those
+   rows (the mass-delete guard runs before anything is written);
+5. commits one table version: removes for the files replaced, adds for the copies and the new
+   files; the version is conditional on the one it read, so a concurrent run's commit makes this
+   one fail cleanly instead of mixing the two;
+6. brings the store from the version it was loaded from to the new one (upserts the new vectors,
+   deletes the ids that disappeared: see :func:`pipeline.job.load.sync_store`).
 
-Killed anywhere, it leaves the previous commit valid; the next reindex starts from it, and
-reuses blocks the killed attempt finished when the same work comes up again. A fingerprint
-change (model, weights, max_length, pruning) re-encodes everything, and says so.
+Killed anywhere, it leaves the previous version as it was; the next reindex starts from it, and
+reuses blocks the killed attempt wrote when the same work comes up again. Nothing to do: no
+version is written. A fingerprint change (model, weights, max_length, pruning) re-encodes
+everything, and says so.
 """
 
 from __future__ import annotations
@@ -34,16 +38,26 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import JobConfig
+from pipeline.encode.fingerprint import Fingerprint
 from pipeline.errors import PipelineError
 from pipeline.job.plan import Plan, check_output_reachable, make_plan, read_dataset
-from pipeline.job.resume import differences, reusable, run_meta
+from pipeline.job.resume import differences, refuse_foreign, reusable, run_meta
 from pipeline.job.stages import read_shards
-from pipeline.job.steps import OUTPUT_FOLDERS, commit, finish, write_work
+from pipeline.job.steps import commit, finish, write_work
 from pipeline.job.summary import Pace, render, summarize
-from pipeline.output.commits import Commit, Progress, clean, empty_entries, latest_commit, read_progress, unit_key
-from pipeline.output.layout import DATA_DIR, REJECTS_DIR, compression_of, data_stats, rejects_table
-from pipeline.output.location import OutputLocation
-from pipeline.output.lock import lock_output
+from pipeline.output.layout import (
+    DATA_DIR,
+    FINGERPRINT_KEY,
+    REJECTS_DIR,
+    REJECTS_SCHEMA,
+    compression_of,
+    data_stats,
+    delta_stats,
+    rejects_table,
+)
+from pipeline.output.location import OutputError, OutputLocation
+from pipeline.output.records import empty_entries, entries_on_disk, listed_files, new_attempt, unit_key
+from pipeline.output.state import Committed, read_committed, sync_rejects
 from pipeline.sources import BAD_FILE, Shard
 
 SCAN_SCHEMA = pa.schema(
@@ -86,41 +100,51 @@ def run_reindex(config: JobConfig, *, dry_run: bool = False, allow_mass_delete: 
         print(_render_plan(diff, full, reason, dry_run=True), flush=True)
         return {"dry_run": True, "full": full, "reason": reason, **diff.counts}
     check_output_reachable(config, loc)
-    with lock_output(loc, "reindex", config.output.lock_ttl_s) as lock:
-        diff, full, reason, previous = _compare_now(config, plan, meta)
-        print(_render_plan(diff, full, reason, dry_run=False), flush=True)
-        _guard(diff, config, allow_mass_delete)
-        if previous is not None and _nothing_to_do(diff, full, previous):
-            return _nothing_changed(config, plan, diff, previous, start)
-        generation = (previous.generation if previous else 0) + 1
-        recorded = pa.concat_tables([empty_entries(), *(t for t, _ in read_progress(loc, generation))])
-        reused, work = reusable(_work(diff, plan, generation, meta), recorded)
-        progress = Progress(loc, generation, meta, config.output.commit_interval_s)
-        fresh, faults = write_work(config, plan, work, progress, pace)
-        encoded = pa.concat_tables([reused, fresh])
-        entries = pa.concat_tables(
-            [
-                _kept_entries(previous, diff),
-                rewrite_files(loc, config.output.compression, diff.rewrite, generation, previous),
-                encoded,
-                _rejects_entry(loc, diff, generation),
-            ]
-        )
-        store = _update_store(config, plan, encoded, diff.deleted) if config.sink.type else None
-        commit(loc, lock, generation, entries, meta)
-        summary = _summary(entries, plan, diff, full, reason, reused, fresh, start)
-        summary["faults"] |= faults
-        summary["pace"] = pace.summary()
-        if store is not None:
-            summary["sink"] = store
-        finish(summary, config, loc, generation)
+    diff, full, reason, base = _compare_now(config, plan, meta)
+    print(_render_plan(diff, full, reason, dry_run=False), flush=True)
+    _guard(diff, config, allow_mass_delete)
+    if base is not None and base.entries is not None and _nothing_to_do(diff, full, base):
+        return _nothing_changed(config, plan, diff, base, start)
+    attempt = new_attempt()
+    work = _work(diff, plan, meta)
+    committed = listed_files(base.entries) if base is not None and base.entries is not None else set()
+    with loc.failures_named("list the files of the"):
+        left = entries_on_disk(loc, (DATA_DIR, REJECTS_DIR), committed, {s.unit for s in work})
+    reused, work = reusable(work, left)
+    fresh, faults = write_work(config, plan, work, attempt, pace)
+    encoded = pa.concat_tables([reused, fresh])
+    entries = pa.concat_tables(
+        [
+            _kept_entries(base, diff),
+            rewrite_files(loc, config.output.compression, diff.rewrite, attempt, base, plan.fingerprint),
+            encoded,
+            _rejects_entry(loc, diff, attempt),
+        ]
+    )
+    version = commit(config, plan, base, entries, meta, attempt)
+    summary = _summary(entries, plan, diff, full, reason, reused, fresh, start)
+    summary["faults"] |= faults
+    summary["pace"] = pace.summary()
+    finish(summary, config, loc, version)
     print(render(summary, config.output.path), flush=True)
-    if store is not None:
-        print(
-            f"  store {store['store']}: upserted {store['upserted']}, deleted {store['deleted']}; "
-            f"it now holds {store['store_count']}",
-            flush=True,
-        )
+    return _store_step(summary, config, loc, version)
+
+
+def _store_step(summary: dict[str, Any], config: JobConfig, loc: OutputLocation, version: int) -> dict[str, Any]:
+    """Bring the store (when one is configured) to table version ``version``; report it."""
+    if not config.sink.type:
+        return summary
+    from pipeline.job.load import sync_store
+
+    store = sync_store(config, loc)
+    summary["sink"] = {k: store[k] for k in ("store", "upserted", "rejected_empty_vectors", "deleted", "store_count")}
+    summary["sink"]["table_version"] = version
+    finish(summary, config, loc, version)
+    print(
+        f"  store {store['store']}: upserted {store['upserted']}, deleted {store['deleted']}; "
+        f"it now holds {store['store_count']} (table version {version})",
+        flush=True,
+    )
     return summary
 
 
@@ -148,34 +172,44 @@ def _summary(
     return summary
 
 
-def _compare_now(config: JobConfig, plan: Plan, meta: dict[str, Any]) -> tuple[Diff, bool, str, Commit | None]:
-    """The difference between the corpus now and the output's last commit."""
-    with plan.output.failures_named("read the commit records of the"):
-        previous = latest_commit(plan.output)
-        state = read_state(plan.output, previous)
-    full, reason = _needs_full(previous, meta, config.output.overwrite)
+def _compare_now(config: JobConfig, plan: Plan, meta: dict[str, Any]) -> tuple[Diff, bool, str, Committed | None]:
+    """The difference between the corpus now and the table's latest version."""
+    base = read_committed(plan.output, config.output.table_options)
+    if base is None:
+        refuse_foreign(plan.output, config)
+    if base is not None and base.problem and not config.output.overwrite:
+        raise OutputError(
+            f"{base.problem}; set output.overwrite: true to replace its content (a new version), or choose another "
+            "output"
+        )
+    with plan.output.failures_named("read the state of the"):
+        state = read_state(plan.output, base if base is not None and not base.problem else None)
+    full, reason = _needs_full(base, meta, config.output.overwrite)
     diff = compare(scan(config, plan), state, full, [s.url for s in plan.shards])
-    return diff, full, reason, previous
+    return diff, full, reason, base
 
 
-def _nothing_changed(config: JobConfig, plan: Plan, diff: Diff, previous: Commit, start: float) -> dict[str, Any]:
-    clean(plan.output, previous.entries, previous.generation, OUTPUT_FOLDERS)  # a killed attempt's leftovers
+def _nothing_changed(config: JobConfig, plan: Plan, diff: Diff, base: Committed, start: float) -> dict[str, Any]:
+    assert base.entries is not None
+    # a run killed between its two commits left the rejects table behind: bring it up (else a no-op)
+    sync_rejects(plan.output, config.output.table_options, base.version, base.entries, new_attempt())
     seconds = time.perf_counter() - start
     summary = summarize(
-        previous.entries, files=len(plan.shards), duplicate_ids=0, seconds=seconds, fingerprint=plan.fingerprint
+        base.entries, files=len(plan.shards), duplicate_ids=0, seconds=seconds, fingerprint=plan.fingerprint
     )
     summary["reindex"] = {"full": False, "reason": "", **diff.counts, "rewritten_files": 0, "encoded_now": 0}
     summary["docs_per_s"] = 0.0
-    finish(summary, config, plan.output, previous.generation)
-    print(f"  nothing changed since generation {previous.generation}: nothing encoded, the store untouched", flush=True)
-    return summary
+    finish(summary, config, plan.output, base.version)
+    print(f"  nothing changed since table version {base.version}: nothing encoded, no version written", flush=True)
+    return _store_step(summary, config, plan.output, base.version)
 
 
-def _nothing_to_do(diff: Diff, full: bool, commit: Commit) -> bool:
-    """The corpus is what the commit holds: same documents, same texts, same rejects."""
+def _nothing_to_do(diff: Diff, full: bool, base: Committed) -> bool:
+    """The corpus is what the table holds: same documents, same texts, same rejects."""
+    assert base.entries is not None
     c = diff.counts
-    committed_rejects = sum(r["rows"] - r["written"] for r in commit.entries.select(["rows", "written"]).to_pylist())
-    same_bad = sorted(diff.bad_files) == sorted(b for b in commit.entries["bad_file"].to_pylist() if b)
+    committed_rejects = sum(r["rows"] - r["written"] for r in base.entries.select(["rows", "written"]).to_pylist())
+    same_bad = sorted(diff.bad_files) == sorted(b for b in base.entries["bad_file"].to_pylist() if b)
     return (
         not full
         and c["new"] == c["changed"] == c["deleted"] == 0
@@ -185,20 +219,21 @@ def _nothing_to_do(diff: Diff, full: bool, commit: Commit) -> bool:
     )
 
 
-def _needs_full(commit: Commit | None, meta: dict[str, Any], overwrite: bool) -> tuple[bool, str]:
-    if commit is None:
+def _needs_full(base: Committed | None, meta: dict[str, Any], overwrite: bool) -> tuple[bool, str]:
+    if base is None:
         return True, "no committed output yet"
     if overwrite:
         return True, "output.overwrite is set (start over: every document is encoded again)"
-    changed = differences(commit.meta, meta, with_mapping=False)
+    record = base.record or {}
+    changed = differences(record, meta, with_mapping=False)
     old_pass, new_pass = (
-        commit.meta.get("mapping", {}).get("passthrough_columns"),
+        record.get("mapping", {}).get("passthrough_columns"),
         meta["mapping"]["passthrough_columns"],
     )
     if old_pass != new_pass:
         changed.append(f"input.passthrough_columns: {old_pass!r} -> {new_pass!r}")
     if changed:
-        return True, "the encoding settings changed since generation " + f"{commit.generation}: " + "; ".join(changed)
+        return True, f"the encoding settings changed since table version {base.version}: " + "; ".join(changed)
     return False, ""
 
 
@@ -217,10 +252,10 @@ def _read_for_scan(batch: pa.Table, cfg: Any) -> Any:
         yield block.select(SCAN_COLUMNS)
 
 
-def read_state(loc: OutputLocation, commit: Commit | None) -> pa.Table:
-    """``(id, hash, file, pos)`` of every committed row (only those two columns of each file are read)."""
+def read_state(loc: OutputLocation, base: Committed | None) -> pa.Table:
+    """``(id, hash, file, pos)`` of every row of the table (only those two columns of each file are read)."""
     schema = pa.schema([("id", pa.string()), ("hash", pa.int64()), ("file", pa.string()), ("pos", pa.int32())])
-    files = [f for f in commit.entries["data_file"].to_pylist() if f] if commit else []
+    files = sorted(base.snapshot.files) if base else []
 
     def one(rel: str) -> pa.Table:
         table = loc.read_parquet(rel, columns=["id", "content_hash"])
@@ -325,7 +360,7 @@ def _guard(diff: Diff, config: JobConfig, allow_mass_delete: bool) -> None:
         )
 
 
-def _work(diff: Diff, plan: Plan, generation: int, meta: dict[str, Any]) -> list[Shard]:
+def _work(diff: Diff, plan: Plan, meta: dict[str, Any]) -> list[Shard]:
     """One unit per input file holding rows to encode, restricted to those rows."""
     lines: dict[int, list[int]] = {}
     for shard, line in zip(diff.encode["shard"].to_pylist(), diff.encode["line"].to_pylist()):
@@ -334,18 +369,18 @@ def _work(diff: Diff, plan: Plan, generation: int, meta: dict[str, Any]) -> list
     for index, taken in sorted(lines.items()):
         shard, taken = plan.shards[index], tuple(sorted(taken))
         digest = hashlib.sha256(json.dumps(taken).encode()).hexdigest()
-        unit = unit_key(
-            "reindex", generation, shard.url, shard.version, meta["fingerprint_id"], meta["mapping"], digest
-        )
+        # Not the table's version: the same rows of the same file version encode the same whatever
+        # the table holds, so a re-run after a lost race or a kill reuses what was written.
+        unit = unit_key("reindex", shard.url, shard.version, meta["fingerprint_id"], meta["mapping"], digest)
         work.append(replace(shard, unit=unit, lines=taken))
     return work
 
 
-def _kept_entries(commit: Commit | None, diff: Diff) -> pa.Table:
+def _kept_entries(base: Committed | None, diff: Diff) -> pa.Table:
     """Entries of committed data files kept as they are (their old rejects are superseded by this scan's)."""
-    if commit is None or not diff.kept.num_rows:
+    if base is None or base.entries is None or base.problem or not diff.kept.num_rows:
         return empty_entries()
-    entries = commit.entries.filter(pc.is_valid(commit.entries["data_file"]))
+    entries = base.entries.filter(pc.is_valid(base.entries["data_file"]))
     entries = entries.filter(pc.invert(pc.is_in(entries["data_file"], pa.array(list(diff.rewrite), pa.string()))))
     entries = entries.filter(pc.is_in(entries["data_file"], pc.unique(diff.kept["file"])))
     n = entries.num_rows
@@ -356,20 +391,25 @@ def _kept_entries(commit: Commit | None, diff: Diff) -> pa.Table:
     entries = entries.set_column(
         entries.schema.get_field_index("rejected"), "rejected", pa.array(["{}"] * n, pa.string())
     )
-    return entries.set_column(entries.schema.get_field_index("rejects_file"), "rejects_file", pa.nulls(n, pa.string()))
+    for name, kind in (("rejects_file", pa.string()), ("rejects_size", pa.int64()), ("rejects_stats", pa.string())):
+        entries = entries.set_column(entries.schema.get_field_index(name), name, pa.nulls(n, kind))
+    return entries
 
 
 def rewrite_files(
-    loc: OutputLocation, compression: str, rewrite: dict[str, pa.Array], generation: int, commit: Commit | None
+    loc: OutputLocation,
+    compression: str,
+    rewrite: dict[str, pa.Array],
+    attempt: str,
+    base: Committed | None,
+    fp: Fingerprint,
 ) -> pa.Table:
     """Copies of committed files without their changed and deleted rows (no re-encoding)."""
     if not rewrite:
         return empty_entries()
-    urls = (
-        dict(zip(commit.entries["data_file"].to_pylist(), commit.entries["url"].to_pylist(), strict=True))
-        if commit
-        else {}
-    )
+    entries = base.entries if base is not None and base.entries is not None else empty_entries()
+    urls = dict(zip(entries["data_file"].to_pylist(), entries["url"].to_pylist(), strict=True))
+    metadata = {FINGERPRINT_KEY: json.dumps(fp.to_dict()).encode()}
 
     def one(item: tuple[str, pa.Array]) -> dict[str, Any] | None:
         old, drop = item
@@ -377,9 +417,9 @@ def rewrite_files(
         table = table.filter(pc.invert(pc.is_in(pa.array(range(table.num_rows), pa.int32()), drop)))
         if not table.num_rows:
             return None
-        unit = "r" + unit_key("rewrite", generation, old)[:15]
-        new = f"{DATA_DIR}/part-{unit}-000000.parquet"
-        loc.write_parquet(new, table, compression_of(compression))
+        unit = "r" + unit_key("rewrite", attempt, old)[:15]
+        new = f"{DATA_DIR}/part-{unit}-000000-{attempt}.parquet"
+        size = loc.write_parquet(new, table.replace_schema_metadata(metadata), compression_of(compression))
         return {
             "unit": unit,
             "url": urls.get(old),
@@ -391,8 +431,10 @@ def rewrite_files(
             "rejected": "{}",
             "bad_file": None,
             "data_file": new,
+            "data_size": size,
+            "data_stats": delta_stats(table),
             "rejects_file": None,
-            "attempt": "",
+            "attempt": attempt,
             **data_stats(table),
         }
 
@@ -401,10 +443,10 @@ def rewrite_files(
     return pa.Table.from_pylist(rows, schema=empty_entries().schema)
 
 
-def _rejects_entry(loc: OutputLocation, diff: Diff, generation: int) -> pa.Table:
+def _rejects_entry(loc: OutputLocation, diff: Diff, attempt: str) -> pa.Table:
     entries = [
         {
-            "unit": f"bad-{generation}-{i}",
+            "unit": f"bad-{attempt}-{i}",
             "url": s.split(": ", 1)[0],
             "shard": -1,
             "block": 0,
@@ -421,13 +463,13 @@ def _rejects_entry(loc: OutputLocation, diff: Diff, generation: int) -> pa.Table
         for i, s in enumerate(diff.bad_files)
     ]
     if diff.rejects.num_rows:
-        rejects = diff.rejects
-        path = f"{REJECTS_DIR}/reindex-{generation:08d}.parquet"
-        loc.write_parquet(path, rejects)
+        rejects = diff.rejects.cast(REJECTS_SCHEMA)
+        path = f"{REJECTS_DIR}/reindex-{attempt}.parquet"
+        size = loc.write_parquet(path, rejects)
         n = rejects.num_rows
         entries.append(
             {
-                "unit": f"rejects-{generation}",
+                "unit": f"rejects-{attempt}",
                 "url": None,
                 "shard": -1,
                 "block": 0,
@@ -442,29 +484,8 @@ def _rejects_entry(loc: OutputLocation, diff: Diff, generation: int) -> pa.Table
                 "bad_file": None,
                 "data_file": None,
                 "rejects_file": path,
+                "rejects_size": size,
+                "rejects_stats": delta_stats(rejects),
             }
         )
     return pa.Table.from_pylist(entries, schema=empty_entries().schema)
-
-
-def _update_store(config: JobConfig, plan: Plan, encoded: pa.Table, deleted: list[str]) -> dict[str, Any]:
-    from pipeline.job.load import delete_ids, upsert_files
-    from pipeline.sinks import open_sink
-
-    files = [f for f in encoded["data_file"].to_pylist() if f]
-    loaded = {"upserted": 0, "rejected_empty_vectors": 0}
-    if files:
-        loaded = upsert_files(config, plan.output, files, plan.fingerprint)
-    removed = delete_ids(config.sink, plan.fingerprint, deleted) if deleted else 0
-    store = open_sink(config.sink, plan.fingerprint.vocab_size)
-    try:
-        name, count = store.name, store.count()
-    finally:
-        store.close()
-    return {
-        "store": name,
-        "upserted": loaded["upserted"],
-        "rejected_empty_vectors": loaded["rejected_empty_vectors"],
-        "deleted": removed,
-        "store_count": count,
-    }

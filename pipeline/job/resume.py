@@ -1,10 +1,12 @@
 """Resuming an encoding job: what of the output may be kept, and what is left to do.
 
-A re-run of a killed or failed job with the same config reads the newest commit and the
-progress records of attempts since; blocks fully written under the same unit (same input file,
-same version, same config) are kept, units fully written are not even read again, and only
-the rest is encoded. A config that would change the vectors is refused (or, with
-``output.overwrite``, the output is cleared and the job starts over).
+A re-run of a killed or failed job with the same config reads the table's committed state and
+the footers of the files no commit references yet (a killed attempt's: each file names its
+unit, block and rows, see :mod:`pipeline.output.records`); blocks fully written under the same
+unit (same input file, same version, same config) are kept, units fully written are not even
+read again, and only the rest is encoded. A config that would change the vectors is refused;
+``output.overwrite`` replaces the table's content instead (as a new version: the old ones stay
+readable until vacuumed), still reusing files an interrupted attempt wrote under the same settings.
 """
 
 from __future__ import annotations
@@ -17,18 +19,18 @@ import pyarrow.compute as pc
 
 from pipeline.config import InputConfig, JobConfig
 from pipeline.encode.fingerprint import Fingerprint
-from pipeline.output.commits import (
-    Commit,
-    OutputError,
+from pipeline.output.layout import DATA_DIR, REJECTS_DIR, foreign_files
+from pipeline.output.location import OutputError, OutputLocation
+from pipeline.output.records import (
     complete_blocks,
     complete_units,
     empty_entries,
-    latest_commit,
-    read_progress,
+    entries_on_disk,
+    listed_files,
+    new_attempt,
     unit_key,
 )
-from pipeline.output.layout import clear_output, existing_files
-from pipeline.output.location import OutputLocation
+from pipeline.output.state import Committed, read_committed
 from pipeline.sources import Shard
 
 # Settings that decide the vectors or the rows (besides the encoder's): a change means new output.
@@ -37,11 +39,11 @@ MAPPING_FIELDS = ("id_column", "text_column", "title_column", "passthrough_colum
 
 @dataclass(frozen=True)
 class Resume:
-    generation: int  # the generation this run commits
-    meta: dict[str, Any]  # recorded with every progress segment and the commit (see run_meta)
-    reused: pa.Table  # entries of committed blocks this run keeps
+    attempt: str  # this attempt's name: in its files' names and its commit
+    meta: dict[str, Any]  # our record of the run, in the commit (see run_meta)
+    reused: pa.Table  # entries of written blocks this run keeps (committed or left by a killed attempt)
     work: list[Shard]  # shards still to read, with their units and the blocks to skip
-    previous: Commit | None
+    base: Committed | None  # the table as this run found it (its commit goes on top of it)
 
     @property
     def reused_rows(self) -> int:
@@ -81,44 +83,56 @@ def assign_units(shards: list[Shard], config: JobConfig, fp: Fingerprint) -> lis
 
 
 def plan_resume(config: JobConfig, shards: list[Shard], fp: Fingerprint, loc: OutputLocation) -> Resume:
-    """Decide what this run keeps and what it encodes (clearing the output first with ``overwrite``)."""
+    """Decide what this run keeps and what it encodes."""
     meta = run_meta("encode", config, fp)
-    if config.output.overwrite:
-        clear_output(loc)
-        return Resume(1, meta, empty_entries(), shards, None)
-    with loc.failures_named("read the commit records of the"):
-        commit = latest_commit(loc)
-        generation = (commit.generation if commit else 0) + 1
-        progress = read_progress(loc, generation)
-    records = ([commit.meta] if commit else []) + [m for _, m in progress]
-    if not records:
-        found = existing_files(loc)
-        if found:
-            raise OutputError(
-                f"{config.output.path}: output is not empty ({len(found)} files) and holds no splade-pipeline commit "
-                "records; "
-                "set output.overwrite: true to replace it, or choose an empty output"
-            )
-        return Resume(1, meta, empty_entries(), shards, None)
-    if commit is not None and commit.meta.get("kind") == "reindex":
+    base = read_committed(loc, config.output.table_options)
+    committed = empty_entries()
+    if base is None:
+        refuse_foreign(loc, config)
+    if base is not None and not config.output.overwrite:
+        _check_base(base, meta, config)
+        committed = base.entries if base.entries is not None else committed
+    # Units the table holds whole are kept as committed; for the others, the files a killed attempt
+    # (or a run that lost a race) left are looked for. Never both: copies would replace committed files.
+    open_units = {s.unit for s in shards} - complete_units(committed)
+    with loc.failures_named("list the files of the"):
+        left = entries_on_disk(loc, (DATA_DIR, REJECTS_DIR), listed_files(committed), open_units)
+    reused, work = reusable(shards, pa.concat_tables([committed, left]))
+    return Resume(new_attempt(), meta, reused, work, base)
+
+
+def refuse_foreign(loc: OutputLocation, config: JobConfig) -> None:
+    """A folder holding files that are not a table is refused, with ``overwrite`` too: a table's
+    folder belongs to the table (``vacuum`` deletes any file in it no version reads)."""
+    found = foreign_files(loc)
+    if found:
+        raise OutputError(
+            f"{config.output.path}: output is not empty ({len(found)} files, e.g. {found[0]}) and is not a "
+            "splade-pipeline table; choose an empty output (or move those files away: `vacuum` would delete them)"
+        )
+
+
+def _check_base(base: Committed, meta: dict[str, Any], config: JobConfig) -> None:
+    if base.problem:
+        raise OutputError(
+            f"{base.problem}; set output.overwrite: true to replace its content (a new version), or choose another "
+            "output"
+        )
+    record = base.record or {}
+    if record.get("kind") == "reindex":
         raise OutputError(
             f"{config.output.path}: this output is maintained by `splade-pipeline reindex`; run reindex to update it, "
             "or set output.overwrite: true to encode it anew"
         )
-    for record in records:
-        changed = differences(record, meta)
-        if changed:
-            raise OutputError(
-                f"{config.output.path}: the existing output was encoded with different settings, and vectors must not "
-                "be mixed:\n  "
-                + "\n  ".join(changed)
-                + "\nSet output.overwrite: true to start over (the existing output is deleted), or write to another "
-                "output."
-            )
-    reused, work = reusable(
-        shards, pa.concat_tables([(commit.entries if commit else empty_entries()), *(t for t, _ in progress)])
-    )
-    return Resume(generation, meta, reused, work, commit)
+    changed = differences(record, meta)
+    if changed:
+        raise OutputError(
+            f"{config.output.path}: the existing output was encoded with different settings, and vectors must not be "
+            "mixed:\n  "
+            + "\n  ".join(changed)
+            + "\nSet output.overwrite: true to replace its content (a new version; the old one stays readable until "
+            "vacuumed), or write to another output."
+        )
 
 
 def reusable(shards: list[Shard], entries: pa.Table) -> tuple[pa.Table, list[Shard]]:

@@ -44,9 +44,9 @@ class WriteBlocks:
     """
 
     def __init__(
-        self, output: OutputLocation, compression: str, fingerprint: Fingerprint, passthrough: list[str]
+        self, output: OutputLocation, compression: str, fingerprint: Fingerprint, passthrough: list[str], attempt: str
     ) -> None:
-        self.writer = BlockWriter(output, compression, fingerprint, passthrough)
+        self.writer = BlockWriter(output, compression, fingerprint, passthrough, attempt)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         return self.writer.write(table)

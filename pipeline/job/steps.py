@@ -1,5 +1,5 @@
-"""The steps every run takes, the encoding job and reindex alike: encode and write the work while
-recording progress, commit, and finish with the summary.
+"""The steps every run takes, the encoding job and reindex alike: encode and write the work,
+commit the resulting table state as one Delta version, and finish with the summary.
 """
 
 from __future__ import annotations
@@ -13,25 +13,28 @@ import pyarrow.compute as pc
 
 from pipeline.config import JobConfig, redacted
 from pipeline.job.cluster import ensure_ray
-from pipeline.job.faults import crash_point
+from pipeline.job.faults import crash_point, pause_point
 from pipeline.job.plan import Plan, encoded_dataset, written_dataset
-from pipeline.job.summary import Pace
-from pipeline.output.commits import Progress, clean, empty_entries, write_commit
-from pipeline.output.layout import DATA_DIR, REJECTS_DIR, write_summary
+from pipeline.job.summary import Pace, check_rows
+from pipeline.output.layout import DATA_COLUMNS, write_summary
 from pipeline.output.location import OutputLocation
-from pipeline.output.lock import RunLock
+from pipeline.output.records import empty_entries
+from pipeline.output.state import Committed, commit_state, sync_rejects
 from pipeline.sources import Shard
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 10.0
-OUTPUT_FOLDERS = (DATA_DIR, REJECTS_DIR)
 
 
 def write_work(
-    config: JobConfig, plan: Plan, work: list[Shard], progress: Progress, pace: Pace
+    config: JobConfig, plan: Plan, work: list[Shard], attempt: str, pace: Pace
 ) -> tuple[pa.Table, dict[str, int]]:
-    """Encode and write ``work``, recording finished blocks as they arrive (and their times in
-    ``pace``); return their entries and the failures ridden through (actor restarts, retried blocks)."""
+    """Encode and write ``work`` (file names carry ``attempt``); return the entries of the written
+    files (their times in ``pace``) and the failures ridden through (actor restarts, retried blocks).
+
+    Nothing is recorded besides the files: each carries its entry in its footer, so a re-run
+    after a kill finds every block written so far (see :mod:`pipeline.output.records`).
+    """
     if not work:
         return empty_entries(), {}
     import ray
@@ -40,48 +43,56 @@ def write_work(
 
     ensure_ray(config.compute)  # before the first Ray call, which would otherwise start Ray its own way
     attempts = start_log()
-    written = written_dataset(config, plan, encoded_dataset(config, plan, work, attempts))
-    try:
-        _record(written, progress, pace)
-    except BaseException:
-        try:
-            progress.flush()  # interrupted or failed: what is durable stays recorded for the re-run
-        except Exception as err:  # noqa: BLE001 - the original failure is the one to report
-            log.warning("could not record progress before stopping: %s: %s", type(err).__name__, err)
-        raise
-    if progress.flush():
-        crash_point("progress")
+    written = written_dataset(config, plan, encoded_dataset(config, plan, work, attempts), attempt)
+    entries = _collect(written, pace)
     pace.encoders_ready = ray.get(attempts.encoders_ready.remote())
-    return progress.entries(), ray.get(attempts.report.remote())
+    return entries, ray.get(attempts.report.remote())
 
 
-def _record(written: Any, progress: Progress, pace: Pace) -> None:
+def _collect(written: Any, pace: Pace) -> pa.Table:
     rows = blocks = 0
+    parts = [empty_entries()]
     started = last_report = time.monotonic()
     for stats in written.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for i in range(stats.num_rows):  # one entry per written block (piece)
+        for _ in range(stats.num_rows):  # one entry per written block (piece): its files are durable
             crash_point("written")
-            if progress.add(stats.slice(i, 1)):
-                crash_point("progress")
+        parts.append(stats.cast(empty_entries().schema))
         rows, blocks = rows + int(pc.sum(stats["rows"]).as_py() or 0), blocks + stats.num_rows
         pace.block_written(rows)
         if time.monotonic() - last_report >= PROGRESS_EVERY_S:
             last_report = time.monotonic()
             rate = rows / (last_report - started)
             print(f"  ... {rows} rows in {blocks} blocks written ({rate:.1f} rows/s)", flush=True)
+    return pa.concat_tables(parts)
 
 
-def commit(loc: OutputLocation, lock: RunLock, generation: int, entries: pa.Table, meta: dict[str, Any]) -> None:
-    """Commit ``entries`` as generation ``generation`` (while this run holds the lock), then delete
-    the files no commit lists."""
-    lock.check()
-    write_commit(loc, generation, entries, meta)
+def commit(
+    config: JobConfig, plan: Plan, base: Committed | None, entries: pa.Table, record: dict[str, Any], attempt: str
+) -> int:
+    """Commit ``entries`` (the whole table state) as the version after ``base``; returns it."""
+    check_rows(entries)  # nothing lost or doubled, checked before anything is committed
+    crash_point("before_commit")
+    pause_point("before_commit")
+    options = config.output.table_options
+    version = commit_state(plan.output, options, base, entries, record, attempt, empty_schema(config))
     crash_point("commit")
-    clean(loc, entries, generation, OUTPUT_FOLDERS)
+    sync_rejects(plan.output, options, version, entries, attempt)
+    crash_point("committed")
+    return version
 
 
-def finish(summary: dict[str, Any], config: JobConfig, loc: OutputLocation, generation: int) -> dict[str, Any]:
-    """Add what every summary names (generation, output, the config with secrets masked) and write it."""
-    summary |= {"generation": generation, "output": config.output.path, "config": redacted(config)}
+def empty_schema(config: JobConfig) -> pa.Schema:
+    """The table's columns where no data file gives them (every row rejected): passthrough as text."""
+    from pipeline.encode.sparse import SPARSE_TYPE
+
+    types = [pa.string(), pa.int64(), SPARSE_TYPE, pa.int32(), pa.bool_()]
+    return pa.schema(
+        [*zip(DATA_COLUMNS, types, strict=True), *((c, pa.string()) for c in config.input.passthrough_columns)]
+    )
+
+
+def finish(summary: dict[str, Any], config: JobConfig, loc: OutputLocation, version: int) -> dict[str, Any]:
+    """Add what every summary names (table version, output, the config with secrets masked) and write it."""
+    summary |= {"table_version": version, "output": config.output.path, "config": redacted(config)}
     write_summary(loc, summary)
     return summary

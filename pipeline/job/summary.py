@@ -21,7 +21,7 @@ class RowsLostError(RuntimeError):
 def summarize(
     entries: pa.Table, *, files: int, duplicate_ids: int, seconds: float, fingerprint: Fingerprint, reused_rows: int = 0
 ) -> dict[str, Any]:
-    """The summary of a committed output, from its entries (see :mod:`pipeline.output.commits`)."""
+    """The summary of a committed output, from its entries (see :mod:`pipeline.output.records`)."""
     rows = entries.to_pylist()
     _check_blocks(rows)
     rejected: Counter[str] = Counter()
@@ -89,6 +89,19 @@ class Pace:
             "first_block_s": since(self.first_block),
             "docs_per_s_encoders_up": rate,
         }
+
+
+def check_rows(entries: pa.Table) -> None:
+    """Before a commit: every block's rows arrived once, and each piece's rows are written or rejected."""
+    rows = entries.to_pylist()
+    _check_blocks(rows)
+    for r in rows:
+        rejected = sum(json.loads(r["rejected"]).values())
+        if not r["bad_file"] and r["rows"] != r["written"] + rejected:
+            raise RowsLostError(
+                f"{r['data_file'] or r['rejects_file']}: {r['rows']} rows read != {r['written']} written + "
+                f"{rejected} rejected"
+            )
 
 
 def _check_blocks(rows: list[dict[str, Any]]) -> None:

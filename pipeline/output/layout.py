@@ -1,13 +1,18 @@
 """The output layout and how one block of encoded rows becomes files.
 
-    <output>/data/part-<unit>-<block>.parquet      id, content_hash, sparse, num_tokens, truncated, passthrough
-    <output>/rejects/part-<unit>-<block>.parquet   id, source, line, reason, detail
-    <output>/_commits/<generation>.parquet          the committed files (see pipeline.output.commits)
-    <output>/_SUMMARY.json                          the run summary (written last)
+    <output>/                       a Delta table (pipeline.output.table): the committed vectors
+    <output>/_delta_log/            its log: one JSON file per version, checkpoints
+    <output>/data/part-<unit>-<block>[-<line>]-<attempt>.parquet
+                                    id, content_hash, sparse, num_tokens, truncated, passthrough
+    <output>/_rejects/              a second Delta table: id, source, line, reason, detail
+    <output>/_splade/entries/       per committed state, the entries of its files (pipeline.output.records)
+    <output>/_splade/stores/        per vector store, the table version it was loaded from
+    <output>/_SUMMARY.json          the last run's summary
 
-File names derive from the unit of work (the input file, its version and the config: see
-:func:`pipeline.output.commits.unit_key`) and the block within it, so the same input and config
-give the same files, and a file's content never changes under its name.
+File names carry the unit of work (the input file, its version and the config: see
+:func:`pipeline.output.records.unit_key`), the block within it and the attempt that wrote it:
+two runs never write the same name, and a file's content never changes under its name. Folders
+starting with ``_`` are not part of the table (Delta readers and ``vacuum`` pass them by).
 """
 
 from __future__ import annotations
@@ -21,32 +26,35 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.encode.fingerprint import Fingerprint
-from pipeline.output.commits import ENTRY_SCHEMA
 from pipeline.output.location import OutputLocation
-from pipeline.output.lock import LOCK_FILE
+from pipeline.output.records import ENTRY_SCHEMA, footer_entry
 from pipeline.redaction import scrub
 from pipeline.sources import BAD_FILE
 
 DATA_DIR = "data"
-REJECTS_DIR = "rejects"
+REJECTS_DIR = "_rejects"
 SUMMARY_FILE = "_SUMMARY.json"
 FINGERPRINT_KEY = b"splade_pipeline.fingerprint"
 OOM_SPLITS = "_oom_splits"  # per encoded block, on its first row: micro-batches halved after running out of memory
 DATA_COLUMNS = ["id", "content_hash", "sparse", "num_tokens", "truncated"]
 
 
-def existing_files(loc: OutputLocation) -> list[str]:
-    """Files under the output (the run lock excluded), relative to it; storage errors name the URL."""
+REJECTS_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("line", pa.int64()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+OWN_FOLDERS = (DATA_DIR, REJECTS_DIR, "_splade", "_delta_log")
+
+
+def foreign_files(loc: OutputLocation) -> list[str]:
+    """Files under the output that are not splade-pipeline's (its folders and summary aside)."""
     with loc.failures_named():
-        return [p for p in loc.files() if p != LOCK_FILE]
-
-
-def clear_output(loc: OutputLocation) -> None:
-    """Delete everything under the output but the run lock (``overwrite``: the user asked to start over)."""
-    doomed = existing_files(loc)
-    with loc.failures_named("clear"):
-        loc.remove(doomed)
-        loc.ensure_folder()
+        return [p for p in loc.files() if p.split("/", 1)[0] not in OWN_FOLDERS and p != SUMMARY_FILE]
 
 
 def write_summary(loc: OutputLocation, summary: dict[str, Any]) -> None:
@@ -60,8 +68,11 @@ def compression_of(name: str) -> str | None:
 class BlockWriter:
     """Writes the data and rejects files of encoded blocks into one output (see the module docstring)."""
 
-    def __init__(self, loc: OutputLocation, compression: str, fingerprint: Fingerprint, passthrough: list[str]) -> None:
+    def __init__(
+        self, loc: OutputLocation, compression: str, fingerprint: Fingerprint, passthrough: list[str], attempt: str
+    ) -> None:
         self.loc, self.compression, self.passthrough = loc, compression_of(compression), passthrough
+        self.attempt = attempt
         self.metadata = {FINGERPRINT_KEY: json.dumps(fingerprint.to_dict()).encode()}
 
     def write(self, table: pa.Table) -> pa.Table:
@@ -85,6 +96,7 @@ class BlockWriter:
         name = f"part-{first['_unit']}-{first['_block']:06d}"
         if piece.num_rows != first["_block_rows"]:
             name += f"-{pc.min(piece['_line']).as_py()}"
+        name += f"-{self.attempt}"
         stats: dict[str, Any] = {
             "unit": first["_unit"],
             "url": first["_source"],
@@ -94,28 +106,57 @@ class BlockWriter:
             "last": bool(pc.any(piece["_last"]).as_py()),
             "rows": piece.num_rows - bad.num_rows,
             "data_file": None,
+            "data_stats": None,
             "rejects_file": None,
+            "rejects_stats": None,
             "bad_file": None,
+            "attempt": self.attempt,
         }
+        data = rejected = None
         if good.num_rows:
             data = good.select(["id", "_hash", *DATA_COLUMNS[2:], *self.passthrough])
-            data = data.rename_columns([*DATA_COLUMNS, *self.passthrough]).replace_schema_metadata(self.metadata)
-            stats["data_file"] = f"{DATA_DIR}/{name}.parquet"
-            self.loc.write_parquet(stats["data_file"], data, self.compression)
+            data = data.rename_columns([*DATA_COLUMNS, *self.passthrough])
+            stats["data_file"], stats["data_stats"] = f"{DATA_DIR}/{name}.parquet", delta_stats(data)
         if rejects.num_rows:
-            stats["rejects_file"] = f"{REJECTS_DIR}/{name}.parquet"
-            self.loc.write_parquet(stats["rejects_file"], rejects_table(rejects), self.compression)
+            rejected = rejects_table(rejects)
+            stats["rejects_file"], stats["rejects_stats"] = f"{REJECTS_DIR}/{name}.parquet", delta_stats(rejected)
         if bad.num_rows:
             stats["bad_file"] = f"{bad['_source'][0].as_py()}: {bad['_detail'][0].as_py()}"
         stats |= {"rejected": json.dumps(Counter(rejects["_reject"].to_pylist())), **data_stats(good)}
         stats["oom_splits"] = int(pc.sum(piece[OOM_SPLITS]).as_py() or 0) if OOM_SPLITS in piece.column_names else 0
+        footer = footer_entry(stats)  # each file describes itself: a re-run finds it without any record
+        if data is not None:
+            meta = self.metadata | footer
+            stats["data_size"] = self.loc.write_parquet(
+                stats["data_file"], data.replace_schema_metadata(meta), self.compression
+            )
+        if rejected is not None:
+            stats["rejects_size"] = self.loc.write_parquet(
+                stats["rejects_file"], rejected.replace_schema_metadata(footer), self.compression
+            )
         return stats
 
 
 def rejects_table(rejects: pa.Table) -> pa.Table:
     """The rejects file's columns from rows carrying the reader's bookkeeping columns."""
     columns = {"id": "id", "source": "_source", "line": "_line", "reason": "_reject", "detail": "_detail"}
-    return pa.table({name: rejects[column] for name, column in columns.items()})
+    return pa.table({name: rejects[column] for name, column in columns.items()}).cast(REJECTS_SCHEMA)
+
+
+def delta_stats(table: pa.Table) -> str:
+    """Delta file statistics: the row count, nulls per top-level column, and min/max of the integer
+    columns (string bounds are left out: Delta truncates them, and a wrong bound skips a file)."""
+    nulls = {f.name: table[f.name].null_count for f in table.schema if not pa.types.is_nested(f.type)}
+    ints = [f.name for f in table.schema if pa.types.is_integer(f.type) and table[f.name].null_count < table.num_rows]
+    bounds = {name: pc.min_max(table[name]).as_py() for name in ints}
+    return json.dumps(
+        {
+            "numRecords": table.num_rows,
+            "minValues": {name: b["min"] for name, b in bounds.items()},
+            "maxValues": {name: b["max"] for name, b in bounds.items()},
+            "nullCount": nulls,
+        }
+    )
 
 
 def data_stats(data: pa.Table) -> dict[str, Any]:

@@ -9,6 +9,7 @@ or a multipart upload completed on close); on local disks files are written asid
 from __future__ import annotations
 
 import io
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,8 +21,6 @@ import pyarrow.parquet as pq
 from pipeline.config import OutputConfig
 from pipeline.errors import PipelineError
 from pipeline.storage import url_to_fs
-
-TMP_DIR = "_tmp"
 
 
 class OutputError(PipelineError, ValueError):
@@ -72,9 +71,6 @@ class OutputLocation:
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
 
-    def is_folder(self, rel: str = "") -> bool:
-        return self.fs.isdir(self.path(rel))
-
     def refresh(self, rel: str = "") -> None:
         """Forget cached listings under ``rel``: other processes (Ray workers) write here."""
         self.fs.invalidate_cache(self.path(rel))
@@ -85,19 +81,12 @@ class OutputLocation:
             return []
         return sorted(self.relative(p) for p in self.fs.find(self.path(rel)) if not p.endswith("/"))
 
-    def listing(self, rel: str) -> list[str]:
-        """The entries directly under ``rel``, relative to the root."""
-        return [self.relative(p) for p in self.fs.ls(self.path(rel), detail=False)]
-
-    def remove(self, rels: list[str]) -> None:
-        if rels:
-            self.fs.rm([self.path(r) for r in rels])
-
-    def remove_folder(self, rel: str) -> None:
-        try:
-            self.fs.rm(self.path(rel), recursive=True)
-        except FileNotFoundError:  # object stores have no empty folders to remove
-            pass
+    def sizes(self, rel: str = "") -> dict[str, int]:
+        """Every file under ``rel`` with its size in bytes, relative to the root."""
+        if not self.fs.isdir(self.path(rel)):
+            return {}
+        found = self.fs.find(self.path(rel), detail=True)
+        return {self.relative(p): int(info["size"]) for p, info in found.items() if not p.endswith("/")}
 
     def open(self, rel: str, mode: str = "rb") -> Any:
         return self.fs.open(self.path(rel), mode)
@@ -111,28 +100,32 @@ class OutputLocation:
             with self.fs.open(self.path(rel), "wb") as fh:
                 fh.write(data)
             return
-        tmp = self.path(f"{TMP_DIR}/{uuid.uuid4().hex}")
-        self.fs.makedirs(self.path(rel).rsplit("/", 1)[0], exist_ok=True)
-        self.fs.makedirs(self.path(TMP_DIR), exist_ok=True)
-        with self.fs.open(tmp, "wb") as fh:
+        target = self.path(rel)
+        folder = target.rsplit("/", 1)[0]
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{folder}/.{target.rsplit('/', 1)[1]}.{uuid.uuid4().hex[:12]}.tmp"  # hidden: no Delta reader lists it
+        with open(tmp, "wb") as fh:
             fh.write(data)
-        self.fs.mv(tmp, self.path(rel))  # a rename on one local filesystem: atomic
-
-    def create_exclusive(self, rel: str, data: bytes) -> None:
-        """Create ``rel`` only if absent (``If-None-Match: *`` on S3, ``O_EXCL`` locally); else FileExistsError."""
-        self.ensure_folder(rel.rsplit("/", 1)[0] if "/" in rel else "")
-        with self.fs.open(self.path(rel), "xb") as fh:
-            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())  # the content is on disk before the name is
+        os.replace(tmp, target)  # a rename on one local filesystem: atomic
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # and so is the name
+        finally:
+            os.close(dir_fd)
 
     def overwrite(self, rel: str, data: bytes) -> None:
         """Replace ``rel`` in one write (no write-aside: for small records that may be rewritten)."""
         with self.fs.open(self.path(rel), "wb") as fh:
             fh.write(data)
 
-    def write_parquet(self, rel: str, table: pa.Table, compression: str | None = "zstd") -> None:
+    def write_parquet(self, rel: str, table: pa.Table, compression: str | None = "zstd") -> int:
+        """Write ``table`` as Parquet to ``rel`` (absent or complete); returns the file's size."""
         buf = io.BytesIO()
         pq.write_table(table, buf, compression=compression)
         self.write_bytes(rel, buf.getvalue())
+        return buf.tell()
 
     def read_parquet(self, rel: str, columns: list[str] | None = None) -> pa.Table:
         with self.open(rel) as fh:

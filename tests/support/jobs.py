@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import s3fs
 
 from pipeline import SpladeEncoder
 from pipeline.demo import load_sample_corpus
-from pipeline.output.commits import committed_files
 
 from .reference import densify
 
@@ -73,16 +73,48 @@ def put_corpus(fs: s3fs.S3FileSystem, prefix: str) -> list[dict[str, str]]:
     return a + b + c
 
 
+def delta_options() -> dict[str, str]:
+    """What a Delta reader needs besides the environment's AWS_* variables: moto's endpoint is http."""
+    return {"AWS_ALLOW_HTTP": "true"} if os.environ.get("AWS_ENDPOINT_URL", "").startswith("http://") else {}
+
+
+def table_filesystem(url: str) -> pafs.FileSystem:
+    """A pyarrow filesystem rooted at the table: deltalake's own (the default) can abort the
+    interpreter at exit after a scan (delta-rs issue 2184), so readers here pass this one."""
+    if url.startswith("s3://"):
+        return pafs.SubTreeFileSystem(
+            url.removeprefix("s3://"), pafs.PyFileSystem(pafs.FSSpecHandler(s3fs.S3FileSystem()))
+        )
+    return pafs.SubTreeFileSystem(str(Path(url).resolve()), pafs.LocalFileSystem())
+
+
+def read_delta(url: str, version: int | None = None, columns: list[str] | None = None) -> pa.Table:
+    """The table at ``url`` (latest version by default) as a Delta reader sees it: deltalake."""
+    from deltalake import DeltaTable
+
+    table = DeltaTable(url, version=version, storage_options=delta_options())
+    return table.to_pyarrow_table(columns=columns, filesystem=table_filesystem(url))
+
+
+def read_polars(url: str) -> pa.Table:
+    import polars as pl
+
+    return pl.read_delta(url, storage_options=delta_options() or None).to_arrow()
+
+
+def read_ray(url: str) -> pa.Table:
+    import ray
+
+    ds = ray.data.read_delta(url, storage_options=delta_options(), filesystem=table_filesystem(url))
+    return pa.concat_tables(list(ds.iter_batches(batch_size=None, batch_format="pyarrow")))
+
+
 def read_output(fs: s3fs.S3FileSystem, root: str) -> tuple[pa.Table, pa.Table | None, dict]:
-    """The committed output (through its commit record), checking that the folders hold nothing else."""
-    data_files = committed_files(f"s3://{root}")
-    reject_files = committed_files(f"s3://{root}", kind="rejects_file")
-    listed = {p for folder in ("data", "rejects") if fs.exists(f"{root}/{folder}") for p in fs.find(f"{root}/{folder}")}
-    assert listed == {f.removeprefix("s3://") for f in data_files + reject_files}  # nothing uncommitted left behind
-    data = [pq.read_table(fs.open(p, "rb")) for p in data_files]
-    rejects = [pq.read_table(fs.open(p, "rb")) for p in reject_files]
+    """The output's latest version, its rejects table and the summary, read as any Delta reader would."""
+    data = read_delta(f"s3://{root}")
+    rejects = read_delta(f"s3://{root}/_rejects")
     summary = json.loads(fs.cat(f"{root}/_SUMMARY.json"))
-    return pa.concat_tables(data), (pa.concat_tables(rejects) if rejects else None), summary
+    return data, (rejects if rejects.num_rows else None), summary
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -96,13 +128,13 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
-def start_until_progress(args: list[str], root: str, timeout: float = 180, **popen: Any) -> subprocess.Popen:
-    """Start ``splade-pipeline <args>``; return it once its first progress record is on S3 (mid-run)."""
+def start_until_written(args: list[str], root: str, timeout: float = 180, **popen: Any) -> subprocess.Popen:
+    """Start ``splade-pipeline <args>``; return it once its first data file is on S3 (mid-run)."""
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, text=True, **popen)
     fs = s3fs.S3FileSystem()
     deadline = time.monotonic() + timeout
-    while not (fs.exists(f"{root}/_progress") and fs.find(f"{root}/_progress")):
-        assert time.monotonic() < deadline and proc.poll() is None, "the run ended or stalled before recording progress"
+    while not (fs.exists(f"{root}/data") and fs.find(f"{root}/data")):
+        assert time.monotonic() < deadline and proc.poll() is None, "the run ended or stalled before writing a file"
         time.sleep(0.05)
         fs.invalidate_cache()
     return proc

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.dataset as pads
 import pytest
 
 from pipeline.config import JobConfig, SinkConfig, load_config
@@ -18,7 +17,7 @@ from pipeline.job.load import upsert_output
 from pipeline.search import search
 from pipeline.sinks import SinkError, open_sink
 
-from .jobs import corpus_rows
+from .jobs import corpus_rows, read_delta
 from .reference import densify
 
 VOCAB = 30522
@@ -52,7 +51,7 @@ def run_into_store(
 def brute_force(config: JobConfig, k: int = 10) -> list[list[tuple[str, float]]]:
     from pipeline.encode.encoder import SpladeEncoder
 
-    table = pads.dataset(f"{config.output.path}/data", format="parquet").to_table()
+    table = read_delta(config.output.path, columns=["id", "sparse"])
     docs = densify(table["sparse"].combine_chunks(), VOCAB)
     queries = densify(SpladeEncoder(config.encoder.model, device="cpu").encode(QUERIES), VOCAB)
     ids = table["id"].to_pylist()
