@@ -88,6 +88,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, dict[str, str]]]:
     sub = parser.add_subparsers(dest="command", required=True)
     flags: dict[str, dict[str, str]] = {}
     _add_job_commands(sub, flags)
+    _add_store_commands(sub, flags)
+    _add_table_commands(sub, flags)
     demo = sub.add_parser("demo", help="the built-in default: encode the shipped sample corpus with SPLADE-tiny")
     demo.add_argument("--output", default="out/demo", help="output folder (default: out/demo)")
     terms = sub.add_parser("terms", help="print the weighted terms of each text")
@@ -99,7 +101,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, dict[str, str]]]:
 
 
 def _add_job_commands(sub: Any, flags: dict[str, dict[str, str]]) -> None:
-    """The commands that take a job config: encode, reindex, upsert, history, rollback, vacuum, search."""
+    """The commands that encode: encode, reindex."""
     encode = _job_command(
         sub,
         flags,
@@ -130,6 +132,9 @@ def _add_job_commands(sub: Any, flags: dict[str, dict[str, str]]) -> None:
         help="allow deleting more than reindex.max_delete_percent of the indexed documents",
     )
 
+
+def _add_store_commands(sub: Any, flags: dict[str, dict[str, str]]) -> None:
+    """The commands that load, check or search a vector store: upsert, verify, repair, search."""
     upsert = _job_command(
         sub,
         flags,
@@ -140,6 +145,39 @@ def _add_job_commands(sub: Any, flags: dict[str, dict[str, str]]) -> None:
     )
     upsert.add_argument("--from", dest="source", required=True, help="the encoded output (the job's output.path)")
 
+    for name, short, long, after in (
+        (
+            "verify",
+            "compare the vector store with the output's latest version: count, every id, a sample of vectors",
+            "Compare sink.* with the latest version of an encoded output: counts, every id, and the vectors of a "
+            "sample of documents by value. Exit status 1 when they differ.",
+            "documents whose vectors are compared (1000)",
+        ),
+        (
+            "repair",
+            "make the vector store equal to the output's latest version (delete extra ids, load every vector)",
+            "Delete the ids sink.* holds that the output's latest version lacks, upsert every vector of that version, "
+            "record it as the store's version and verify. Exit status 1 if it still differs.",
+            "documents compared afterwards (1000)",
+        ),
+    ):
+        check = _job_command(sub, flags, name, short, long, "YAML job config (its sink section names the store)")
+        check.add_argument("--from", dest="source", help="the encoded output (default: output.path)")
+        check.add_argument("--sample", type=int, default=1000, help=after)
+    search = _job_command(
+        sub,
+        flags,
+        "search",
+        "encode queries with the job's model and print the store's top hits",
+        "Encode the queries with the job's model (or sink.query_model) and print the store's top hits.",
+        "YAML job config (encoder and sink sections are used)",
+    )
+    search.add_argument("queries", nargs="+", help="query texts")
+    search.add_argument("--k", type=int, default=10, help="hits per query (default: 10)")
+
+
+def _add_table_commands(sub: Any, flags: dict[str, dict[str, str]]) -> None:
+    """The commands on the table's versions: history, rollback, vacuum."""
     _job_command(
         sub,
         flags,
@@ -169,17 +207,6 @@ def _add_job_commands(sub: Any, flags: dict[str, dict[str, str]]) -> None:
     )
     vacuum.add_argument("--dry-run", action="store_true", help="list the files that would be deleted; delete nothing")
 
-    search = _job_command(
-        sub,
-        flags,
-        "search",
-        "encode queries with the job's model and print the store's top hits",
-        "Encode the queries with the job's model (or sink.query_model) and print the store's top hits.",
-        "YAML job config (encoder and sink sections are used)",
-    )
-    search.add_argument("queries", nargs="+", help="query texts")
-    search.add_argument("--k", type=int, default=10, help="hits per query (default: 10)")
-
 
 def _job_command(
     sub: Any, flags: dict[str, dict[str, str]], name: str, help: str, description: str, config_help: str
@@ -195,31 +222,30 @@ def _dispatch(args: argparse.Namespace, flags: dict[str, str]) -> int:
     overrides = {dotted: getattr(args, dest) for dest, dotted in flags.items() if getattr(args, dest) is not None}
     overrides.setdefault("compute.stop_on_sigterm", True)  # a command-line run stops on SIGTERM as on Ctrl-C
     config = load_config(args.config, overrides) if flags else None
-    if args.command in ("upsert", "search") and not config.sink.type:
+    if args.command in ("upsert", "search", "verify", "repair") and not config.sink.type:
         raise SettingError(
             "sink.type: no vector store configured; set sink.type (e.g. --sink-type qdrant) or a sink section in "
             "--config"
         )
-    COMMANDS[args.command](args, config)
-    return 0
+    return COMMANDS[args.command](args, config) or 0
 
 
-def _encode(args: argparse.Namespace, config: JobConfig) -> None:
+def _encode(args: argparse.Namespace, config: JobConfig) -> int:
     if args.show_config:
         print(json.dumps(redacted(config), indent=2))
-        return
+        return 0
     from pipeline.job.encode import run_job
 
-    run_job(config)
+    return 1 if run_job(config).get("errors") else 0  # the table is committed; the store is not what it says
 
 
-def _reindex(args: argparse.Namespace, config: JobConfig) -> None:
+def _reindex(args: argparse.Namespace, config: JobConfig) -> int:
     from pipeline.job.reindex import run_reindex
 
-    run_reindex(config, dry_run=args.dry_run, allow_mass_delete=args.allow_mass_delete)
+    return 1 if run_reindex(config, dry_run=args.dry_run, allow_mass_delete=args.allow_mass_delete).get("errors") else 0
 
 
-def _upsert(args: argparse.Namespace, config: JobConfig) -> None:
+def _upsert(args: argparse.Namespace, config: JobConfig) -> int:
     from pipeline.job.load import upsert_output
 
     result = upsert_output(config, args.source)
@@ -228,6 +254,48 @@ def _upsert(args: argparse.Namespace, config: JobConfig) -> None:
         f"({result['vectors_per_s']} vectors/s); it holds {result['store_count']}; empty vectors rejected: "
         f"{result['rejected_empty_vectors']}"
     )
+    if result["count_error"]:
+        print(f"ERROR: {result['count_error']}")
+        return 1
+    return 0
+
+
+def _verify(args: argparse.Namespace, config: JobConfig) -> int:
+    from pipeline.job.verify import verify_store
+
+    report = verify_store(config, args.source, sample=args.sample)
+    print(render_check(report))
+    return 0 if report["ok"] else 1
+
+
+def _repair(args: argparse.Namespace, config: JobConfig) -> int:
+    from pipeline.job.verify import repair_store
+
+    result = repair_store(config, args.source, sample=args.sample)
+    print("before: " + render_check(result["before"]))
+    print(
+        f"repair: deleted {result['deleted_extra']} ids the table lacks, upserted {result['upserted']} vectors, "
+        f"recorded table version {result['table_version']} as the store's"
+    )
+    print("after: " + render_check(result["after"]))
+    return 0 if result["after"]["ok"] else 1
+
+
+def render_check(report: dict[str, Any]) -> str:
+    head = "OK" if report["ok"] else "DIFFERENT"
+    lines = [
+        f"{head}: {report['store']} against table version {report['table_version']}: the store holds "
+        f"{report['store_count']} vectors ({report['store_ids']} ids listed), the table has {report['expected']} "
+        f"documents that belong in it; vectors compared by value: {report['sampled']}"
+    ]
+    for kind, what in (
+        ("missing", "in the table, not in the store"),
+        ("extra", "in the store, not in the table"),
+        ("different", "with a different vector"),
+    ):
+        if report[kind]:
+            lines.append(f"  {report[kind]} ids {what}, e.g. {report[f'{kind}_ids']}")
+    return "\n".join(lines)
 
 
 def _history(args: argparse.Namespace, config: JobConfig) -> None:
@@ -292,10 +360,12 @@ def _fetch_model(args: argparse.Namespace, config: None) -> None:
     print(fetch_splade_tiny())
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace, Any], None]] = {
+COMMANDS: dict[str, Callable[[argparse.Namespace, Any], int | None]] = {
     "encode": _encode,
     "reindex": _reindex,
     "upsert": _upsert,
+    "verify": _verify,
+    "repair": _repair,
     "history": _history,
     "rollback": _rollback,
     "vacuum": _vacuum,

@@ -4,8 +4,9 @@ Each block is an Arrow table with the mapped columns ``id`` and ``text`` (title 
 the passthrough columns, and bookkeeping columns: ``_source`` (file URL), ``_line`` (1-based line
 for JSONL/CSV, 0-based row for Parquet), ``_reject`` (null for a good row, else the reason),
 ``_detail`` (what exactly was wrong), ``_hash`` (64-bit content hash of exactly the text that is
-encoded, title included; null for rejects), ``_shard``/``_unit``/``_block`` (where the block came
-from: the shard's position, its unit of resumable work, the block within it), ``_block_rows``
+encoded, title included, and of the passthrough values; null for rejects),
+``_shard``/``_unit``/``_block`` (where the block came from: the shard's position, its unit of
+resumable work, the block within it), ``_block_rows``
 (rows in that block: the writer checks that none went missing on the way) and ``_last`` (the
 shard's final block: a unit is complete once all blocks up to it are committed).
 
@@ -67,6 +68,7 @@ class Shard:
     unit: str = ""
     skip_blocks: tuple[int, ...] = ()
     lines: tuple[int, ...] | None = None
+    size: int = 0  # bytes, as listed (compressed size for compressed files)
 
 
 def detect_format(url: str) -> str | None:
@@ -78,17 +80,19 @@ def detect_format(url: str) -> str | None:
 
 def list_shards(cfg: InputConfig) -> list[Shard]:
     """Every input file, sorted by URL, with its format; fails before any cluster work."""
-    found: dict[str, tuple[str, str]] = {}
+    found: dict[str, tuple[str, str, int]] = {}
     for path in cfg.paths:
-        for url, version in _expand(path, cfg.storage_options):
+        for url, version, size in _expand(path, cfg.storage_options):
             fmt = cfg.format if cfg.format != "auto" else detect_format(url)
             if fmt is None:
                 raise InputError(
                     f"{url}: unknown file format; use .parquet, .jsonl/.json/.ndjson or .csv (optionally .gz), or set "
                     "input.format"
                 )
-            found[url] = (fmt, version)
-    return [Shard(i, url, *found[url]) for i, url in enumerate(sorted(found))]
+            found[url] = (fmt, version, size)
+    return [
+        Shard(i, url, fmt, version, size=size) for i, (url, (fmt, version, size)) in enumerate(sorted(found.items()))
+    ]
 
 
 def file_version(info: dict[str, Any]) -> str:
@@ -101,8 +105,8 @@ def file_version(info: dict[str, Any]) -> str:
     return f"size:{info.get('size')}:mtime:{mtime}"
 
 
-def _expand(path: str, storage_options: dict[str, Any]) -> list[tuple[str, str]]:
-    """(URL, version) of every file ``path`` names; the listing's details give the versions."""
+def _expand(path: str, storage_options: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """(URL, version, size) of every file ``path`` names; the listing's details give the versions."""
     try:
         fs, root = url_to_fs(path, storage_options)
         fs.invalidate_cache()  # a long-lived process (notebook, scheduler) must see the input as it is now
@@ -111,7 +115,8 @@ def _expand(path: str, storage_options: dict[str, Any]) -> list[tuple[str, str]]
         elif fs.isdir(root):
             matches = fs.find(root, detail=True)
         elif fs.isfile(root):
-            return [(fs.unstrip_protocol(root), file_version(fs.info(root)))]
+            info = fs.info(root)
+            return [(fs.unstrip_protocol(root), file_version(info), int(info.get("size") or 0))]
         else:
             raise InputError(f"{path}: no such file or folder")
     except InputError:
@@ -122,7 +127,7 @@ def _expand(path: str, storage_options: dict[str, Any]) -> list[tuple[str, str]]
     files = [p for p in matches if not p.rsplit("/", 1)[-1].startswith((".", "_"))]
     if not files:
         raise InputError(f"{path}: no input files matched")
-    return [(fs.unstrip_protocol(p), file_version(matches[p])) for p in files]
+    return [(fs.unstrip_protocol(p), file_version(matches[p]), int(matches[p].get("size") or 0)) for p in files]
 
 
 def _describe(err: BaseException) -> str:
@@ -217,7 +222,7 @@ class _BlockBuilder:
             _line=line,
             _reject=reject,
             _detail=detail,
-            _hash=None if reject else content_hash(row["text"]),
+            _hash=None if reject else content_hash(row["text"], [row[c] for c in self.cfg.passthrough_columns]),
         )
         self.rows.append(row)
         return self.flush() if len(self.rows) >= self.cfg.rows_per_block else None
@@ -253,9 +258,14 @@ def _to_table(rows: list[dict[str, Any]], cfg: InputConfig, types: dict[str, pa.
     return pa.table(columns)
 
 
-def content_hash(text: str) -> int:
-    """64-bit hash of the text that is encoded (the reindex compares it per document id)."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+def content_hash(text: str, passthrough: list[Any] | None = None) -> int:
+    """64-bit hash of what a document's row holds: the text that is encoded and, where passthrough
+    columns are configured, their values (the reindex compares it per document id, so a changed
+    passthrough value rewrites the row too). Without passthrough columns, the hash of the text."""
+    data = text.encode("utf-8")
+    if passthrough:
+        data += b"\x00" + json.dumps(passthrough, default=str, ensure_ascii=True, sort_keys=True).encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
 
 
 def _map_record(record: dict[str, Any], cfg: InputConfig, row: dict[str, Any]) -> tuple[str | None, str | None]:

@@ -19,7 +19,6 @@ from support.pg_server import free_port
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.job.encode import run_job
-from pipeline.output.location import OutputLocation
 
 BIG = "lorem ipsum dolor " * 120_000  # about 2 MB
 
@@ -75,8 +74,8 @@ def bad_rows_run(ray_cluster: str, splade_tiny: Path) -> dict[str, Any]:
 def test_rows_reconcile(bad_rows_run: dict) -> None:
     s = bad_rows_run["summary"]
     assert s["rows_read"] == s["rows_written"] + s["rows_rejected"]
-    assert s["rows_written"] == bad_rows_run["data"].num_rows == 10 + 10 + 2  # good + duplicate + huge
-    assert s["rows_rejected"] == len(bad_rows_run["rejects"]) == 7
+    assert s["rows_written"] == bad_rows_run["data"].num_rows == 10 + 10 + 1  # good + huge
+    assert s["rows_rejected"] == len(bad_rows_run["rejects"]) == 8  # the duplicate among them
 
 
 @pytest.mark.parametrize(
@@ -116,9 +115,18 @@ def test_corrupt_parquet_skipped_and_reported(bad_rows_run: dict) -> None:
     assert bad_rows_run["summary"]["input_files"] == 3
 
 
-def test_duplicate_ids_counted(bad_rows_run: dict) -> None:
-    assert bad_rows_run["summary"]["duplicate_ids"] == 1
-    assert bad_rows_run["data"]["id"].to_pylist().count("d00003") == 2
+def test_a_later_duplicate_id_is_rejected_and_the_first_kept(bad_rows_run: dict) -> None:
+    assert (
+        bad_rows_run["summary"]["duplicate_ids"] == bad_rows_run["summary"]["rejected_by_reason"]["duplicate_id"] == 1
+    )
+    data = bad_rows_run["data"]
+    assert data["id"].to_pylist().count("d00003") == 1
+    reject = bad_rows_run["rejects"]["d00003"]
+    assert reject["reason"] == "duplicate_id" and reject["source"] == "s3://badrows/in/a-rows.jsonl"
+    first = data["content_hash"][data["id"].to_pylist().index("d00003")].as_py()
+    from pipeline.sources import content_hash
+
+    assert first != content_hash("a second document with an id seen before")
 
 
 def test_huge_document_truncated_and_counted(bad_rows_run: dict) -> None:
@@ -229,14 +237,3 @@ def test_secrets_refused_in_config(capsys: pytest.CaptureFixture, tmp_path: Path
     code, out, err = run_cli(capsys, "encode", "--config", str(config))
     assert code == 2 and "input.storage_options.secret: credentials are not accepted" in err
     assert "hunter2hunter2" not in err + out
-
-
-def test_duplicate_count_on_the_cluster_path(bad_rows_run: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Large outputs count duplicates with a Ray group-by instead of on the driver: same answer."""
-    import pipeline.job.encode as run
-
-    out = OutputLocation("s3://badrows/out")
-    files = out.files("data")
-    assert files and all(f.startswith("data/part-") for f in files)
-    monkeypatch.setattr(run, "DRIVER_DEDUP_MAX_ROWS", 0)
-    assert run.count_duplicate_ids(out, files, bad_rows_run["summary"]["rows_written"]) == 1

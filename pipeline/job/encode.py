@@ -14,18 +14,17 @@ import time
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline.config import JobConfig, redacted
+from pipeline.job.dedupe import drop_later_duplicates
 from pipeline.job.plan import check_output_reachable, make_plan
 from pipeline.job.resume import Resume, plan_resume
-from pipeline.job.steps import commit, finish, write_work
+from pipeline.job.steps import commit, finish, store_errors, write_work
 from pipeline.job.summary import Pace, render, summarize
-from pipeline.output.layout import write_summary
+from pipeline.output.layout import fingerprint_metadata, write_summary
 from pipeline.output.location import OutputLocation
 
 log = logging.getLogger(__name__)
-DRIVER_DEDUP_MAX_ROWS = 5_000_000
 
 
 def run_job(config: JobConfig) -> dict[str, Any]:
@@ -40,13 +39,13 @@ def run_job(config: JobConfig) -> dict[str, Any]:
     _announce(resume, config)
     new, faults = write_work(config, plan, resume.work, resume.attempt, pace)
     entries = pa.concat_tables([resume.reused, new])
+    urls = [s.url for s in plan.shards]
+    metadata = fingerprint_metadata(plan.fingerprint)
+    entries = drop_later_duplicates(loc, entries, urls, resume.attempt, config.output.compression, metadata)
     version = commit(config, plan, resume.base, entries, resume.meta, resume.attempt)  # no change: no version
-    data_files = [f for f in entries["data_file"].to_pylist() if f]
-    duplicates = count_duplicate_ids(loc, data_files, int(pc.sum(entries["written"]).as_py() or 0))
     summary = summarize(
         entries,
         files=len(plan.shards),
-        duplicate_ids=duplicates,
         seconds=time.perf_counter() - start,
         fingerprint=plan.fingerprint,
         reused_rows=resume.reused_rows,
@@ -87,30 +86,11 @@ def _load_sink(summary: dict[str, Any], config: JobConfig, loc: OutputLocation) 
             "again (it loads the store from the version it was last loaded from) or load it in full with: "
             f"splade-pipeline upsert --from {config.output.path} --config <this job's config>"
         ) from None
-    write_summary(loc, summary)
     sink = summary["sink"]
     print(
         f"  upserted {sink['upserted']} vectors into {sink['store']} ({sink['vectors_per_s']} vectors/s); "
         f"it now holds {sink['store_count']}; empty vectors rejected: {sink['rejected_empty_vectors']}",
         flush=True,
     )
-
-
-def count_duplicate_ids(loc: OutputLocation, data_files: list[str], rows: int) -> int:
-    """Rows whose id was already seen in the output's ``data_files`` (only the id column is read)."""
-    if not data_files:
-        return 0
-    if rows <= DRIVER_DEDUP_MAX_ROWS:
-        # A few million ids fit the driver easily, and this costs no cluster round trip.
-        ids = pa.chunked_array([loc.read_parquet(f, columns=["id"])["id"] for f in data_files])
-        return int(rows - pc.count_distinct(ids).as_py())
-    import pyarrow.fs as pafs
-    import ray
-
-    filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(loc.fs))
-    # Few partitions: each one is a task, and the ids column is small next to the vectors.
-    partitions = max(1, min(200, len(data_files) // 16))
-    ids = ray.data.read_parquet([loc.path(f) for f in data_files], filesystem=filesystem).select_columns(["id"])
-    counts = ids.groupby("id", num_partitions=partitions).count()
-    extra = counts.map_batches(lambda b: {"extra": b["count()"] - 1}, batch_format="numpy").sum("extra")
-    return int(extra or 0)
+    store_errors(summary, sink)
+    write_summary(loc, summary)

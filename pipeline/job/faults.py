@@ -17,6 +17,9 @@ paused before their commits race for the same table version (the concurrency tes
 ``SPLADE_PIPELINE_OOM_ABOVE=<tokens>``: a micro-batch of more than ``<tokens>`` padded tokens
 raises ``torch.OutOfMemoryError``, as a GPU too small for the token budget would.
 
+``SPLADE_PIPELINE_RAY_START_FAILS=<n>``: the first ``n`` starts of a local Ray in this process
+fail as a start that timed out does ("Timed out waiting for file .../gcs_server_port").
+
 The driver forwards these variables to its Ray workers (see :func:`forwarded`).
 """
 
@@ -31,6 +34,7 @@ VARIABLE = "SPLADE_PIPELINE_CRASH_AT"
 PAUSE = "SPLADE_PIPELINE_PAUSE_AT"
 POISON = "SPLADE_PIPELINE_POISON"
 OOM_ABOVE = "SPLADE_PIPELINE_OOM_ABOVE"
+RAY_START_FAILS = "SPLADE_PIPELINE_RAY_START_FAILS"
 _passed: Counter[str] = Counter()
 
 
@@ -45,6 +49,13 @@ def crash_point(point: str) -> None:
     if _passed[point] == int(nth or 1):
         print(f"[{VARIABLE}] killing the driver at {point} #{_passed[point]}", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def ray_start_point() -> None:
+    fails = int(os.environ.get(RAY_START_FAILS) or 0)
+    _passed["ray_start"] += 1
+    if _passed["ray_start"] <= fails:
+        raise TimeoutError("Timed out waiting for file /tmp/ray/session_latest/logs/gcs_server_port_0 (injected)")
 
 
 def pause_point(point: str) -> None:

@@ -56,6 +56,35 @@ def check_sink(sink: SinkConfig, fingerprint: Fingerprint) -> None:
 
 
 STORES_DIR = "_splade/stores"
+RECOUNTS = 3  # a store that counts eventually (Pinecone) gets a few seconds to catch up
+
+
+def expected_count(committed: Committed, sink: SinkConfig) -> int | None:
+    """How many vectors the store must hold for the table's latest version (None: unknown)."""
+    entries = committed.entries
+    if entries is None:
+        return None
+    written = int(pc.sum(entries["written"]).as_py() or 0)
+    if store_limits(sink).accepts_empty_vectors:
+        return written
+    empty = sum(int(json.loads(h or "{}").get("0", 0)) for h in entries["nnz_hist"].to_pylist())
+    return written - empty
+
+
+def count_problem(config: JobConfig, committed: Committed, store_count: int, recount: Any) -> str | None:
+    """None when the store holds as many vectors as it must, else the error to report."""
+    expected = expected_count(committed, config.sink)
+    for attempt in range(RECOUNTS):
+        if expected is None or store_count == expected:
+            return None
+        if attempt < RECOUNTS - 1:
+            time.sleep(2.0 * (attempt + 1))
+            store_count = recount()
+    return (
+        f"the store holds {store_count} vectors, but table version {committed.version} has {expected} documents "
+        f"that belong in it; see the difference with `splade-pipeline verify --from {config.output.path}` and fix "
+        f"it with `splade-pipeline repair --from {config.output.path}` (same --config)"
+    )
 
 
 def committed_output(loc: OutputLocation, options: dict[str, str]) -> tuple[Committed, Fingerprint]:
@@ -91,7 +120,8 @@ def sync_store(config: JobConfig, loc: OutputLocation, *, full: bool = False) ->
     record = _store_record(loc, config.sink) or {}
     held = [v for v in (record.get("table_version"), record.get("pending")) if v is not None]
     if not full and record.get("pending") is None and held == [committed.version]:
-        return _count_only(config, fingerprint) | {"table_version": committed.version, "deleted": 0}
+        loaded = _checked(config, committed, fingerprint, _count_only(config, fingerprint))
+        return loaded | {"table_version": committed.version, "deleted": 0}
     before: set[str] = set().union(*(_files_at(loc, options, v) for v in held))
     now = set(committed.snapshot.files)
     resend = full or record.get("pending") is not None or record.get("fingerprint_id") != fingerprint.id
@@ -116,11 +146,26 @@ def sync_store(config: JobConfig, loc: OutputLocation, *, full: bool = False) ->
     else:
         loaded = _count_only(config, fingerprint)
     _record_store(loc, config.sink, committed.version, fingerprint, store=loaded["store"])
-    return loaded | {
+    return _checked(config, committed, fingerprint, loaded) | {
         "table_version": committed.version,
         "from_version": record.get("table_version"),
         "deleted": deleted,
     }
+
+
+def _checked(config: JobConfig, committed: Committed, fp: Fingerprint, loaded: dict[str, Any]) -> dict[str, Any]:
+    """``loaded`` with the store's count checked against the table: ``expected_count``, and
+    ``count_error`` when they differ."""
+
+    def recount() -> int:
+        store = open_sink(config.sink, fp.vocab_size)
+        try:
+            return store.count()
+        finally:
+            store.close()
+
+    problem = count_problem(config, committed, loaded["store_count"], recount)
+    return loaded | {"expected_count": expected_count(committed, config.sink), "count_error": problem}
 
 
 def _files_at(loc: OutputLocation, options: dict[str, str], version: int) -> set[str]:

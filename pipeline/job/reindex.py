@@ -31,7 +31,7 @@ import json
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import pyarrow as pa
@@ -43,16 +43,17 @@ from pipeline.errors import PipelineError
 from pipeline.job.plan import Plan, check_output_reachable, make_plan, read_dataset
 from pipeline.job.resume import differences, refuse_foreign, reusable, run_meta
 from pipeline.job.stages import read_shards
-from pipeline.job.steps import commit, finish, write_work
+from pipeline.job.steps import commit, finish, store_errors, write_work
 from pipeline.job.summary import Pace, render, summarize
 from pipeline.output.layout import (
     DATA_DIR,
-    FINGERPRINT_KEY,
     REJECTS_DIR,
     REJECTS_SCHEMA,
     compression_of,
+    copy_without,
     data_stats,
     delta_stats,
+    fingerprint_metadata,
     rejects_table,
 )
 from pipeline.output.location import OutputError, OutputLocation
@@ -72,6 +73,9 @@ SCAN_SCHEMA = pa.schema(
     ]
 )
 SCAN_COLUMNS = SCAN_SCHEMA.names
+
+
+LOCAL_SCAN_BYTES = 64 * 1024 * 1024  # a dry run scans a corpus up to this size without Ray
 
 
 class MassDeleteError(PipelineError, ValueError):
@@ -95,8 +99,9 @@ def run_reindex(config: JobConfig, *, dry_run: bool = False, allow_mass_delete: 
     plan = make_plan(config)
     loc = plan.output
     meta = run_meta("reindex", config, plan.fingerprint)
-    if dry_run:
-        diff, full, reason, _ = _compare_now(config, plan, meta)
+    if dry_run:  # a small corpus is scanned in this process: no Ray is started to count
+        local = sum(s.size for s in plan.shards) <= LOCAL_SCAN_BYTES
+        diff, full, reason, _ = _compare_now(config, plan, meta, local=local)
         print(_render_plan(diff, full, reason, dry_run=True), flush=True)
         return {"dry_run": True, "full": full, "reason": reason, **diff.counts}
     check_output_reachable(config, loc)
@@ -137,14 +142,16 @@ def _store_step(summary: dict[str, Any], config: JobConfig, loc: OutputLocation,
     from pipeline.job.load import sync_store
 
     store = sync_store(config, loc)
-    summary["sink"] = {k: store[k] for k in ("store", "upserted", "rejected_empty_vectors", "deleted", "store_count")}
+    keys = ("store", "upserted", "rejected_empty_vectors", "deleted", "store_count", "expected_count", "count_error")
+    summary["sink"] = {k: store[k] for k in keys}
     summary["sink"]["table_version"] = version
-    finish(summary, config, loc, version)
     print(
         f"  store {store['store']}: upserted {store['upserted']}, deleted {store['deleted']}; "
         f"it now holds {store['store_count']} (table version {version})",
         flush=True,
     )
+    store_errors(summary, store)
+    finish(summary, config, loc, version)
     return summary
 
 
@@ -154,7 +161,6 @@ def _summary(
     summary = summarize(
         entries,
         files=len(plan.shards),
-        duplicate_ids=0,
         seconds=time.perf_counter() - start,
         fingerprint=plan.fingerprint,
         reused_rows=int(pc.sum(reused["rows"]).as_py() or 0),
@@ -172,7 +178,9 @@ def _summary(
     return summary
 
 
-def _compare_now(config: JobConfig, plan: Plan, meta: dict[str, Any]) -> tuple[Diff, bool, str, Committed | None]:
+def _compare_now(
+    config: JobConfig, plan: Plan, meta: dict[str, Any], *, local: bool = False
+) -> tuple[Diff, bool, str, Committed | None]:
     """The difference between the corpus now and the table's latest version."""
     base = read_committed(plan.output, config.output.table_options)
     if base is None:
@@ -185,8 +193,17 @@ def _compare_now(config: JobConfig, plan: Plan, meta: dict[str, Any]) -> tuple[D
     with plan.output.failures_named("read the state of the"):
         state = read_state(plan.output, base if base is not None and not base.problem else None)
     full, reason = _needs_full(base, meta, config.output.overwrite)
-    diff = compare(scan(config, plan), state, full, [s.url for s in plan.shards])
+    sources = _sources(base)
+    diff = compare(scan(config, plan, local=local), state, full, [s.url for s in plan.shards], sources)
     return diff, full, reason, base
+
+
+def _sources(base: Committed | None) -> dict[str, str]:
+    """Committed data file -> the input file its rows came from."""
+    if base is None or base.entries is None:
+        return {}
+    pairs = base.entries.select(["data_file", "url"]).to_pylist()
+    return {p["data_file"]: p["url"] for p in pairs if p["data_file"] and p["url"]}
 
 
 def _nothing_changed(config: JobConfig, plan: Plan, diff: Diff, base: Committed, start: float) -> dict[str, Any]:
@@ -194,9 +211,7 @@ def _nothing_changed(config: JobConfig, plan: Plan, diff: Diff, base: Committed,
     # a run killed between its two commits left the rejects table behind: bring it up (else a no-op)
     sync_rejects(plan.output, config.output.table_options, base.version, base.entries, new_attempt())
     seconds = time.perf_counter() - start
-    summary = summarize(
-        base.entries, files=len(plan.shards), duplicate_ids=0, seconds=seconds, fingerprint=plan.fingerprint
-    )
+    summary = summarize(base.entries, files=len(plan.shards), seconds=seconds, fingerprint=plan.fingerprint)
     summary["reindex"] = {"full": False, "reason": "", **diff.counts, "rewritten_files": 0, "encoded_now": 0}
     summary["docs_per_s"] = 0.0
     finish(summary, config, plan.output, base.version)
@@ -237,10 +252,15 @@ def _needs_full(base: Committed | None, meta: dict[str, Any], overwrite: bool) -
     return False, ""
 
 
-def scan(config: JobConfig, plan: Plan) -> pa.Table:
-    """Every row of the corpus as ``(id, _hash, _shard, _line, _source, _reject, _detail)``, no texts."""
-    ds = read_dataset(config, plan.shards, _read_for_scan)
-    tables = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+def scan(config: JobConfig, plan: Plan, *, local: bool = False) -> pa.Table:
+    """Every row of the corpus as ``(id, _hash, _shard, _line, _source, _reject, _detail)``, no texts
+    (``local``: read in this process, one file after another; else by Ray tasks)."""
+    if local:
+        shards = pa.Table.from_pylist([asdict(s) for s in plan.shards])
+        tables = list(_read_for_scan(shards, config.input)) if plan.shards else []
+    else:
+        ds = read_dataset(config, plan.shards, _read_for_scan)
+        tables = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     return pa.concat_tables([SCAN_SCHEMA.empty_table(), *(t.select(SCAN_COLUMNS).cast(SCAN_SCHEMA) for t in tables)])
 
 
@@ -267,12 +287,20 @@ def read_state(loc: OutputLocation, base: Committed | None) -> pa.Table:
         return pa.concat_tables([schema.empty_table(), *pool.map(one, files)])
 
 
-def compare(scanned: pa.Table, state: pa.Table, full: bool, urls: list[str]) -> Diff:
+def compare(
+    scanned: pa.Table, state: pa.Table, full: bool, urls: list[str], sources: dict[str, str] | None = None
+) -> Diff:
     """The per-document difference between the corpus now and the committed state (``urls``: the
-    input files in order)."""
+    input files in order; ``sources``: committed data file -> its input file).
+
+    The indexed documents of an input file that could not be read this time (skipped with
+    ``on_bad_file: skip``) stay as they are, unless the corpus holds their id elsewhere: an
+    unreadable file is no evidence that its documents are gone.
+    """
     marker = pc.fill_null(pc.equal(scanned["_reject"], BAD_FILE), False)
     bad = scanned.filter(marker)
     bad_files = [f"{s}: {d}" for s, d in zip(bad["_source"].to_pylist(), bad["_detail"].to_pylist())]
+    unreadable = set(bad["_source"].to_pylist())
     rows = scanned.filter(pc.invert(marker))
     good, duplicates = _first_of_each_id(rows.filter(pc.is_null(rows["_reject"])))
     rejects = pa.concat_tables(
@@ -287,12 +315,15 @@ def compare(scanned: pa.Table, state: pa.Table, full: bool, urls: list[str]) -> 
             good.select(["id", "_hash"]), keys=["id", "hash"], right_keys=["id", "_hash"], join_type="inner"
         )
         keep_rows = matched.group_by("id").aggregate([("oi", "min")])["oi_min"]
+    held = _rows_of_unreadable(state, good, sources or {}, unreadable) if not full else state.slice(0, 0)
+    keep_rows = pa.chunked_array([keep_rows, held["oi"]], pa.int64()).combine_chunks()
     is_kept = pc.is_in(state["oi"], keep_rows)
     kept, removed = state.filter(is_kept), state.filter(pc.invert(is_kept))
     encode = good.filter(pc.invert(pc.is_in(good["id"], kept["id"])))
     old_ids = pc.unique(state["id"])
     new = int(pc.sum(pc.invert(pc.is_in(encode["id"], old_ids))).as_py() or 0)
-    deleted = pc.filter(old_ids, pc.invert(pc.is_in(old_ids, good["id"]))).to_pylist()
+    present = pa.chunked_array([good["id"], held["id"]], pa.string()).combine_chunks()
+    deleted = pc.filter(old_ids, pc.invert(pc.is_in(old_ids, present))).to_pylist()
     drops = removed.group_by("file").aggregate([("pos", "list")])
     counts = {
         "documents": good.num_rows,
@@ -302,6 +333,7 @@ def compare(scanned: pa.Table, state: pa.Table, full: bool, urls: list[str]) -> 
         "deleted": len(deleted),
         "rejected": rejects.num_rows,
         "indexed_before": len(old_ids),
+        "kept_unread": held.num_rows,  # indexed documents of files skipped this time, kept as they were
     }
     return Diff(
         encode=encode.select(["id", "_shard", "_line"]).rename_columns(["id", "shard", "line"]),
@@ -312,6 +344,15 @@ def compare(scanned: pa.Table, state: pa.Table, full: bool, urls: list[str]) -> 
         bad_files=bad_files,
         counts=counts,
     )
+
+
+def _rows_of_unreadable(state: pa.Table, good: pa.Table, sources: dict[str, str], unreadable: set[str]) -> pa.Table:
+    """State rows from input files that could not be read now, whose id the corpus holds nowhere else."""
+    files = [f for f, url in sources.items() if url in unreadable]
+    rows = state.filter(pc.is_in(state["file"], pa.array(files, pa.string())))
+    rows = rows.filter(pc.invert(pc.is_in(rows["id"], good["id"])))
+    first = rows.group_by("id").aggregate([("oi", "min")])["oi_min"]
+    return rows.filter(pc.is_in(rows["oi"], first))
 
 
 def _first_of_each_id(good: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -344,6 +385,12 @@ def _render_plan(diff: Diff, full: bool, reason: str, *, dry_run: bool) -> str:
         f"{c['unchanged']}; "
         f"deleted {c['deleted']} (of {c['indexed_before']} indexed); rejected rows {c['rejected']}; "
         f"files to rewrite {len(diff.rewrite)}; to encode {c['new'] + c['changed']}"
+        + (
+            f"\n  {len(diff.bad_files)} input file(s) could not be read and were skipped; their "
+            f"{c['kept_unread']} indexed documents are kept as they were: " + "; ".join(diff.bad_files)
+            if diff.bad_files
+            else ""
+        )
     )
 
 
@@ -409,17 +456,16 @@ def rewrite_files(
         return empty_entries()
     entries = base.entries if base is not None and base.entries is not None else empty_entries()
     urls = dict(zip(entries["data_file"].to_pylist(), entries["url"].to_pylist(), strict=True))
-    metadata = {FINGERPRINT_KEY: json.dumps(fp.to_dict()).encode()}
+    metadata = fingerprint_metadata(fp)
 
     def one(item: tuple[str, pa.Array]) -> dict[str, Any] | None:
         old, drop = item
-        table = loc.read_parquet(old)
-        table = table.filter(pc.invert(pc.is_in(pa.array(range(table.num_rows), pa.int32()), drop)))
-        if not table.num_rows:
-            return None
         unit = "r" + unit_key("rewrite", attempt, old)[:15]
-        new = f"{DATA_DIR}/part-{unit}-000000-{attempt}.parquet"
-        size = loc.write_parquet(new, table.replace_schema_metadata(metadata), compression_of(compression))
+        name = f"{DATA_DIR}/part-{unit}-000000-{attempt}.parquet"
+        copied = copy_without(loc, old, drop, name, metadata, compression_of(compression))
+        if copied is None:
+            return None
+        new, size, table = copied
         return {
             "unit": unit,
             "url": urls.get(old),

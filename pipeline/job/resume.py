@@ -92,6 +92,7 @@ def plan_resume(config: JobConfig, shards: list[Shard], fp: Fingerprint, loc: Ou
     if base is not None and not config.output.overwrite:
         _check_base(base, meta, config)
         committed = base.entries if base.entries is not None else committed
+    committed = _without_stale_dedupes(committed, {s.unit for s in shards})
     # Units the table holds whole are kept as committed; for the others, the files a killed attempt
     # (or a run that lost a race) left are looked for. Never both: copies would replace committed files.
     open_units = {s.unit for s in shards} - complete_units(committed)
@@ -99,6 +100,17 @@ def plan_resume(config: JobConfig, shards: list[Shard], fp: Fingerprint, loc: Ou
         left = entries_on_disk(loc, (DATA_DIR, REJECTS_DIR), listed_files(committed), open_units)
     reused, work = reusable(shards, pa.concat_tables([committed, left]))
     return Resume(new_attempt(), meta, reused, work, base)
+
+
+def _without_stale_dedupes(committed: pa.Table, units: set[str]) -> pa.Table:
+    """``committed`` without the blocks a duplicate id was dropped from, unless the input is the
+    same units as the table's: which row of an id comes first depends on every unit, so with a
+    unit added, changed or gone a dropped row may be the first one now. Those blocks are taken
+    from the files they were first written to (their footers), or encoded again."""
+    if not committed.num_rows or set(committed["unit"].to_pylist()) == units:
+        return committed
+    deduped = pc.fill_null(pc.match_substring(committed["rejected"], '"duplicate_id"'), False)
+    return committed.filter(pc.invert(deduped))
 
 
 def refuse_foreign(loc: OutputLocation, config: JobConfig) -> None:

@@ -234,11 +234,19 @@ _EMPTY_PIECE = pa.schema(
 
 
 def upsert_batch(sink: Sink, cfg: SinkConfig, batch: pa.Table) -> tuple[int, int]:
-    """Upsert ``id`` + ``sparse`` rows in size-capped requests; return (upserted, empty vectors rejected)."""
+    """Upsert ``id`` + ``sparse`` rows in size-capped requests; return (upserted, empty vectors rejected).
+
+    A store that refuses empty vectors gets none: the ids of empty vectors are deleted from it
+    instead (an older vector of the document must not outlive it), so such a store holds the
+    table's non-empty vectors."""
     limits = store_limits(cfg)
     rows = batch
     if not limits.accepts_empty_vectors:
-        rows = batch.filter(pc.greater(pc.list_value_length(pc.struct_field(batch["sparse"], "indices")), 0))
+        nonempty = pc.greater(pc.list_value_length(pc.struct_field(batch["sparse"], "indices")), 0)
+        rows = batch.filter(nonempty)
+        empty = batch.filter(pc.invert(nonempty))["id"].to_pylist()
+        for i in range(0, len(empty), cfg.batch_size):
+            sink.delete(empty[i : i + cfg.batch_size])
     for request in request_batches(rows, *request_limits(cfg, limits)):
         pairs = sparse_rows(request["sparse"])
         sink.upsert(request["id"].to_pylist(), [p[0] for p in pairs], [p[1] for p in pairs])

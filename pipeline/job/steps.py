@@ -96,3 +96,10 @@ def finish(summary: dict[str, Any], config: JobConfig, loc: OutputLocation, vers
     summary |= {"table_version": version, "output": config.output.path, "config": redacted(config)}
     write_summary(loc, summary)
     return summary
+
+
+def store_errors(summary: dict[str, Any], loaded: dict[str, Any]) -> None:
+    """Put a store count that does not match the table into the summary's ``errors`` and say it."""
+    if loaded.get("count_error"):
+        summary.setdefault("errors", []).append(f"store: {loaded['count_error']}")
+        print(f"  ERROR: store: {loaded['count_error']}", flush=True)

@@ -19,7 +19,7 @@ class RowsLostError(RuntimeError):
 
 
 def summarize(
-    entries: pa.Table, *, files: int, duplicate_ids: int, seconds: float, fingerprint: Fingerprint, reused_rows: int = 0
+    entries: pa.Table, *, files: int, seconds: float, fingerprint: Fingerprint, reused_rows: int = 0
 ) -> dict[str, Any]:
     """The summary of a committed output, from its entries (see :mod:`pipeline.output.records`)."""
     rows = entries.to_pylist()
@@ -37,7 +37,7 @@ def summarize(
         "rows_rejected": sum(rejected.values()),
         "rows_reused": reused_rows,  # committed by an earlier attempt or run: not read or encoded again
         "rejected_by_reason": dict(sorted(rejected.items())),
-        "duplicate_ids": duplicate_ids,
+        "duplicate_ids": rejected.get("duplicate_id", 0),  # later rows of an id: rejected, the first kept
         "truncated": sum(r["truncated"] for r in rows),
         "tokens": sum(r["tokens"] for r in rows),
         "nonzeros_per_doc": _percentiles(hist),

@@ -61,6 +61,11 @@ def write_summary(loc: OutputLocation, summary: dict[str, Any]) -> None:
     loc.overwrite(SUMMARY_FILE, scrub(json.dumps(summary, indent=2)).encode())
 
 
+def fingerprint_metadata(fingerprint: Fingerprint) -> dict[bytes, bytes]:
+    """The key-value metadata of every data file: the fingerprint of its vectors."""
+    return {FINGERPRINT_KEY: json.dumps(fingerprint.to_dict()).encode()}
+
+
 def compression_of(name: str) -> str | None:
     return None if name == "none" else name
 
@@ -73,7 +78,7 @@ class BlockWriter:
     ) -> None:
         self.loc, self.compression, self.passthrough = loc, compression_of(compression), passthrough
         self.attempt = attempt
-        self.metadata = {FINGERPRINT_KEY: json.dumps(fingerprint.to_dict()).encode()}
+        self.metadata = fingerprint_metadata(fingerprint)
 
     def write(self, table: pa.Table) -> pa.Table:
         """Write the files of every (unit, block) in ``table``; return their entries (stats)."""
@@ -103,6 +108,7 @@ class BlockWriter:
             "shard": first["_shard"],
             "block": first["_block"],
             "block_rows": first["_block_rows"],
+            "first_line": pc.min(piece["_line"]).as_py(),
             "last": bool(pc.any(piece["_last"]).as_py()),
             "rows": piece.num_rows - bad.num_rows,
             "data_file": None,
@@ -135,6 +141,18 @@ class BlockWriter:
                 stats["rejects_file"], rejected.replace_schema_metadata(footer), self.compression
             )
         return stats
+
+
+def copy_without(
+    loc: OutputLocation, old: str, drop: pa.Array, new: str, metadata: dict[bytes, bytes], compression: str | None
+) -> tuple[str, int, pa.Table] | None:
+    """Write a copy of data file ``old`` without the rows at positions ``drop`` as ``new`` (none
+    when no row is left); return its name, size and rows."""
+    table = loc.read_parquet(old)
+    table = table.filter(pc.invert(pc.is_in(pa.array(range(table.num_rows), drop.type), drop)))
+    if not table.num_rows:
+        return None
+    return new, loc.write_parquet(new, table.replace_schema_metadata(metadata), compression), table
 
 
 def rejects_table(rejects: pa.Table) -> pa.Table:

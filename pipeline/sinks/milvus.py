@@ -21,6 +21,7 @@ from pipeline.config import SinkConfig
 from pipeline.sinks.protocol import SinkError, StoreLimits, with_retries
 
 MAX_ID_LENGTH = 65_535  # VARCHAR's limit in Milvus
+PAGE = 1000  # ids per listing request
 
 
 def id_filter(ids: list[str]) -> str:
@@ -149,6 +150,33 @@ class MilvusSink:
             ),
         )
         return [(h["id"], float(h["distance"])) for h in hits[0] if h["distance"] > 0]
+
+    def ids(self) -> Iterator[list[str]]:
+        self._load()
+        pages = self._call(
+            "listing the ids",
+            lambda: self.client.query_iterator(self.cfg.collection, batch_size=PAGE, filter="", output_fields=["id"]),
+        )
+        try:
+            while page := self._call("listing the ids", pages.next):
+                yield [row["id"] for row in page]
+        finally:
+            pages.close()
+
+    def fetch(self, ids: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        self._load()  # by query with escaped literals: pymilvus's get(ids=...) pastes them unescaped
+        rows = self._call(
+            f"fetching {len(ids)} vectors",
+            lambda: self.client.query(self.cfg.collection, filter=id_filter(ids), output_fields=["id", self.field]),
+        )
+        out = {}
+        for row in rows:
+            terms = sorted(row[self.field].items())
+            out[row["id"]] = (
+                np.asarray([t[0] for t in terms], np.int64),
+                np.asarray([t[1] for t in terms], np.float32),
+            )
+        return out
 
     def count(self) -> int:
         self._load()

@@ -7,6 +7,7 @@ no term with the query score 0 and are not returned as hits.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,13 @@ def to_sparsevec(indices: np.ndarray, values: np.ndarray, dimension: int) -> str
     return f"{{{terms}}}/{dimension}"
 
 
+def from_sparsevec(text: str) -> tuple[np.ndarray, np.ndarray]:
+    """``{i:v,...}/dim`` (1-based) -> 0-based indices and values."""
+    terms = [t.split(":") for t in text.rsplit("/", 1)[0].strip("{}").split(",") if t]
+    return np.asarray([int(i) - 1 for i, _ in terms], np.int64), np.asarray([float(v) for _, v in terms], np.float32)
+
+
+PAGE = 10_000  # ids per listing request
 HNSW_MAX_NONZEROS = 1000  # pgvector's HNSW index on sparsevec
 
 
@@ -122,6 +130,30 @@ class PgvectorSink:
             fetch=True,
         )
         return [(doc_id, float(score)) for doc_id, score in rows if score > 0]
+
+    def ids(self) -> Iterator[list[str]]:
+        last = None
+        while True:
+            after = "" if last is None else "WHERE id > %s "  # keyset pages along the primary key's index
+            rows = self._call(
+                "listing the ids",
+                f"SELECT id FROM {self.table} {after}ORDER BY id LIMIT {PAGE}",
+                () if last is None else (last,),
+                fetch=True,
+            )
+            if not rows:
+                return
+            yield [r[0] for r in rows]
+            last = rows[-1][0]
+
+    def fetch(self, ids: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        rows = self._call(
+            f"fetching {len(ids)} vectors",
+            f"SELECT id, embedding::text FROM {self.table} WHERE id = ANY(%s)",
+            (ids,),
+            fetch=True,
+        )
+        return {doc_id: from_sparsevec(text) for doc_id, text in rows}
 
     def finish(self) -> None:
         """Every upsert is committed when it returns: nothing to do."""

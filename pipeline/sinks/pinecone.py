@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,8 @@ MAX_ID_LENGTH = 512
 
 
 HASHED_PREFIX = "sha256-"
+LIST_PAGE = 100  # the most ids a list request returns
+FETCH_PAGE = 100  # ids per fetch request (they travel in the URL)
 
 
 def point_id(doc_id: str) -> str:
@@ -99,6 +102,49 @@ class PineconeSink:
             ),
         )
         return [(m.metadata["doc_id"], float(m.score)) for m in result.matches if m.score > 0]
+
+    def ids(self) -> Iterator[list[str]]:
+        token = None
+        while True:
+            page = self._call(
+                "listing the ids",
+                lambda token=token: self.index.list_paginated(
+                    namespace=self.namespace, limit=LIST_PAGE, pagination_token=token
+                ),
+            )
+            found = [v.id for v in page.vectors]
+            hashed = [i for i in found if i.startswith(HASHED_PREFIX)]  # the document id is in the metadata
+            names = {pid: doc_id for doc_id, pid in self._fetch_raw(hashed).items()} if hashed else {}
+            yield [names.get(i, i) for i in found if not i.startswith(HASHED_PREFIX) or i in names]
+            token = page.pagination.next if page.pagination else None
+            if not token:
+                return
+
+    def _fetch_raw(self, point_ids: list[str]) -> dict[str, str]:
+        """doc id -> point id of the ``point_ids`` the namespace holds."""
+        out = {}
+        for start in range(0, len(point_ids), FETCH_PAGE):
+            chunk = point_ids[start : start + FETCH_PAGE]
+            got = self._call(
+                f"fetching {len(chunk)} vectors",
+                lambda chunk=chunk: self.index.fetch(ids=chunk, namespace=self.namespace),
+            )
+            out |= {v.metadata["doc_id"]: pid for pid, v in got.vectors.items()}
+        return out
+
+    def fetch(self, ids: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        out = {}
+        for start in range(0, len(ids), FETCH_PAGE):
+            chunk = [point_id(i) for i in ids[start : start + FETCH_PAGE]]
+            got = self._call(
+                f"fetching {len(chunk)} vectors",
+                lambda chunk=chunk: self.index.fetch(ids=chunk, namespace=self.namespace),
+            )
+            for v in got.vectors.values():
+                sparse = v.sparse_values
+                indices, values = (sparse.indices, sparse.values) if sparse is not None else ([], [])
+                out[v.metadata["doc_id"]] = (np.asarray(indices, np.int64), np.asarray(values, np.float32))
+        return out
 
     def count(self) -> int:
         stats = self._call("counting", self.index.describe_index_stats)

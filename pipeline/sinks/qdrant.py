@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ import numpy as np
 from pipeline.config import SinkConfig
 from pipeline.sinks.protocol import SinkError, StoreLimits, with_retries
 
+PAGE = 1000  # ids per listing request
 NAMESPACE = uuid.UUID("6f1c3b52-5a1d-4a52-9a55-2b9c1e6d0a71")  # fixed: ids must not change between runs
 
 
@@ -106,6 +108,34 @@ class QdrantSink:
             ),
         )
         return [(p.payload["doc_id"], float(p.score)) for p in hits.points if p.score > 0]
+
+    def ids(self) -> Iterator[list[str]]:
+        offset: Any = None
+        while True:
+            page, offset = self._call(
+                "listing the ids",
+                lambda offset=offset: self.client.scroll(
+                    self.cfg.collection, limit=PAGE, offset=offset, with_payload=["doc_id"], with_vectors=False
+                ),
+            )
+            yield [p.payload["doc_id"] for p in page]
+            if offset is None:
+                return
+
+    def fetch(self, ids: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        name = self.cfg.vector_name
+        points = self._call(
+            f"fetching {len(ids)} vectors",
+            lambda: self.client.retrieve(
+                self.cfg.collection, ids=[point_id(i) for i in ids], with_payload=["doc_id"], with_vectors=[name]
+            ),
+        )
+        out = {}
+        for p in points:
+            vector = (p.vector or {}).get(name)  # an empty vector comes back as no vector
+            indices, values = (vector.indices, vector.values) if vector is not None else ([], [])
+            out[p.payload["doc_id"]] = (np.asarray(indices, np.int64), np.asarray(values, np.float32))
+        return out
 
     def finish(self) -> None:
         """Qdrant makes upserts searchable as they land (wait=True): nothing to do."""

@@ -8,16 +8,19 @@ sparse dot product over what was upserted.
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 # Store keys reach Ray workers the way they do on a cluster: in the nodes' environment (see conftest).
 PINECONE_TEST_KEY = "pinecone-test-key"
 MAX_BODY = 2 * 1024 * 1024  # 2 MB per request
 MAX_VECTORS = 1000
+LIST_LIMIT = 100
 MAX_SPARSE = 2048
 MAX_METADATA = 40 * 1024
 
@@ -38,9 +41,15 @@ class PineconeProtocolServer:
 
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                status, payload = server.handle(self.path, self.headers, body)
+                self.answer(self.path, len(body), *server.handle(self.path, self.headers, body))
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                url = urlsplit(self.path)
+                self.answer(url.path, 0, *server.read(url.path, self.headers, parse_qs(url.query)))
+
+            def answer(self, path: str, size: int, status: int, payload: dict) -> None:
                 with server.lock:
-                    server.requests.append((self.path, len(body), status))
+                    server.requests.append((path, size, status))
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -81,6 +90,35 @@ class PineconeProtocolServer:
                 "dimension": 0,
                 "totalVectorCount": sum(s["vectorCount"] for s in spaces.values()),
             }
+        return 404, {"message": f"unknown path {path}"}
+
+    def read(self, path: str, headers: Any, query: dict[str, list[str]]) -> tuple[int, dict]:
+        """``GET /vectors/list`` (ids in order, pages of at most 100, an opaque token) and
+        ``GET /vectors/fetch`` (the vectors of the ids the namespace holds, missing ones absent)."""
+        if headers.get("Api-Key") != self.api_key:
+            return 401, {"code": 16, "message": "Invalid API Key"}
+        namespace = query.get("namespace", [""])[0]
+        with self.lock:
+            space = dict(self.namespaces.get(namespace, {}))
+        if path == "/vectors/list":
+            limit = int(query.get("limit", ["100"])[0])
+            if not 1 <= limit <= LIST_LIMIT:
+                return 400, {"code": 3, "message": f"limit must be between 1 and {LIST_LIMIT}"}
+            prefix = query.get("prefix", [""])[0]
+            after = base64.b64decode(query["paginationToken"][0]).decode() if "paginationToken" in query else None
+            ids = sorted(i for i in space if i.startswith(prefix) and (after is None or i > after))
+            page = ids[:limit]
+            more = len(ids) > limit
+            return 200, {
+                "vectors": [{"id": i} for i in page],
+                "pagination": {"next": base64.b64encode(page[-1].encode()).decode()} if more else None,
+                "namespace": namespace,
+                "usage": {"readUnits": 1},
+            }
+        if path == "/vectors/fetch":
+            found = {i: space[i] for i in query.get("ids", []) if i in space}
+            vectors = {i: {"values": [], **v} for i, v in found.items()}
+            return 200, {"vectors": vectors, "namespace": namespace, "usage": {"readUnits": 1}}
         return 404, {"message": f"unknown path {path}"}
 
     def _upsert(self, request: dict) -> tuple[int, dict]:

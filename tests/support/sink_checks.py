@@ -131,10 +131,20 @@ def assert_hostile_ids_round_trip(sink: SinkConfig) -> None:
         for i, doc_id in enumerate(HOSTILE_IDS):
             found = store.search(np.array([100 + i], np.int32), np.array([1.0], np.float32), 5)
             assert [h for h, _ in found] == [doc_id]
+        # the listing and fetch that verify/repair read: every id exactly as it was given, its own vector
+        listed = [i for page in store.ids() for i in page]
+        assert sorted(listed) == sorted(HOSTILE_IDS)
+        fetched = store.fetch([*HOSTILE_IDS, "not-there"])
+        assert sorted(fetched) == sorted(HOSTILE_IDS)
+        for i, doc_id in enumerate(HOSTILE_IDS):
+            got_indices, got_values = fetched[doc_id]
+            assert got_indices.tolist() == [7, 100 + i]
+            np.testing.assert_allclose(got_values, values[i], rtol=1e-6)
         doomed = ["x'] or id not in ['", 'x"] or id not in ["', "it's", "x" * 600]
         store.delete(doomed)
         store.finish()
         assert store.count() == len(HOSTILE_IDS) - len(doomed)
+        assert sorted(i for page in store.ids() for i in page) == sorted(set(HOSTILE_IDS) - set(doomed))
         left = store.search(np.array([7], np.int32), np.array([1.0], np.float32), 50)
         assert sorted(i for i, _ in left) == sorted(set(HOSTILE_IDS) - set(doomed))
     finally:
