@@ -21,14 +21,17 @@ _WORDS = (
 
 def passages(n: int, mix: str = "msmarco", seed: int = 0) -> list[str]:
     """``n`` passages. ``msmarco``: about 56 words mean with a long tail (lognormal, 5..240);
-    ``long``: 330..380 words, near 512 BERT tokens each."""
+    ``long``: 330..380 words, near 512 BERT tokens each; ``short``: 8..24 words (queries, titles,
+    short passages)."""
     rng = np.random.default_rng(seed)
     if mix == "msmarco":
         lengths = np.clip(rng.lognormal(mean=3.9, sigma=0.45, size=n), 5, 240).astype(int)
     elif mix == "long":
         lengths = rng.integers(330, 380, size=n)
+    elif mix == "short":
+        lengths = rng.integers(8, 25, size=n)
     else:
-        raise ValueError(f"mix: {mix!r} is not one of 'msmarco', 'long'")
+        raise ValueError(f"mix: {mix!r} is not one of 'msmarco', 'long', 'short'")
     words = np.array(_WORDS)
     out = []
     for length in lengths:

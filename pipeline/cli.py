@@ -49,6 +49,9 @@ def _exit(code: int) -> NoReturn:
         import ray
 
         if ray.is_initialized():
+            # A run that stopped early leaves Ray Data's executor running in its thread: shutting
+            # it down from under it makes Ray log the executor's traceback, which is no news.
+            logging.getLogger("ray.data").setLevel(logging.CRITICAL)
             ray.shutdown()
     logging.shutdown()
     sys.stdout.flush()
@@ -292,9 +295,12 @@ def render_check(report: dict[str, Any]) -> str:
         ("missing", "in the table, not in the store"),
         ("extra", "in the store, not in the table"),
         ("different", "with a different vector"),
+        ("twice", "held by two points each"),
     ):
         if report[kind]:
             lines.append(f"  {report[kind]} ids {what}, e.g. {report[f'{kind}_ids']}")
+    if report["foreign"]:
+        lines.append(f"  {report['foreign']} points without a document id (not written by splade-pipeline)")
     return "\n".join(lines)
 
 

@@ -211,11 +211,47 @@ class ComputeConfig(StrictModel):
         description="Writer actors at most (long-lived, so the storage client is built once per actor, not per block).",
     )
     max_actor_restarts: int = Field(
-        8,
-        ge=0,
-        description="Restarts of an encoder actor that died (killed, OOM-killed, node lost) before the job fails.",
+        -1,
+        ge=-1,
+        description="Restarts of an encoder or writer actor that died (killed, OOM-killed, node lost) before the job "
+        "fails; -1: no limit (an elastic or spot cluster loses nodes for as long as the run lasts; a document that "
+        "kills its encoder is isolated after isolate_after deaths whatever this is).",
     )
-    max_task_retries: int = Field(8, ge=0, description="Retries of a block whose encoder actor died while encoding it.")
+    max_task_retries: int = Field(
+        -1, ge=-1, description="Retries of a block whose actor died while working on it; -1: no limit."
+    )
+    wait_for_encoders_s: float = Field(
+        900.0,
+        gt=0,
+        description="How long a run waits while no node can host an encoder actor (all lost, none added yet) before "
+        "it fails; the files written so far are kept for the re-run.",
+    )
+    encoder_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each encoder actor needs, e.g. {gpu_node: 1}: encoders only on nodes that "
+        "declare them (ray start --resources).",
+    )
+    accelerator_type: str | None = Field(
+        None, description="Encoder actors only on nodes with this accelerator (Ray's name, e.g. H100, A10G, L4)."
+    )
+    io_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each reader task and writer actor needs, e.g. {cpu_node: 0.01}: reading "
+        "and writing on CPU nodes, off the GPU nodes.",
+    )
+    max_blocks_in_flight_per_actor: int | None = Field(
+        None,
+        ge=1,
+        description="Blocks queued at one encoder actor at most (None: Ray Data's default, 2): more hides the "
+        "transfer of the next block, fewer holds less in the object store and loses less with a node.",
+    )
+    object_store_memory_limit: int | None = Field(
+        None,
+        ge=0,
+        description="Bytes of object store the run's blocks may hold at once (None: Ray Data's default, a share of "
+        "the cluster's object stores). Reading pauses when it is reached: backpressure, so reading never outruns "
+        "encoding.",
+    )
     isolate_after: int = Field(
         2,
         ge=1,

@@ -81,3 +81,11 @@ def test_commit_bench(tmp_path: Path) -> None:
 def test_sink_bench(tmp_path: Path) -> None:
     result = bench(tmp_path, "sink_bench.py", "--n", "300")
     assert len(result) == 4 and all(rate > 0 for rate in result.values())
+
+
+@pytest.mark.usefixtures("splade_tiny")
+def test_churn_bench(tmp_path: Path) -> None:
+    result = bench(tmp_path, "churn_bench.py", "--n", "400", "--shards", "4", "--every", "6")
+    assert len(result["runs"]["still"]) == len(result["runs"]["churn"]) == 1  # each checked exactly-once inside
+    assert result["median_docs_per_s"]["still"] > 0 and result["median_docs_per_s"]["churn"] > 0
+    assert result["runs"]["still"][0]["nodes_removed"] == 0

@@ -104,6 +104,16 @@ DUP_B = [
     {"id": "z", "text": "Batteries store chemical energy and release it as electricity."},
     {"id": "y", "text": "A later y: rejected."},
 ]
+DUP_C = [  # two rows of one id in one block (rows_per_block 2): decided by the encoder, which knows the lines
+    {"id": "v", "text": "Volcanoes form where magma reaches the surface."},
+    {"id": "v", "text": "A second v, the next line of the same block: rejected."},
+]
+
+
+def write_dups(root: Path, a: list[dict[str, Any]] = DUP_A) -> None:
+    write_jsonl(root / "corpus/a.jsonl", a)
+    write_jsonl(root / "corpus/b.jsonl", DUP_B)
+    write_jsonl(root / "corpus/c.jsonl", DUP_C)
 
 
 def test_duplicate_ids_first_in_corpus_order_everywhere(
@@ -112,33 +122,35 @@ def test_duplicate_ids_first_in_corpus_order_everywhere(
     """Encode keeps the first row of an id (files in order, then lines) and rejects the later ones;
     the store gets exactly the table; a reindex of the same corpus finds nothing to do (it applies
     the same rule); when the first row goes away, the next one becomes the document everywhere."""
-    write_jsonl(tmp_path / "corpus/a.jsonl", DUP_A)
-    write_jsonl(tmp_path / "corpus/b.jsonl", DUP_B)
+    write_dups(tmp_path)
     config = config_for(tmp_path, splade_tiny, **pg_sink(postgres, "dups"))
     summary = run_job(config)
 
-    assert summary["rows_read"] == 7 and summary["rows_written"] == 4 and summary["rows_rejected"] == 3
-    assert summary["duplicate_ids"] == summary["rejected_by_reason"]["duplicate_id"] == 3
+    assert summary["rows_read"] == 9 and summary["rows_written"] == 5 and summary["rows_rejected"] == 4
+    assert summary["duplicate_ids"] == summary["rejected_by_reason"]["duplicate_id"] == 4
     table = table_vectors(config.output.path)
-    assert sorted(table) == ["w", "x", "y", "z"]
-    for doc in (DUP_A[0], DUP_A[1], DUP_A[3], DUP_B[1]):
+    assert sorted(table) == ["v", "w", "x", "y", "z"]
+    for doc in (DUP_A[0], DUP_A[1], DUP_A[3], DUP_B[1], DUP_C[0]):
         assert np.abs(table[doc["id"]] - vector(encoder, doc["text"])).max() <= 1e-5
     rejected = sorted((r["id"], r["source"].rsplit("/", 1)[-1], r["reason"]) for r in rejects_of(config.output.path))
     assert rejected == [
+        ("v", "c.jsonl", "duplicate_id"),
         ("x", "a.jsonl", "duplicate_id"),
         ("x", "b.jsonl", "duplicate_id"),
         ("y", "b.jsonl", "duplicate_id"),
     ]
+    details = {(r["id"], r["source"].rsplit("/", 1)[-1]): r["detail"] for r in rejects_of(config.output.path)}
+    assert "c.jsonl line 1" in details[("v", "c.jsonl")] and "a.jsonl" in details[("x", "b.jsonl")]
     stored = store_vectors(config)
     assert sorted(stored) == sorted(table)
     assert max(np.abs(stored[i] - table[i]).max() for i in table) <= 1e-6
-    assert summary["sink"]["count_error"] is None and summary["sink"]["expected_count"] == 4
+    assert summary["sink"]["count_error"] is None and summary["sink"]["expected_count"] == 5
 
     again = run_reindex(config)  # the same corpus under reindex's rule: nothing differs
     assert again["reindex"]["new"] == again["reindex"]["changed"] == again["reindex"]["deleted"] == 0
     assert again["reindex"]["encoded_now"] == 0
 
-    write_jsonl(tmp_path / "corpus/a.jsonl", DUP_A[1:])  # the first x is gone: a.jsonl's later x is first now
+    write_dups(tmp_path, DUP_A[1:])  # the first x is gone: a.jsonl's later x is first now
     after = run_reindex(config)
     assert after["reindex"]["changed"] == 1 and after["reindex"]["deleted"] == 0
     table = table_vectors(config.output.path)
@@ -152,27 +164,26 @@ def test_duplicates_on_the_cluster_path_and_after_the_input_changed(
 ) -> None:
     """Over DRIVER_MAX_ROWS written rows, the ids are grouped by Ray: the same rows are kept. A
     re-run on a changed input applies the rule anew (a row dropped before may be the first now)."""
-    write_jsonl(tmp_path / "corpus/a.jsonl", DUP_A)
-    write_jsonl(tmp_path / "corpus/b.jsonl", DUP_B)
+    write_dups(tmp_path)
     monkeypatch.setattr(dedupe, "DRIVER_MAX_ROWS", 0)
     config = config_for(tmp_path, splade_tiny)
     summary = run_job(config)
-    assert summary["duplicate_ids"] == 3 and summary["rows_written"] == 4
+    assert summary["duplicate_ids"] == 4 and summary["rows_written"] == 5
     data = read_delta(config.output.path, columns=["id", "content_hash"]).sort_by("id")
-    assert data["id"].to_pylist() == ["w", "x", "y", "z"]
+    assert data["id"].to_pylist() == ["v", "w", "x", "y", "z"]
     from pipeline.sources import content_hash
 
-    assert data["content_hash"][1].as_py() == content_hash(DUP_A[0]["text"])
+    assert data["content_hash"][2].as_py() == content_hash(DUP_A[0]["text"])
 
     # Re-run after a.jsonl lost both its x rows: b.jsonl is unchanged and its blocks are reused,
     # but its x, dropped as a duplicate before, is the first x now and must come back.
     monkeypatch.setattr(dedupe, "DRIVER_MAX_ROWS", 5_000_000)
-    write_jsonl(tmp_path / "corpus/a.jsonl", [DUP_A[1], DUP_A[3]])
+    write_dups(tmp_path, [DUP_A[1], DUP_A[3]])
     again = run_job(config)
-    assert again["duplicate_ids"] == 1 and again["rows_written"] == 4  # only b's later y is a duplicate now
+    assert again["duplicate_ids"] == 2 and again["rows_written"] == 5  # b's later y, c's second v
     data = read_delta(config.output.path, columns=["id", "content_hash"]).sort_by("id")
-    assert data["id"].to_pylist() == ["w", "x", "y", "z"]
-    assert data["content_hash"][1].as_py() == content_hash(DUP_B[0]["text"])
+    assert data["id"].to_pylist() == ["v", "w", "x", "y", "z"]
+    assert data["content_hash"][2].as_py() == content_hash(DUP_B[0]["text"])
 
 
 # ---- A6: a changed document whose new encoding is empty or rejected ---------------------------------
@@ -211,25 +222,37 @@ def test_a_changed_document_the_encoder_rejects_leaves_table_and_store_alike(
     tmp_path: Path, ray_cluster: str, splade_tiny: Path, postgres: Any
 ) -> None:
     """A changed document whose new text kills the encoder is rejected (encoder_crash): the table
-    drops it, and so does the store (no old vector left behind)."""
+    drops it, and so does the store (no old vector left behind). Its later duplicate stays a
+    duplicate, in reindex and in the encoding job alike (the first row is the document, even one
+    the encoder rejects)."""
     docs = [{"id": f"p{i}", "text": f"Passage {i} about rivers, bridges and trains."} for i in range(4)]
     write_jsonl(tmp_path / "corpus/a.jsonl", docs)
     config = config_for(tmp_path, splade_tiny, **pg_sink(postgres, "poisoned"))
     run_job(config)
     assert sorted(store_vectors(config)) == ["p0", "p1", "p2", "p3"]
 
-    changed = [*docs[:2], {"id": "p2", "text": "POISON-MARKER now kills its encoder"}, docs[3]]
-    write_jsonl(tmp_path / "corpus/a.jsonl", changed)
-    args = ["--input", str(tmp_path / "corpus"), "--output", config.output.path, "--model", str(splade_tiny)]
-    args += ["--max-length", "64", "--rows-per-block", "2", "--sink-type", "pgvector", "--sink-dsn", postgres.dsn]
-    args += ["--sink-collection", "poisoned", "--sink-batch-size", "4"]
-    result = cli("reindex", *args, env=os.environ | {"SPLADE_PIPELINE_POISON": "POISON-MARKER"})
+    poisoned = {"id": "p2", "text": "POISON-MARKER now kills its encoder"}
+    later = {"id": "p2", "text": "A later p2 that would encode fine: a duplicate all the same."}
+    write_jsonl(tmp_path / "corpus/a.jsonl", [*docs[:2], poisoned, docs[3], later])
+    poison = os.environ | {"SPLADE_PIPELINE_POISON": "POISON-MARKER"}
+    common = ["--input", str(tmp_path / "corpus"), "--model", str(splade_tiny), "--max-length", "64"]
+    common += ["--rows-per-block", "2"]
+    sink = ["--sink-type", "pgvector", "--sink-dsn", postgres.dsn, "--sink-batch-size", "4"]
+    result = cli("reindex", *common, "--output", config.output.path, *sink, "--sink-collection", "poisoned", env=poison)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "out/_SUMMARY.json").read_text())
-    assert summary["rejected_by_reason"].get("encoder_crash") == 1
+    assert summary["rejected_by_reason"] == {"duplicate_id": 1, "encoder_crash": 1}
     assert sorted(table_vectors(config.output.path)) == ["p0", "p1", "p3"]
     assert sorted(store_vectors(config)) == ["p0", "p1", "p3"]
     assert summary["sink"]["count_error"] is None
+
+    fresh = cli("encode", *common, "--output", str(tmp_path / "fresh"), env=poison)  # the same corpus, encoded anew
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    encoded = json.loads((tmp_path / "fresh/_SUMMARY.json").read_text())
+    assert encoded["rejected_by_reason"] == {"duplicate_id": 1, "encoder_crash": 1}
+    assert sorted(table_vectors(str(tmp_path / "fresh"))) == ["p0", "p1", "p3"]
+    detail = [r["detail"] for r in rejects_of(str(tmp_path / "fresh")) if r["reason"] == "duplicate_id"]
+    assert "a.jsonl line 3" in detail[0]  # where the first p2 is, the one the encoder rejected
 
 
 # ---- A4: verify, repair, and the count check of every run -------------------------------------------
@@ -264,10 +287,25 @@ def test_verify_finds_every_kind_of_drift_and_repair_ends_it(
     assert summary["sink"]["count_error"] and "splade-pipeline repair" in summary["sink"]["count_error"]
     assert summary["errors"] and json.loads((tmp_path / "out/_SUMMARY.json").read_text())["errors"]
 
+    # the table moves on without the store (a reindex with no sink), and the version the store was
+    # loaded from is vacuumed away: repair needs only the store's own listing
+    docs[5]["text"] += " Revised."
+    write_jsonl(tmp_path / "corpus/a.jsonl", docs)
+    no_sink = config.model_copy(update={"sink": config.sink.model_copy(update={"type": None})})
+    assert run_reindex(no_sink)["reindex"]["changed"] == 1
+    from pipeline.job.versions import vacuum
+
+    gone = vacuum(config.model_copy(update={"output": config.output.model_copy(update={"retention_days": 0})}), False)
+    assert gone["files"]["table"]  # the old version's files are deleted
     fixed = repair_store(config)
-    assert fixed["deleted_extra"] == 1 and fixed["upserted"] == 12 and fixed["after"]["ok"]
+    assert fixed["deleted_extra"] == 1 and fixed["upserted"] == 12 and fixed["after"]["ok"], fixed
+    assert fixed["before"]["different"] == 0  # sampled 0: repair does not compare before
     assert cli("verify", *base).returncode == 0
     assert "errors" not in run_reindex(config)
+
+    with psycopg.connect(postgres.dsn, autocommit=True) as conn:  # the same collection under another writer
+        conn.execute("INSERT INTO drift (id, embedding) VALUES ('someone-else', '{9:1.0}/30522')")
+    assert verify_store(config)["extra_ids"] == ["someone-else"]
 
 
 # ---- B13: a file that cannot be read on reindex keeps its indexed rows --------------------------------

@@ -29,10 +29,14 @@ class AttemptLog:
         self.done: Counter[Any] = Counter()
         self.restarts = 0
         self.first_ready: float | None = None
+        self.nodes: set[str] = set()
+        self.actors: set[str] = set()
 
-    def ready(self, at: float) -> None:
-        """An encoder actor finished loading at ``at`` (``time.time()``)."""
+    def ready(self, at: float, node: str = "", actor: str = "") -> None:
+        """An encoder actor (``actor`` on ``node``) finished loading at ``at`` (``time.time()``)."""
         self.first_ready = at if self.first_ready is None else min(self.first_ready, at)
+        self.nodes.add(node)
+        self.actors.add(actor)
 
     def encoders_ready(self) -> float | None:
         return self.first_ready
@@ -60,10 +64,16 @@ class AttemptLog:
             "actor_restarts": self.restarts,
             "blocks_retried": len(retried),
             "block_retries": sum(self.begun[k] - 1 for k in retried),
+            "encoder_actors": len(self.actors),  # started, restarts on other nodes included
+            "encoder_nodes": len(self.nodes),  # nodes that hosted an encoder during the run
         }
 
 
 def start_log() -> Any:
+    """The run's :class:`AttemptLog`, on the driver's node: the run depends on it, so it must not
+    be lost with a worker node (the driver's node lost ends the run anyway)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0, max_restarts=0)(AttemptLog).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, max_restarts=0, scheduling_strategy=here)(AttemptLog).remote()

@@ -22,6 +22,12 @@ from pipeline.job.faults import forwarded, ray_start_point
 log = logging.getLogger(__name__)
 START_TRIES = 3
 START_PAUSE_S = 3.0
+START_TIMEOUT_SIGNS = (
+    "timed out waiting for file",  # gcs_server_port_..., raylet ports
+    "timed out during startup",  # "The current node timed out during startup"
+    "timed out while waiting for node to startup",
+    "timed out while waiting for gcs",
+)
 
 
 class ClusterStartError(PipelineError, RuntimeError):
@@ -100,8 +106,8 @@ def _start_timed_out(err: BaseException) -> bool:
     Ray on a 2-core VM) failed with "Timed out waiting for file .../gcs_server_port_...": the
     previous command's Ray processes were still exiting while the new GCS started.
     """
-    text = f"{type(err).__name__}: {err}".lower()
-    return isinstance(err, TimeoutError) or "timed out" in text or "timeout" in text
+    text = str(err).lower()
+    return isinstance(err, TimeoutError) or any(sign in text for sign in START_TIMEOUT_SIGNS)
 
 
 def stop_on_sigterm() -> None:

@@ -1,14 +1,19 @@
 """One rule for duplicate ids, the same in the encoding job, reindex and every store load: the
-first row of an id in corpus order (input files in their listed order, then line) is the
-document; every later row of that id is rejected as ``duplicate_id`` (file named, counted), so
-the table holds each id once and a store loaded from it holds what the table holds.
+first row of an id in corpus order (input files in their listed order, then line) that passes
+reading is the document; every later row of that id is rejected as ``duplicate_id`` (file named,
+counted), so the table holds each id once and a store loaded from it holds what the table holds.
+A first row the encoder rejects (``encoder_crash``, ``encoder_error``, ``non_finite_weights``)
+still is the document: the id then has no vector, and its later rows are duplicates (reindex,
+which decides before encoding, could not do otherwise).
 
 Reindex applies the rule to its scan (:func:`pipeline.job.reindex.compare`). The encoding job
-writes blocks in parallel, so it applies the rule after writing and before committing
-(:func:`drop_later_duplicates`): only the ``id`` column of the written files is read (on the
-driver up to :data:`DRIVER_MAX_ROWS` rows, else by a Ray group-by), and only the files holding
-a later duplicate are replaced by copies without it. Their rejects go into the replacing entry's
-rejects file, so the entry still accounts for every row of its block.
+applies it in two places: within what one encoder call holds, where the lines are known
+(:func:`later_in_block`); across calls, after writing and before committing
+(:func:`drop_later_duplicates`), where the order is the input file's position, then the block:
+only the ``id`` column of the written files is read (on the driver up to
+:data:`DRIVER_MAX_ROWS` rows, else by a Ray group-by), with the encoder's rejects, and only the
+files holding a later duplicate are replaced by copies without it. Their rejects go into the
+replacing entry's rejects file, so the entry still accounts for every row of its block.
 """
 
 from __future__ import annotations
@@ -35,7 +40,27 @@ from pipeline.output.records import ENTRY_SCHEMA, unit_key
 
 DRIVER_MAX_ROWS = 5_000_000
 DUPLICATE = "duplicate_id"
+ENCODER_REASONS = {"encoder_crash", "encoder_error", "non_finite_weights"}
 POSITIONS = pa.schema([("id", pa.string()), ("file", pa.string()), ("pos", pa.int64())])
+
+
+def later_in_block(block: pa.Table) -> dict[int, str]:
+    """Positions of the rows of ``block`` (one encoder call: Ray may hand it several reader
+    blocks, of several files) that are not their id's first in corpus order (file position, then
+    line), each with where that first row is."""
+    ids, shards, lines = (block[c].to_pylist() for c in ("id", "_shard", "_line"))
+    sources = block["_source"].to_pylist()
+    first: dict[str, int] = {}
+    later: dict[int, str] = {}
+    for pos in sorted(range(len(ids)), key=lambda i: (shards[i], lines[i])):
+        doc = ids[pos]
+        if doc is None:
+            continue
+        if doc in first:
+            later[pos] = f"{sources[first[doc]]} line {lines[first[doc]]}"
+        else:
+            first[doc] = pos
+    return later
 
 
 def drop_later_duplicates(
@@ -45,27 +70,35 @@ def drop_later_duplicates(
     attempt: str,
     compression: str,
     metadata: dict[bytes, bytes],
+    compute: Any = None,
 ) -> pa.Table:
-    """``entries`` with every later row of an id (order: ``urls``, block, line) moved from its data
+    """``entries`` with every later row of an id (order: ``urls``, then block) moved from its data
     file to its rejects file (copies written under ``attempt``); the entries of other files as they are."""
     files = [f for f in entries["data_file"].to_pylist() if f]
     if not files:
         return entries
     for folder in (DATA_DIR, REJECTS_DIR):
         loc.refresh(folder)  # files Ray workers wrote since this client last listed the folder
+    rejected = _encoder_rejects(loc, entries)
     written = int(pc.sum(entries["written"]).as_py() or 0)
-    found = _positions_on_driver(loc, files) if written <= DRIVER_MAX_ROWS else _positions_on_cluster(loc, files)
+    if written <= DRIVER_MAX_ROWS:
+        found = _positions_on_driver(loc, files, rejected)
+    else:
+        found = _positions_on_cluster(loc, files, rejected, compute)
     if not found.num_rows:
         return entries
-    later = _later_rows(found, entries, urls)
+    found = _in_corpus_order(found, entries, urls)
+    later = _later_rows(found)
+    if not later.num_rows:
+        return entries
     rows = entries.to_pylist()
     by_file = {r["data_file"]: i for i, r in enumerate(rows) if r["data_file"]}
-    first_in = _first_files(found, later)
+    first_of = _first_rows(found)
 
     def replace(item: tuple[str, pa.Table]) -> tuple[int, dict[str, Any]]:
         rel, drop = item
         i = by_file[rel]
-        return i, _replaced(loc, rows[i], drop, first_in, attempt, compression_of(compression), metadata)
+        return i, _replaced(loc, rows[i], drop, first_of, attempt, compression_of(compression), metadata)
 
     groups = later.group_by("file").aggregate([("pos", "list"), ("id", "list")])
     items = [
@@ -78,37 +111,62 @@ def drop_later_duplicates(
     return pa.Table.from_pylist(rows, schema=ENTRY_SCHEMA)
 
 
-def _positions_on_driver(loc: OutputLocation, files: list[str]) -> pa.Table:
-    """``(id, file, pos)`` of every row whose id occurs more than once in ``files``."""
+def _encoder_rejects(loc: OutputLocation, entries: pa.Table) -> pa.Table:
+    """``(id, file, pos)`` of the rows the encoder rejected (``pos``: their line; ``file``: the
+    rejects file), the first rows of an id just as written ones are."""
+    parts = [POSITIONS.empty_table()]
+    for entry in entries.select(["rejected", "rejects_file"]).to_pylist():
+        if entry["rejects_file"] and ENCODER_REASONS & set(json.loads(entry["rejected"] or "{}")):
+            table = loc.read_parquet(entry["rejects_file"], columns=["id", "line", "reason"])
+            table = table.filter(pc.is_in(table["reason"], pa.array(sorted(ENCODER_REASONS))))
+            n = table.num_rows
+            file = pa.array([entry["rejects_file"]] * n, pa.string())
+            parts.append(pa.table({"id": table["id"], "file": file, "pos": pc.cast(table["line"], pa.int64())}))
+    return pa.concat_tables(parts)
+
+
+def _positions_on_driver(loc: OutputLocation, files: list[str], rejected: pa.Table) -> pa.Table:
+    """``(id, file, pos)`` of every row (written, or ``rejected`` by the encoder) whose id occurs
+    more than once."""
 
     def one(rel: str) -> pa.Table:
         ids = loc.read_parquet(rel, columns=["id"])["id"]
-        return pa.table({"id": ids, "file": pa.array([rel] * len(ids)), "pos": pa.array(range(len(ids)), pa.int64())})
+        return pa.table(
+            {"id": ids, "file": pa.array([rel] * len(ids), pa.string()), "pos": pa.array(range(len(ids)), pa.int64())}
+        )
 
     with ThreadPoolExecutor(16) as pool:
-        every = pa.concat_tables([POSITIONS.empty_table(), *pool.map(one, files)])
-    counts = every.group_by("id").aggregate([("id", "count")])
-    repeated = counts.filter(pc.greater(counts["id_count"], 1))["id"]
-    return every.filter(pc.is_in(every["id"], repeated))
+        every = pa.concat_tables([POSITIONS.empty_table(), rejected, *pool.map(one, files)])
+    return _repeated(every)
 
 
-def _positions_on_cluster(loc: OutputLocation, files: list[str]) -> pa.Table:
+def _repeated(rows: pa.Table) -> pa.Table:
+    counts = rows.group_by("id").aggregate([("id", "count")])
+    return rows.filter(pc.is_in(rows["id"], counts.filter(pc.greater(counts["id_count"], 1))["id"]))
+
+
+def _positions_on_cluster(loc: OutputLocation, files: list[str], rejected: pa.Table, compute: Any) -> pa.Table:
     """The same, with the ids grouped by Ray (the driver gets only the repeated ids and their rows)."""
     import pyarrow.fs as pafs
     import ray
     from ray.data.expressions import col
 
+    from pipeline.job.cluster import ensure_ray
+
+    if compute is not None:
+        ensure_ray(compute)  # joined as configured, not as ray.data would start it
     filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(loc.fs))
     partitions = max(1, min(200, len(files) // 16))  # each is a task; the ids column is small
     ids = ray.data.read_parquet([loc.path(f) for f in files], filesystem=filesystem).select_columns(["id"])
     counts = ids.groupby("id", num_partitions=partitions).count()
-    repeated = counts.filter(expr=col("count()") > 1).select_columns(["id"]).take_all()
-    if not repeated:
+    repeated = [r["id"] for r in counts.filter(expr=col("count()") > 1).select_columns(["id"]).take_all()]
+    wanted_ids = sorted(set(repeated) | set(rejected["id"].to_pylist()))
+    if not wanted_ids:
         return POSITIONS.empty_table()
-    wanted = ray.put(pa.array([r["id"] for r in repeated], pa.string()))
+    wanted = ray.put(pa.array(wanted_ids, pa.string()))
     rows_of = ray.remote(num_cpus=0.5)(_rows_of)
     tasks = [rows_of.remote(loc, files[i : i + 64], wanted) for i in range(0, len(files), 64)]
-    return pa.concat_tables([POSITIONS.empty_table(), *ray.get(tasks)])
+    return _repeated(pa.concat_tables([POSITIONS.empty_table(), rejected, *ray.get(tasks)]))
 
 
 def _rows_of(loc: OutputLocation, files: list[str], wanted: pa.Array) -> pa.Table:
@@ -116,40 +174,53 @@ def _rows_of(loc: OutputLocation, files: list[str], wanted: pa.Array) -> pa.Tabl
     for rel in files:
         ids = loc.read_parquet(rel, columns=["id"])["id"]
         pos = pc.indices_nonzero(pc.is_in(ids, wanted))
-        out.append(pa.table({"id": pc.take(ids, pos), "file": pa.array([rel] * len(pos)), "pos": pos.cast(pa.int64())}))
+        out.append(
+            pa.table(
+                {"id": pc.take(ids, pos), "file": pa.array([rel] * len(pos), pa.string()), "pos": pos.cast(pa.int64())}
+            )
+        )
     return pa.concat_tables(out)
 
 
-def _later_rows(found: pa.Table, entries: pa.Table, urls: list[str]) -> pa.Table:
-    """The rows of ``found`` that are not their id's first in corpus order."""
+def _in_corpus_order(found: pa.Table, entries: pa.Table, urls: list[str]) -> pa.Table:
+    """``found`` sorted by corpus order, with each row's input file (``url``). Within one encoder
+    call the encoder already kept one row per id, so the input file's position and the block
+    order the rows of one id; ``pos`` only breaks ties that cannot occur."""
     order = {u: i for i, u in enumerate(urls)}
-    keys = {
-        r["data_file"]: (order.get(r["url"], len(urls)), r["block"], r["first_line"] or 0)
-        for r in entries.select(["data_file", "url", "block", "first_line"]).to_pylist()
-        if r["data_file"]
-    }
-    ranked = sorted(range(found.num_rows), key=lambda i: (keys[found["file"][i].as_py()], found["pos"][i].as_py()))
+    where: dict[str, tuple[int, int, str]] = {}
+    for r in entries.select(["data_file", "rejects_file", "url", "block"]).to_pylist():
+        for rel in (r["data_file"], r["rejects_file"]):
+            if rel:
+                where[rel] = (order.get(r["url"], len(urls)), r["block"], r["url"])
+    keys = [where[f] for f in found["file"].to_pylist()]
+    ranked = sorted(range(found.num_rows), key=lambda i: (keys[i][0], keys[i][1], found["pos"][i].as_py()))
     found = found.take(pa.array(ranked, pa.int64()))
+    return found.append_column("url", pa.array([keys[i][2] for i in ranked], pa.string()))
+
+
+def _later_rows(found: pa.Table) -> pa.Table:
+    """The written rows of ``found`` (in corpus order) that are not their id's first."""
     found = found.append_column("i", pa.array(range(found.num_rows), pa.int64()))
     first = found.group_by("id").aggregate([("i", "min")])["i_min"]
-    return found.filter(pc.invert(pc.is_in(found["i"], first))).drop_columns(["i"])
+    later = found.filter(pc.invert(pc.is_in(found["i"], first)))
+    return later.filter(pc.starts_with(later["file"], DATA_DIR + "/")).drop_columns(["i"])
 
 
-def _first_files(found: pa.Table, later: pa.Table) -> dict[str, str]:
-    """id -> the data file holding its first row."""
-    is_later = pc.is_in(
-        pc.binary_join_element_wise(found["file"], pc.cast(found["pos"], pa.string()), "#"),
-        pc.binary_join_element_wise(later["file"], pc.cast(later["pos"], pa.string()), "#"),
-    )
-    first = found.filter(pc.invert(is_later))
-    return dict(zip(first["id"].to_pylist(), first["file"].to_pylist()))
+def _first_rows(found: pa.Table) -> dict[str, str]:
+    """id -> where its first row is, in words (an input file, and the line where known)."""
+    out: dict[str, str] = {}
+    for doc, file, pos, url in zip(*(found[c].to_pylist() for c in ("id", "file", "pos", "url"))):
+        if doc not in out:
+            rejected = not file.startswith(DATA_DIR + "/")
+            out[doc] = f"{url} line {pos}, which the encoder rejected" if rejected else f"{url}"
+    return out
 
 
 def _replaced(
     loc: OutputLocation,
     entry: dict[str, Any],
     drop: pa.Table,
-    first_in: dict[str, str],
+    first_of: dict[str, str],
     attempt: str,
     compression: str | None,
     metadata: dict[bytes, bytes],
@@ -166,10 +237,7 @@ def _replaced(
             "line": pa.nulls(drop.num_rows, pa.int64()),
             "reason": pa.array([DUPLICATE] * drop.num_rows, pa.string()),
             "detail": pa.array(
-                [
-                    f"an earlier row of the corpus has this id (first kept in {first_in.get(i)})"
-                    for i in drop["id"].to_pylist()
-                ],
+                [f"an earlier row of the corpus has this id (in {first_of.get(i)})" for i in drop["id"].to_pylist()],
                 pa.string(),
             ),
         },

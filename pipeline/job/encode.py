@@ -41,7 +41,9 @@ def run_job(config: JobConfig) -> dict[str, Any]:
     entries = pa.concat_tables([resume.reused, new])
     urls = [s.url for s in plan.shards]
     metadata = fingerprint_metadata(plan.fingerprint)
-    entries = drop_later_duplicates(loc, entries, urls, resume.attempt, config.output.compression, metadata)
+    entries = drop_later_duplicates(
+        loc, entries, urls, resume.attempt, config.output.compression, metadata, config.compute
+    )
     version = commit(config, plan, resume.base, entries, resume.meta, resume.attempt)  # no change: no version
     summary = summarize(
         entries,

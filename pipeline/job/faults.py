@@ -63,6 +63,7 @@ def pause_point(point: str) -> None:
     if name == point:
         import time
 
+        print(f"[{PAUSE}] pausing at {point} for {seconds or 1} s", file=sys.stderr, flush=True)
         time.sleep(float(seconds or 1))
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -56,7 +57,6 @@ def check_sink(sink: SinkConfig, fingerprint: Fingerprint) -> None:
 
 
 STORES_DIR = "_splade/stores"
-RECOUNTS = 3  # a store that counts eventually (Pinecone) gets a few seconds to catch up
 
 
 def expected_count(committed: Committed, sink: SinkConfig) -> int | None:
@@ -72,14 +72,17 @@ def expected_count(committed: Committed, sink: SinkConfig) -> int | None:
 
 
 def count_problem(config: JobConfig, committed: Committed, store_count: int, recount: Any) -> str | None:
-    """None when the store holds as many vectors as it must, else the error to report."""
+    """None when the store holds as many vectors as it must, else the error to report. A store
+    whose count lags (Pinecone) is counted again for up to its ``count_settle_s``."""
     expected = expected_count(committed, config.sink)
-    for attempt in range(RECOUNTS):
-        if expected is None or store_count == expected:
-            return None
-        if attempt < RECOUNTS - 1:
-            time.sleep(2.0 * (attempt + 1))
-            store_count = recount()
+    deadline = time.monotonic() + max(store_limits(config.sink).count_settle_s, 1.0)
+    pause = 0.5
+    while expected is not None and store_count != expected and time.monotonic() + pause <= deadline:
+        time.sleep(pause)
+        pause = min(pause * 2, 15.0)
+        store_count = recount()
+    if expected is None or store_count == expected:
+        return None
     return (
         f"the store holds {store_count} vectors, but table version {committed.version} has {expected} documents "
         f"that belong in it; see the difference with `splade-pipeline verify --from {config.output.path}` and fix "
@@ -107,13 +110,15 @@ def upsert_output(config: JobConfig, output: str | None = None) -> dict[str, Any
     return sync_store(config, loc, full=True)
 
 
-def sync_store(config: JobConfig, loc: OutputLocation, *, full: bool = False) -> dict[str, Any]:
+def sync_store(config: JobConfig, loc: OutputLocation, *, full: bool = False, listed: bool = False) -> dict[str, Any]:
     """Bring ``config.sink`` from the table version it was last loaded from to the latest one
     (``full``: upsert every vector of the latest one).
 
     Before the store is touched its record says which versions it may hold pieces of (``pending``):
     a load that fails or is killed half-way is redone by the next one from both, sending every
     vector again, so nothing it deleted or had not yet upserted is skipped as "already there".
+    ``listed``: the ids the table lacks were found in the store's own listing and deleted already
+    (``repair``), so the versions the store was loaded from are not read (they may be vacuumed).
     """
     options = config.output.table_options
     committed, fingerprint = committed_output(loc, options)
@@ -122,7 +127,7 @@ def sync_store(config: JobConfig, loc: OutputLocation, *, full: bool = False) ->
     if not full and record.get("pending") is None and held == [committed.version]:
         loaded = _checked(config, committed, fingerprint, _count_only(config, fingerprint))
         return loaded | {"table_version": committed.version, "deleted": 0}
-    before: set[str] = set().union(*(_files_at(loc, options, v) for v in held))
+    before: set[str] = set() if listed else set().union(*(_files_at(loc, options, v) for v in held))
     now = set(committed.snapshot.files)
     resend = full or record.get("pending") is not None or record.get("fingerprint_id") != fingerprint.id
     added, removed = sorted(now if resend else now - before), sorted(before - now)
@@ -130,8 +135,10 @@ def sync_store(config: JobConfig, loc: OutputLocation, *, full: bool = False) ->
     old = _documents(loc, removed, columns)
     new = _documents(loc, added, columns) if len(old) or not resend else old.slice(0, 0)
     gone = pc.filter(old["id"], pc.invert(pc.is_in(old["id"], new["id"])))
-    if len(gone) and (committed.record or {}).get("kind") != "reindex":  # encode outputs may repeat an id
+    stay = pa.array([], pa.string())  # ids of removed files that files kept as they are hold
+    if len(gone):
         kept = _documents(loc, sorted(now - set(added)), ["id"])
+        stay = pc.unique(pc.filter(gone, pc.is_in(gone, kept["id"])))
         gone = pc.filter(gone, pc.invert(pc.is_in(gone, kept["id"])))
     # unchanged rows in a rewritten copy, encoded the same way: the store holds them already
     moved = (
@@ -141,6 +148,10 @@ def sync_store(config: JobConfig, loc: OutputLocation, *, full: bool = False) ->
     )
     _record_store(loc, config.sink, record.get("table_version"), fingerprint, pending=committed.version)
     deleted = delete_ids(config.sink, fingerprint, pc.unique(gone).to_pylist()) if len(gone) else 0
+    if len(stay):
+        # A table written before duplicate ids were rejected lost a later row of an id that a
+        # kept file holds first: the store may hold the later row's vector. Send the first's.
+        upsert_files(config, loc, sorted(now - set(added)), fingerprint, only=stay)
     if added and (resend or len(moved) < new.num_rows):
         loaded = upsert_files(config, loc, added, fingerprint, skip=moved)
     else:
@@ -174,8 +185,8 @@ def _files_at(loc: OutputLocation, options: dict[str, str], version: int) -> set
     except Exception as err:  # noqa: BLE001 - its log was cleaned up: only a full load can tell
         raise OutputError(
             f"{loc.url}: the store was last loaded from table version {version}, which cannot be read any more "
-            f"({type(err).__name__}: {err}); load the store anew with `splade-pipeline upsert --from {loc.url}` "
-            "into an empty collection"
+            f"({type(err).__name__}: {err}); bring the store to the latest version with `splade-pipeline repair "
+            f"--from {loc.url}` (it finds what to delete in the store's own listing)"
         ) from None
     return set(snap.files) if snap else set()
 
@@ -189,8 +200,8 @@ def _documents(loc: OutputLocation, files: list[str], columns: list[str]) -> pa.
             out.append(loc.read_parquet(rel, columns=columns))
         except FileNotFoundError:
             raise OutputError(
-                f"{loc.url}: {rel}, a file of the version the store was last loaded from, was vacuumed; load the "
-                f"store anew with `splade-pipeline upsert --from {loc.url}` into an empty collection"
+                f"{loc.url}: {rel}, a file of the version the store was last loaded from, was vacuumed; bring the "
+                f"store to the latest version with `splade-pipeline repair --from {loc.url}`"
             ) from None
     return pa.concat_tables(out)
 
@@ -259,10 +270,15 @@ def delete_ids(sink: SinkConfig, fingerprint: Fingerprint, ids: list[str]) -> in
 
 
 def upsert_files(
-    config: JobConfig, loc: OutputLocation, files: list[str], fingerprint: Fingerprint, skip: pa.Array | None = None
+    config: JobConfig,
+    loc: OutputLocation,
+    files: list[str],
+    fingerprint: Fingerprint,
+    skip: pa.Array | None = None,
+    only: pa.Array | None = None,
 ) -> dict[str, Any]:
     """Upsert the vectors of the data ``files`` (relative to ``loc``) into ``config.sink``, but
-    those of the ids in ``skip``.
+    those of the ids in ``skip`` (``only``: just those of these ids).
 
     A server store is loaded by a pool of Ray actors; an embedded store (one process's files) by
     this process alone, reading the files itself: no Ray is started for it.
@@ -273,11 +289,12 @@ def upsert_files(
         loc.refresh(folder)  # files Ray workers wrote since this client last listed them
     embedded = store_limits(config.sink).embedded
     skipped = skip if skip is not None else pa.array([], pa.string())
-    results = [] if embedded else _load_in_actors(loc, files, config, fingerprint.vocab_size, skipped)
+    rows = Rows(skipped, only)
+    results = [] if embedded else _load_in_actors(loc, files, config, fingerprint.vocab_size, rows)
     store = open_sink(config.sink, fingerprint.vocab_size)
     try:
         if embedded:
-            results = _load_in_driver(loc, files, store, config.sink, skipped)
+            results = _load_in_driver(loc, files, store, config.sink, rows)
         store.finish()
         name, count = store.name, store.count()
     finally:
@@ -296,14 +313,14 @@ def upsert_files(
 
 
 def _load_in_driver(
-    loc: OutputLocation, files: list[str], store: Sink, sink: SinkConfig, skip: pa.Array
+    loc: OutputLocation, files: list[str], store: Sink, sink: SinkConfig, rows: Rows
 ) -> list[dict[str, int]]:
     """Stream the files' ``id`` and ``sparse`` columns, a file at a time, into the one client in
     batches of ``4 * sink.batch_size`` rows (cut into requests by the store's limits)."""
     size, results = sink.batch_size * 4, []
     pending = pa.table({"id": pa.array([], pa.string()), "sparse": pa.nulls(0, SPARSE_TYPE)})
     for i, rel in enumerate(files):
-        pending = pa.concat_tables([pending, without(loc.read_parquet(rel, columns=["id", "sparse"]), skip)])
+        pending = pa.concat_tables([pending, rows(loc.read_parquet(rel, columns=["id", "sparse"]))])
         final = i == len(files) - 1
         while pending.num_rows >= size or (final and pending.num_rows):
             batch, pending = pending.slice(0, size), pending.slice(size)
@@ -313,13 +330,21 @@ def _load_in_driver(
     return results
 
 
-def without(table: pa.Table, ids: pa.Array) -> pa.Table:
-    """``table`` without the rows of ``ids``."""
-    return table.filter(pc.invert(pc.is_in(table["id"], ids))) if len(ids) else table
+@dataclass(frozen=True)
+class Rows:
+    """Which rows of a file to load: all but the ids in ``skip``; with ``only``, just those ids."""
+
+    skip: pa.Array
+    only: pa.Array | None = None
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        if self.only is not None:
+            table = table.filter(pc.is_in(table["id"], self.only))
+        return table.filter(pc.invert(pc.is_in(table["id"], self.skip))) if len(self.skip) else table
 
 
 def _load_in_actors(
-    loc: OutputLocation, files: list[str], config: JobConfig, dimension: int, skip: pa.Array
+    loc: OutputLocation, files: list[str], config: JobConfig, dimension: int, rows: Rows
 ) -> list[dict[str, Any]]:
     import pyarrow.fs as pafs
     import ray
@@ -327,8 +352,8 @@ def _load_in_actors(
     ensure_ray(config.compute)
     filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(loc.fs))
     ds = ray.data.read_parquet([loc.path(f) for f in files], filesystem=filesystem).select_columns(["id", "sparse"])
-    if len(skip):
-        ds = ds.map_batches(without, fn_kwargs={"ids": skip}, batch_format="pyarrow", batch_size=None)
+    if len(rows.skip) or rows.only is not None:
+        ds = ds.map_batches(rows, batch_format="pyarrow", batch_size=None)
     loaded = ds.map_batches(
         UpsertBlocks,
         batch_size=config.sink.batch_size * 4,

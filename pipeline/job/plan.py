@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config import JobConfig
+from pipeline.config import ComputeConfig, JobConfig
 from pipeline.encode.bundled import model_errors_named
 from pipeline.encode.fingerprint import Fingerprint, fingerprint, model_folder
 from pipeline.errors import SettingError
@@ -96,6 +96,7 @@ def read_dataset(config: JobConfig, shards: list[Shard], fn: Callable[..., Itera
     import ray
 
     ensure_ray(config.compute)
+    limit_object_store(config.compute)
     items = [asdict(s) for s in shards]
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         fn,
@@ -107,7 +108,26 @@ def read_dataset(config: JobConfig, shards: list[Shard], fn: Callable[..., Itera
         # declare none) also keeps Ray from fusing reading into the encoder actors: reading and
         # parsing must not hold a GPU (or the encoder's cores) while storage answers.
         memory=READER_MEMORY,
+        **_placed(config.compute.io_resources),
     )
+
+
+def limit_object_store(compute: ComputeConfig) -> None:
+    """Cap the object store memory the run's blocks hold (compute.object_store_memory_limit): Ray
+    Data stops launching reads while the cap is reached, so reading never outruns encoding."""
+    import ray
+
+    if compute.object_store_memory_limit is not None:
+        limits = ray.data.DataContext.get_current().execution_options.resource_limits
+        limits.object_store_memory = compute.object_store_memory_limit
+
+
+def _placed(resources: dict[str, float], accelerator: str | None = None) -> dict[str, Any]:
+    """Ray placement arguments: custom resources, an accelerator type (only those given)."""
+    return {
+        **({"resources": dict(resources)} if resources else {}),
+        **({"accelerator_type": accelerator} if accelerator else {}),
+    }
 
 
 def encoded_dataset(
@@ -131,11 +151,16 @@ def encoded_dataset(
             EncodeBlocks,
             batch_size=None,  # one reader block per call: blocks stay whole from reader to writer
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=compute.min_actors, max_size=compute.max_actors),
+            compute=ray.data.ActorPoolStrategy(
+                min_size=compute.min_actors,
+                max_size=compute.max_actors,
+                max_tasks_in_flight_per_actor=compute.max_blocks_in_flight_per_actor,
+            ),
             num_cpus=compute.num_cpus_per_actor,
             num_gpus=compute.num_gpus_per_actor,
             max_restarts=compute.max_actor_restarts,
             max_task_retries=compute.max_task_retries,
+            **_placed(compute.encoder_resources, compute.accelerator_type),
             fn_constructor_kwargs={
                 "encoder": config.encoder,
                 "expected": plan.fingerprint,
@@ -159,6 +184,7 @@ def written_dataset(config: JobConfig, plan: Plan, encoded: Any, attempt: str) -
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=compute.max_writers),
             num_cpus=compute.io_cpus,
+            **_placed(compute.io_resources),
             # A writer that dies is restarted and its block written again (same file names, same content).
             max_restarts=compute.max_actor_restarts,
             max_task_retries=compute.max_task_retries,

@@ -100,7 +100,7 @@ def run_reindex(config: JobConfig, *, dry_run: bool = False, allow_mass_delete: 
     loc = plan.output
     meta = run_meta("reindex", config, plan.fingerprint)
     if dry_run:  # a small corpus is scanned in this process: no Ray is started to count
-        local = sum(s.size for s in plan.shards) <= LOCAL_SCAN_BYTES
+        local = _small(plan.shards)
         diff, full, reason, _ = _compare_now(config, plan, meta, local=local)
         print(_render_plan(diff, full, reason, dry_run=True), flush=True)
         return {"dry_run": True, "full": full, "reason": reason, **diff.counts}
@@ -176,6 +176,17 @@ def _summary(
     }
     summary["docs_per_s"] = round(encoded_now / summary["wall_seconds"], 1)  # encoded by this run
     return summary
+
+
+def _small(shards: list[Shard]) -> bool:
+    """Whether the corpus is small enough to scan in this process: under LOCAL_SCAN_BYTES, compressed
+    files counted at 8 times their size, a file whose size is unknown counted as large."""
+    total = 0
+    for shard in shards:
+        if shard.size <= 0:
+            return False
+        total += shard.size * (8 if shard.url.endswith((".gz", ".bz2", ".xz", ".zst", ".zip")) else 1)
+    return total <= LOCAL_SCAN_BYTES
 
 
 def _compare_now(
@@ -329,7 +340,7 @@ def compare(
         "documents": good.num_rows,
         "new": new,
         "changed": encode.num_rows - new,
-        "unchanged": kept.num_rows,
+        "unchanged": kept.num_rows - held.num_rows,
         "deleted": len(deleted),
         "rejected": rejects.num_rows,
         "indexed_before": len(old_ids),

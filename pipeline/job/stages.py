@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,12 +16,15 @@ from pipeline.config import EncoderConfig, InputConfig, SinkConfig
 from pipeline.encode.fingerprint import Fingerprint
 from pipeline.encode.sparse import SPARSE_TYPE, sparse_rows
 from pipeline.job.attempts import CHUNK_ROWS
+from pipeline.job.dedupe import DUPLICATE, later_in_block
 from pipeline.job.faults import out_of_memory_point, poison_point
 from pipeline.output.layout import OOM_SPLITS, BlockWriter
 from pipeline.output.location import OutputLocation
 from pipeline.sinks import open_sink, store_limits
 from pipeline.sinks.protocol import Sink, SinkError, request_batches, request_limits
 from pipeline.sources import Shard, read_shard
+
+log = logging.getLogger(__name__)
 
 
 def read_shards(batch: pa.Table, cfg: InputConfig) -> Iterator[pa.Table]:
@@ -96,8 +100,9 @@ class EncodeBlocks:
         if attempts is not None:
             import ray
 
-            attempts.ready.remote(time.time())
-            if ray.get_runtime_context().was_current_actor_reconstructed:
+            context = ray.get_runtime_context()
+            attempts.ready.remote(time.time(), context.get_node_id(), context.get_actor_id())
+            if context.was_current_actor_reconstructed:
                 attempts.restarted.remote()
 
     def __call__(self, block: pa.Table) -> pa.Table:
@@ -109,13 +114,17 @@ class EncodeBlocks:
         if block.num_rows:
             key = ("block", block["_unit"][0].as_py(), block["_block"][0].as_py(), pc.min(block["_line"]).as_py())
         result = Encoded()
+        # a later row of an id in this call is a duplicate: rejected here, where lines are known
+        for pos, first in later_in_block(good).items():
+            result.failed[pos] = (DUPLICATE, f"an earlier row of the corpus has this id (in {first})")
+        todo = np.array([i for i in range(len(texts)) if i not in result.failed], np.int64)
         if self._begin(key) < self.isolate_after:
-            self._encode_rows(texts, np.arange(len(texts)), result)
+            self._encode_rows(texts, todo, result)
         else:
-            self._isolate(key, texts, result)
+            self._isolate(key, texts, todo, result)
         self._end(key)
         failed = result.failed
-        if len(texts) > 1 and len(failed) == len(texts) and all(r == "encoder_error" for r, _ in failed.values()):
+        if len(todo) > 1 and all(failed.get(int(i), ("",))[0] == "encoder_error" for i in todo):
             # Every document failing alone is the encoder's problem (a broken device), not the data's.
             raise RuntimeError(f"every document of the block failed to encode, e.g.: {next(iter(failed.values()))[1]}")
         encoded = pa.concat_tables([_EMPTY_PIECE, *result.pieces]).sort_by("_pos")
@@ -138,6 +147,8 @@ class EncodeBlocks:
         documents are alone, and those are rejected."""
         from pipeline.encode.encoder import is_out_of_memory
 
+        if not len(rows):
+            return
         subset = [texts[i] for i in rows]
         poison_point(subset)  # test-only fault injection; a no-op unless configured
         try:
@@ -167,10 +178,11 @@ class EncodeBlocks:
         result.pieces.append(piece.filter(pa.array(~broken)) if broken.any() else piece)
         result.oom_splits += batch.oom_splits
 
-    def _isolate(self, key: tuple, texts: list[str], result: Encoded) -> None:
-        """Encode a block that keeps killing its actor in announced pieces (see :mod:`pipeline.job.attempts`)."""
-        for start in range(0, len(texts), CHUNK_ROWS):
-            chunk = np.arange(start, min(len(texts), start + CHUNK_ROWS))
+    def _isolate(self, key: tuple, texts: list[str], todo: np.ndarray, result: Encoded) -> None:
+        """Encode the rows ``todo`` of a block that keeps killing its actor in announced pieces (see
+        :mod:`pipeline.job.attempts`)."""
+        for start in range(0, len(todo), CHUNK_ROWS):
+            chunk = todo[start : start + CHUNK_ROWS]
             if self._begin(("chunk", key, start)) == 0:
                 self._encode_rows(texts, chunk, result)
             else:  # this chunk was announced before and never finished: one row at a time
@@ -189,7 +201,13 @@ class EncodeBlocks:
             return 0
         import ray
 
-        return int(ray.get(self.attempts.begin.remote(key)))
+        try:
+            return int(ray.get(self.attempts.begin.remote(key)))
+        except ray.exceptions.RayActorError as err:
+            # The log lives on the driver's node; gone, the run ends anyway: encode on, uncounted.
+            log.warning("the run's attempt log is gone (%s); encoding on without isolation", err)
+            self.attempts = None
+            return 0
 
     def _end(self, key: tuple | None) -> None:
         if self.attempts is not None and key is not None:

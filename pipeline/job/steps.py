@@ -5,6 +5,8 @@ commit the resulting table state as one Delta version, and finish with the summa
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from typing import Any
 
@@ -16,6 +18,7 @@ from pipeline.job.cluster import ensure_ray
 from pipeline.job.faults import crash_point, pause_point
 from pipeline.job.plan import Plan, encoded_dataset, written_dataset
 from pipeline.job.summary import Pace, check_rows
+from pipeline.job.watch import ClusterWatch
 from pipeline.output.layout import DATA_COLUMNS, write_summary
 from pipeline.output.location import OutputLocation
 from pipeline.output.records import empty_entries
@@ -24,6 +27,7 @@ from pipeline.sources import Shard
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 10.0
+WATCH_EVERY_S = 5.0  # how often the cluster is looked at while no block finishes
 
 
 def write_work(
@@ -43,17 +47,41 @@ def write_work(
 
     ensure_ray(config.compute)  # before the first Ray call, which would otherwise start Ray its own way
     attempts = start_log()
+    watch = ClusterWatch(config.compute)
     written = written_dataset(config, plan, encoded_dataset(config, plan, work, attempts), attempt)
-    entries = _collect(written, pace)
+    entries = _collect(written, pace, watch)
     pace.encoders_ready = ray.get(attempts.encoders_ready.remote())
-    return entries, ray.get(attempts.report.remote())
+    return entries, ray.get(attempts.report.remote()) | watch.report()
 
 
-def _collect(written: Any, pace: Pace) -> pa.Table:
+def _collect(written: Any, pace: Pace, watch: ClusterWatch) -> pa.Table:
+    """The entries of the written blocks, as they come. The dataset is driven from a thread, so
+    that this one can say what the cluster does meanwhile (nodes lost, no node for an encoder:
+    see :class:`ClusterWatch`) and give up after the deadline instead of waiting without a word."""
     rows = blocks = 0
     parts = [empty_entries()]
     started = last_report = time.monotonic()
-    for stats in written.iter_batches(batch_size=None, batch_format="pyarrow"):
+    results: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=256)
+
+    def pump() -> None:
+        try:
+            for stats in written.iter_batches(batch_size=None, batch_format="pyarrow"):
+                results.put(("stats", stats))
+            results.put(("done", None))
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread, which raises it
+            results.put(("error", err))
+
+    threading.Thread(target=pump, name="splade-pipeline-results", daemon=True).start()
+    while True:
+        try:
+            kind, stats = results.get(timeout=WATCH_EVERY_S)
+        except queue.Empty:
+            watch.check()
+            continue
+        if kind == "done":
+            break
+        if kind == "error":
+            raise stats
         for _ in range(stats.num_rows):  # one entry per written block (piece): its files are durable
             crash_point("written")
         parts.append(stats.cast(empty_entries().schema))
@@ -61,6 +89,7 @@ def _collect(written: Any, pace: Pace) -> pa.Table:
         pace.block_written(rows)
         if time.monotonic() - last_report >= PROGRESS_EVERY_S:
             last_report = time.monotonic()
+            watch.check()
             rate = rows / (last_report - started)
             print(f"  ... {rows} rows in {blocks} blocks written ({rate:.1f} rows/s)", flush=True)
     return pa.concat_tables(parts)

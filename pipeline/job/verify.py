@@ -16,6 +16,7 @@ commands that find and repair it.
 from __future__ import annotations
 
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -26,7 +27,7 @@ import pyarrow.compute as pc
 from pipeline.config import JobConfig
 from pipeline.job.load import committed_output, delete_ids, sync_store
 from pipeline.output.location import OutputLocation
-from pipeline.sinks import open_sink, store_limits
+from pipeline.sinks import SinkError, open_sink, store_limits
 
 SHOWN = 10  # ids named per kind of difference
 
@@ -44,38 +45,55 @@ def _difference(config: JobConfig, output: str | None, sample: int) -> tuple[dic
     table = _table_ids(loc, sorted(committed.snapshot.files), refuses_empty)
     store = open_sink(config.sink, fingerprint.vocab_size)
     try:
-        held = pa.array([i for page in store.ids() for i in page], pa.string())
+        listed = [i for page in store.ids() for i in page]
+        held = pa.array([i for i in listed if i is not None], pa.string())
         count = store.count()
         checked, different = _compare_sample(loc, store, table, held, sample)
         name = store.name
     finally:
         store.close()
     missing = pc.filter(table["id"], pc.invert(pc.is_in(table["id"], held)))
-    extra = pc.filter(held, pc.invert(pc.is_in(held, table["id"])))
-    problems = {"missing": len(missing), "extra": len(extra), "different": len(different)}
+    extra = pc.unique(pc.filter(held, pc.invert(pc.is_in(held, table["id"]))))
+    twice = pc.unique(pc.filter(held, pc.greater(pc.value_counts(held).field("counts"), 1))) if len(held) else held
+    problems = {
+        "missing": len(missing),
+        "extra": len(extra),
+        "different": len(different),
+        "foreign": len(listed) - len(held),  # points without a document id: not written by splade-pipeline
+        "twice": len(twice),  # document ids held by two points (Pinecone ids mapped before the one-to-one rule)
+    }
     return {
         "store": name,
         "table_version": committed.version,
         "expected": table.num_rows,
         "store_count": count,
-        "store_ids": len(held),
+        "store_ids": len(listed),
         **problems,
         "missing_ids": missing.to_pylist()[:SHOWN],
         "extra_ids": extra.to_pylist()[:SHOWN],
         "different_ids": different[:SHOWN],
+        "twice_ids": twice.to_pylist()[:SHOWN],
         "sampled": checked,
-        "ok": not any(problems.values()) and count == table.num_rows == len(held),
+        "ok": not any(problems.values()) and count == table.num_rows == len(listed),
     }, extra.to_pylist()
 
 
 def repair_store(config: JobConfig, output: str | None = None, sample: int = 1000) -> dict[str, Any]:
     """Make ``config.sink`` hold exactly the latest version of ``output``; return what was done and
-    the verification after it."""
+    the verification after it. Points splade-pipeline did not write are not deleted: a store
+    holding them is refused (use a collection of its own)."""
     before, extra = _difference(config, output, 0)
+    if before["foreign"]:
+        raise SinkError(
+            f"{before['store']}: holds {before['foreign']} points without a document id, which splade-pipeline did "
+            "not write; repair deletes only what it wrote. Load into a collection of its own (or delete those points)"
+        )
     loc = OutputLocation(output or config.output.path, config.output.storage_options)
     _, fingerprint = committed_output(loc, config.output.table_options)
     deleted = delete_ids(config.sink, fingerprint, extra) if extra else 0
-    loaded = sync_store(config, loc, full=True)  # every vector again; the version recorded as the store's
+    # every vector again (upserts overwrite); the versions the store was loaded from are not needed
+    loaded = sync_store(config, loc, full=True, listed=True)
+    _settle(config, loaded, fingerprint.vocab_size)
     return {
         "before": before,
         "deleted_extra": deleted,
@@ -83,6 +101,21 @@ def repair_store(config: JobConfig, output: str | None = None, sample: int = 100
         "table_version": loaded["table_version"],
         "after": verify_store(config, output, sample=sample),
     }
+
+
+def _settle(config: JobConfig, loaded: dict[str, Any], dimension: int) -> None:
+    """Wait (up to the store's count_settle_s) for a store whose count lags to show the load."""
+    deadline = time.monotonic() + store_limits(config.sink).count_settle_s
+    pause = 0.5
+    count = loaded["store_count"]
+    while count != loaded["expected_count"] and time.monotonic() + pause <= deadline:
+        time.sleep(pause)
+        pause = min(pause * 2, 15.0)
+        store = open_sink(config.sink, dimension)
+        try:
+            count = store.count()
+        finally:
+            store.close()
 
 
 def _table_ids(loc: OutputLocation, files: list[str], refuses_empty: bool) -> pa.Table:

@@ -108,7 +108,6 @@ class BlockWriter:
             "shard": first["_shard"],
             "block": first["_block"],
             "block_rows": first["_block_rows"],
-            "first_line": pc.min(piece["_line"]).as_py(),
             "last": bool(pc.any(piece["_last"]).as_py()),
             "rows": piece.num_rows - bad.num_rows,
             "data_file": None,

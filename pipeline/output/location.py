@@ -72,8 +72,16 @@ class OutputLocation:
         return self.fs.exists(self.path(rel))
 
     def refresh(self, rel: str = "") -> None:
-        """Forget cached listings under ``rel``: other processes (Ray workers) write here."""
-        self.fs.invalidate_cache(self.path(rel))
+        """Forget cached listings under ``rel``, its subfolders' too: other processes (Ray workers)
+        write here. (fsspec's ``invalidate_cache(path)`` forgets a path and its parents only: a
+        folder listed before stayed cached under a refreshed root, and a file written since was
+        "not found" on opening it.)"""
+        path = self.path(rel).rstrip("/")
+        self.fs.invalidate_cache(path)
+        cache = getattr(self.fs, "dircache", None)
+        if cache is not None:
+            for key in [k for k in list(cache) if str(k).startswith(path + "/")]:
+                cache.pop(key, None)
 
     def files(self, rel: str = "") -> list[str]:
         """Every file under ``rel``, relative to the root (markers like empty ``prefix/`` objects left out)."""

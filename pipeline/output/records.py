@@ -38,7 +38,6 @@ ENTRY_SCHEMA = pa.schema(
         ("shard", pa.int32()),
         ("block", pa.int32()),
         ("block_rows", pa.int32()),
-        ("first_line", pa.int64()),
         ("last", pa.bool_()),
         ("rows", pa.int64()),
         ("written", pa.int64()),

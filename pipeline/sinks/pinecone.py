@@ -15,6 +15,7 @@ import hashlib
 import os
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
@@ -29,7 +30,7 @@ MAX_ID_LENGTH = 512
 
 HASHED_PREFIX = "sha256-"
 LIST_PAGE = 100  # the most ids a list request returns
-FETCH_PAGE = 100  # ids per fetch request (they travel in the URL)
+FETCH_URL_CHARS = 6000  # ids travel in a fetch request's URL: kept well under common URL limits (8 KB)
 
 
 def point_id(doc_id: str) -> str:
@@ -38,6 +39,21 @@ def point_id(doc_id: str) -> str:
     if doc_id.isascii() and len(doc_id) <= MAX_ID_LENGTH and not doc_id.startswith(HASHED_PREFIX):
         return doc_id
     return HASHED_PREFIX + hashlib.sha256(doc_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _url_sized(point_ids: list[str]) -> Iterator[list[str]]:
+    """``point_ids`` in chunks whose URL-encoded ``ids=`` parameters stay under FETCH_URL_CHARS."""
+    chunk: list[str] = []
+    size = 0
+    for pid in point_ids:
+        cost = len(quote(pid, safe="")) + 5  # "&ids="
+        if chunk and size + cost > FETCH_URL_CHARS:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(pid)
+        size += cost
+    if chunk:
+        yield chunk
 
 
 class PineconeSink:
@@ -56,6 +72,7 @@ class PineconeSink:
         return StoreLimits(
             embedded=False,
             accepts_empty_vectors=False,
+            count_settle_s=120.0,  # describe_index_stats and list are eventually consistent
             max_nonzeros=MAX_NONZEROS,
             nonzeros_reason="Pinecone",
             max_vectors_per_request=MAX_VECTORS_PER_REQUEST,
@@ -103,7 +120,7 @@ class PineconeSink:
         )
         return [(m.metadata["doc_id"], float(m.score)) for m in result.matches if m.score > 0]
 
-    def ids(self) -> Iterator[list[str]]:
+    def ids(self) -> Iterator[list[str | None]]:
         token = None
         while True:
             page = self._call(
@@ -114,36 +131,38 @@ class PineconeSink:
             )
             found = [v.id for v in page.vectors]
             hashed = [i for i in found if i.startswith(HASHED_PREFIX)]  # the document id is in the metadata
-            names = {pid: doc_id for doc_id, pid in self._fetch_raw(hashed).items()} if hashed else {}
-            yield [names.get(i, i) for i in found if not i.startswith(HASHED_PREFIX) or i in names]
+            names = self._doc_ids(hashed) if hashed else {}
+            # None: a hashed vector without a document id (not written by splade-pipeline)
+            yield [names.get(i) if i.startswith(HASHED_PREFIX) else i for i in found]
             token = page.pagination.next if page.pagination else None
             if not token:
                 return
 
-    def _fetch_raw(self, point_ids: list[str]) -> dict[str, str]:
-        """doc id -> point id of the ``point_ids`` the namespace holds."""
+    def _doc_ids(self, point_ids: list[str]) -> dict[str, str]:
+        """point id -> document id (from the metadata) of the ``point_ids`` the namespace holds."""
         out = {}
-        for start in range(0, len(point_ids), FETCH_PAGE):
-            chunk = point_ids[start : start + FETCH_PAGE]
+        for chunk in _url_sized(point_ids):
             got = self._call(
                 f"fetching {len(chunk)} vectors",
                 lambda chunk=chunk: self.index.fetch(ids=chunk, namespace=self.namespace),
             )
-            out |= {v.metadata["doc_id"]: pid for pid, v in got.vectors.items()}
-        return out
+            out |= {pid: (v.metadata or {}).get("doc_id") for pid, v in got.vectors.items()}
+        return {pid: doc for pid, doc in out.items() if doc}
 
     def fetch(self, ids: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         out = {}
-        for start in range(0, len(ids), FETCH_PAGE):
-            chunk = [point_id(i) for i in ids[start : start + FETCH_PAGE]]
+        for chunk in _url_sized([point_id(i) for i in ids]):
             got = self._call(
                 f"fetching {len(chunk)} vectors",
                 lambda chunk=chunk: self.index.fetch(ids=chunk, namespace=self.namespace),
             )
             for v in got.vectors.values():
+                doc_id = (v.metadata or {}).get("doc_id")
+                if not doc_id:
+                    continue
                 sparse = v.sparse_values
                 indices, values = (sparse.indices, sparse.values) if sparse is not None else ([], [])
-                out[v.metadata["doc_id"]] = (np.asarray(indices, np.int64), np.asarray(values, np.float32))
+                out[doc_id] = (np.asarray(indices, np.int64), np.asarray(values, np.float32))
         return out
 
     def count(self) -> int:

@@ -69,6 +69,7 @@ class StoreLimits:
     nonzeros_remedy: str = ""  # another way out than a smaller top_k, if any
     max_vectors_per_request: int | None = None
     max_request_bytes: int | None = None
+    count_settle_s: float = 0.0  # how long its count may lag an upsert or delete that returned
 
 
 class Sink(Protocol):
@@ -78,7 +79,7 @@ class Sink(Protocol):
     def upsert(self, ids: list[str], indices: list[np.ndarray], values: list[np.ndarray]) -> None: ...
     def delete(self, ids: list[str]) -> None: ...
     def search(self, indices: np.ndarray, values: np.ndarray, k: int) -> list[tuple[str, float]]: ...
-    def ids(self) -> Iterator[list[str]]: ...  # every document id the store holds, a page at a time
+    def ids(self) -> Iterator[list[str | None]]: ...  # every document id held, by pages; None: not ours
     def fetch(self, ids: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]: ...  # absent ids: absent
     def finish(self) -> None: ...  # make everything upserted so far searchable (Milvus: flush)
     def count(self) -> int: ...

@@ -118,7 +118,7 @@ class QdrantSink:
                     self.cfg.collection, limit=PAGE, offset=offset, with_payload=["doc_id"], with_vectors=False
                 ),
             )
-            yield [p.payload["doc_id"] for p in page]
+            yield [(p.payload or {}).get("doc_id") for p in page]  # None: a point splade-pipeline did not write
             if offset is None:
                 return
 
@@ -132,6 +132,8 @@ class QdrantSink:
         )
         out = {}
         for p in points:
+            if not (p.payload or {}).get("doc_id"):
+                continue
             vector = (p.vector or {}).get(name)  # an empty vector comes back as no vector
             indices, values = (vector.indices, vector.values) if vector is not None else ([], [])
             out[p.payload["doc_id"]] = (np.asarray(indices, np.int64), np.asarray(values, np.float32))
