@@ -247,10 +247,10 @@ class ComputeConfig(StrictModel):
     )
     object_store_memory_limit: int | None = Field(
         None,
-        ge=0,
-        description="Bytes of object store the run's blocks may hold at once (None: Ray Data's default, a share of "
-        "the cluster's object stores). Reading pauses when it is reached: backpressure, so reading never outruns "
-        "encoding.",
+        ge=64 * 2**20,
+        description="Bytes of object store the run's blocks may hold at once, at least 64 MiB (None: Ray Data's "
+        "default, a share of the cluster's object stores, with its own backpressure). Reading pauses while it is "
+        "reached. Set in the process's Ray Data context.",
     )
     isolate_after: int = Field(
         2,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ComputeConfig, ConfigError, load_config
 
 
 @pytest.mark.parametrize(
@@ -95,3 +95,22 @@ def test_scrub_masks_credentials_and_secret_environment_values(monkeypatch: pyte
     for secret in ("pw123", "sig=abc", "Zm9vYmFy", "abcdefghijkl", "pc-0123456789abcdef", "sk-live-abcdef"):
         assert secret not in clean
     assert "https://u:***@host/x?sig=***&sv=1" in clean
+
+
+def test_the_object_store_limit_reaches_ray_data() -> None:
+    """compute.object_store_memory_limit is Ray Data's resource limit (its fields are read-only:
+    the limits are replaced, not assigned into)."""
+    import ray.data
+
+    from pipeline.job.plan import limit_object_store
+
+    options = ray.data.DataContext.get_current().execution_options
+    before = options.resource_limits
+    try:
+        limit_object_store(ComputeConfig(object_store_memory_limit=300 * 2**20))
+        assert options.resource_limits.object_store_memory == 300 * 2**20
+        assert options.resource_limits.cpu == before.cpu
+    finally:
+        options.resource_limits = before
+    with pytest.raises(ValueError, match="object_store_memory_limit"):
+        ComputeConfig(object_store_memory_limit=0)

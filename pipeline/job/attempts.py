@@ -64,7 +64,7 @@ class AttemptLog:
             "actor_restarts": self.restarts,
             "blocks_retried": len(retried),
             "block_retries": sum(self.begun[k] - 1 for k in retried),
-            "encoder_actors": len(self.actors),  # started, restarts on other nodes included
+            "encoder_actors": len(self.actors),  # encoder actors started (a restarted one keeps its id)
             "encoder_nodes": len(self.nodes),  # nodes that hosted an encoder during the run
         }
 

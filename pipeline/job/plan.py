@@ -118,8 +118,8 @@ def limit_object_store(compute: ComputeConfig) -> None:
     import ray
 
     if compute.object_store_memory_limit is not None:
-        limits = ray.data.DataContext.get_current().execution_options.resource_limits
-        limits.object_store_memory = compute.object_store_memory_limit
+        options = ray.data.DataContext.get_current().execution_options  # this process's Ray Data context
+        options.resource_limits = options.resource_limits.copy(object_store_memory=compute.object_store_memory_limit)
 
 
 def _placed(resources: dict[str, float], accelerator: str | None = None) -> dict[str, Any]:
