@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import traceback
 import typing
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from pipeline.errors import PipelineError, SettingError, find_cause
 from pipeline.redaction import scrub
 
 SECTIONS = ("input", "encoder", "output", "compute", "sink", "reindex")
+RESULTS_THREAD = "splade-pipeline-results"  # the thread that drives a run's Ray Data plan (pipeline.job.steps)
 
 
 def run(argv: list[str] | None = None) -> NoReturn:
@@ -48,7 +50,12 @@ def _exit(code: int) -> NoReturn:
     if "ray" in sys.modules:
         import ray
 
-        if ray.is_initialized():
+        # A run stopped early (Ctrl-C, SIGTERM, an error) may leave the thread that drives Ray Data
+        # blocked inside Ray: shutting Ray down under it aborts the process (SIGABRT) instead of
+        # exiting with the run's status. The process ends anyway, and Ray cleans up after a driver
+        # that is gone (a local Ray this process started has a reaper), so it is left as it is.
+        pumping = any(t.name == RESULTS_THREAD and t.is_alive() for t in threading.enumerate())
+        if ray.is_initialized() and not pumping:
             # A run that stopped early leaves Ray Data's executor running in its thread: shutting
             # it down from under it makes Ray log the executor's traceback, which is no news.
             logging.getLogger("ray.data").setLevel(logging.CRITICAL)

@@ -27,6 +27,7 @@ from pipeline.sources import Shard
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 10.0
+RESULTS_THREAD = "splade-pipeline-results"  # the CLI looks for it before shutting Ray down
 WATCH_EVERY_S = 5.0  # how often the cluster is looked at while no block finishes
 
 
@@ -71,7 +72,7 @@ def _collect(written: Any, pace: Pace, watch: ClusterWatch) -> pa.Table:
         except BaseException as err:  # noqa: BLE001 - handed to the main thread, which raises it
             results.put(("error", err))
 
-    threading.Thread(target=pump, name="splade-pipeline-results", daemon=True).start()
+    threading.Thread(target=pump, name=RESULTS_THREAD, daemon=True).start()
     while True:
         try:
             kind, stats = results.get(timeout=WATCH_EVERY_S)
