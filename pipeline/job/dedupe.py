@@ -193,7 +193,8 @@ def _in_corpus_order(found: pa.Table, entries: pa.Table, urls: list[str]) -> pa.
             if rel:
                 where[rel] = (order.get(r["url"], len(urls)), r["block"], r["url"])
     keys = [where[f] for f in found["file"].to_pylist()]
-    ranked = sorted(range(found.num_rows), key=lambda i: (keys[i][0], keys[i][1], found["pos"][i].as_py()))
+    pos = found["pos"].to_pylist()
+    ranked = sorted(range(found.num_rows), key=lambda i: (keys[i][0], keys[i][1], pos[i]))
     found = found.take(pa.array(ranked, pa.int64()))
     return found.append_column("url", pa.array([keys[i][2] for i in ranked], pa.string()))
 
