@@ -220,11 +220,18 @@ class ComputeConfig(StrictModel):
     max_task_retries: int = Field(
         -1, ge=-1, description="Retries of a block whose actor died while working on it; -1: no limit."
     )
-    wait_for_encoders_s: float = Field(
+    wait_for_nodes_s: float = Field(
         900.0,
         gt=0,
-        description="How long a run waits while no node can host an encoder actor (all lost, none added yet) before "
-        "it fails; the files written so far are kept for the re-run.",
+        description="How long a run waits while no node can host an encoder actor, or none a reader or writer (all "
+        "lost, none added yet), before it fails; the files written so far are kept for the re-run.",
+    )
+    max_startup_deaths: int = Field(
+        3,
+        ge=1,
+        description="An encoder or writer actor that dies this many times while it starts (on nodes that stay up: "
+        "the model does not fit its memory), or a block that kills its writer this many times, fails the run "
+        "with a message instead of being restarted forever. Deaths with a lost node are not counted.",
     )
     encoder_resources: dict[str, float] = Field(
         default_factory=dict,
@@ -258,6 +265,16 @@ class ComputeConfig(StrictModel):
         description="A block whose encoder actor died this many times is encoded in small pieces, so that documents "
         "that kill the encoder are found and rejected (encoder_crash) instead of failing the job.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "wait_for_encoders_s" in data:
+            raise ValueError(
+                "compute.wait_for_encoders_s was renamed compute.wait_for_nodes_s (it covers readers and "
+                "writers too); rename it in the config"
+            )
+        return data
 
     @model_validator(mode="after")
     def _sizes(self) -> ComputeConfig:

@@ -9,6 +9,8 @@ builtin it replaced (``ValueError``, ``RuntimeError``), so callers' ``except`` c
 
 from __future__ import annotations
 
+import importlib
+import re
 from collections.abc import Iterator
 from typing import TypeVar
 
@@ -21,6 +23,32 @@ class PipelineError(Exception):
 
 class SettingError(PipelineError, ValueError):
     """A setting that cannot work here (names the field, the value and what is allowed)."""
+
+
+class ActorStartError(PipelineError, RuntimeError):
+    """An actor of the run could not start for a reason the user can fix (its worker disagrees
+    with the driver about the model, it keeps dying while loading): the run stops with this."""
+
+
+_RAISED = re.compile(r"^(pipeline(?:\.\w+)+)\.(\w+): (.+)$", re.MULTILINE)
+
+
+def actor_start_error(err: BaseException) -> ActorStartError | None:
+    """The :class:`PipelineError` an actor's constructor raised, out of Ray's wrapper. Ray passes an
+    error raised while an actor starts on as text only (``ActorDiedError``, "an error raised in its
+    creation task"), with the traceback: its last ``pipeline....Error: message`` line is found
+    there, and kept if that class is one of ours."""
+    for e in causes(err):
+        if not getattr(e, "actor_init_failed", False):
+            continue
+        for module, name, message in reversed(_RAISED.findall(str(e))):
+            try:
+                kind = getattr(importlib.import_module(module), name, None)
+            except ImportError:
+                continue
+            if isinstance(kind, type) and issubclass(kind, PipelineError):
+                return ActorStartError(message)
+    return None
 
 
 def causes(err: BaseException) -> Iterator[BaseException]:

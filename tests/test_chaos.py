@@ -5,7 +5,9 @@ in time. Every test checks counts, ids and vectors against the corpus, not only 
 - a fault-injecting proxy in front of S3: 7% of requests answered 503 SlowDown, 3% dropped;
 - a document that kills its encoder process every time (a test-only hook): rejected, the rest written;
 - an encoder that runs out of memory above a token budget (a test-only hook): smaller batches;
-- SIGTERM to the driver mid-run, then a re-run: exactly once.
+- SIGTERM to the driver mid-run, then a re-run: exactly once;
+- an encoder that dies every time it starts (a test-only hook): the run stops with a message, not
+  restarting it forever; a run that gives up inside a notebook's process stops its dataset too.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from support.fault_proxy import FaultProxy
 from support.jobs import ROOT, cli, corpus_rows, put_jsonl_shards, read_delta, reference_vectors, start_until_written
 from support.reference import densify
 
-from pipeline.job.faults import OOM_ABOVE, POISON
+from pipeline.job.faults import LOAD_DIES, OOM_ABOVE, POISON
 
 VOCAB = 30522
 FILES, ROWS_PER_FILE = 8, 100
@@ -207,3 +209,62 @@ def test_permanent_storage_errors_fail_fast(
         err = capsys.readouterr().err
         assert code == 2 and url in err and "Traceback" not in err, err
         assert time.monotonic() - start < 20
+
+
+def test_an_encoder_that_dies_whenever_it_starts_stops_the_run_with_a_message(corpus: dict, splade_tiny: Path) -> None:
+    """Unlimited restarts are for lost nodes: an actor dying while it loads the model on a node
+    that stays up (too little memory for the model) dies max_startup_deaths times; its next start
+    ends the run with exit 2, saying why."""
+    output = "s3://chaos/out-load-dies"
+    start = time.monotonic()
+    proc = cli(
+        *args(splade_tiny, output, "s3://chaos/corpus/", "--max-startup-deaths", "2"), env=os.environ | {LOAD_DIES: "1"}
+    )
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    said = [line for line in proc.stderr.splitlines() if line.startswith("splade-pipeline encode: error:")]
+    assert said and "the encoder actor died 2 times while starting" in said[0], proc.stderr[-3000:]
+    assert "compute.max_startup_deaths = 2" in said[0] and "kept for the re-run" in said[0]
+    print(f"stopped after {time.monotonic() - start:.0f} s")
+
+
+def test_a_run_that_gives_up_in_a_notebook_process_stops_its_dataset(
+    corpus: dict, splade_tiny: Path, tmp_path: Path
+) -> None:
+    """In-process (a notebook): the run gives up (no node can host an encoder) and raises; the Ray
+    Data execution behind it is stopped with it: no executor thread, no thread driving it, no
+    encoder actor left pending for a run that has ended."""
+    import threading
+
+    from ray.util.state import list_actors
+
+    from pipeline.config import JobConfig
+    from pipeline.job.encode import run_job
+    from pipeline.job.steps import RESULTS_THREAD
+    from pipeline.job.watch import NoEncoderNodeError
+
+    config = JobConfig.model_validate(
+        {
+            "input": {"paths": ["s3://chaos/corpus/"], "rows_per_block": 20},
+            "output": {"path": "s3://chaos/out-notebook-stop"},
+            "encoder": {"model": str(splade_tiny), "max_length": 64},
+            "compute": {
+                "encoder_resources": {"no_such_node": 1},
+                "wait_for_nodes_s": 3,
+                "io_cpus": 0.1,
+                "num_cpus_per_actor": 0.5,
+            },
+        }
+    )
+    with pytest.raises(NoEncoderNodeError, match="no_such_node"):
+        run_job(config)
+    deadline = time.monotonic() + 30
+
+    def running() -> list[str]:
+        threads = [t.name for t in threading.enumerate() if t.name == RESULTS_THREAD]
+        threads += [t.name for t in threading.enumerate() if type(t).__name__ == "StreamingExecutor"]
+        actors = list_actors(filters=[("state", "!=", "DEAD")], limit=1000)
+        return threads + [a.class_name for a in actors if "EncodeBlocks" in (a.class_name or "")]
+
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not running()

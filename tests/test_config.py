@@ -114,3 +114,10 @@ def test_the_object_store_limit_reaches_ray_data() -> None:
         options.resource_limits = before
     with pytest.raises(ValueError, match="object_store_memory_limit"):
         ComputeConfig(object_store_memory_limit=0)
+
+
+def test_a_renamed_setting_says_its_new_name() -> None:
+    from pipeline.config import JobConfig
+
+    with pytest.raises(ValueError, match="wait_for_encoders_s was renamed compute.wait_for_nodes_s"):
+        JobConfig.model_validate({"compute": {"wait_for_encoders_s": 60}})

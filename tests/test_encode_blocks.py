@@ -93,3 +93,33 @@ def test_non_finite_weights_are_rejected_not_sent_to_stores(
     assert rejected["d0"][0] == rejected["d1"][0] == "non_finite_weights"
     want = "1 infinite and 0 NaN" if bad == float("inf") else "0 infinite and 1 NaN"
     assert want in rejected["d0"][1] and rejected["e"][0] == "empty_text"
+
+
+def test_a_writer_that_keeps_dying_stops_the_run(ray_cluster: str, splade_tiny: Path, tmp_path: Path) -> None:
+    """The writers' bounds, with the run's real attempt log: deaths recorded on this (live) node,
+    while starting and on one block, then the next start or attempt stops the run with a message."""
+    import ray
+
+    from pipeline.job.attempts import start_log
+    from pipeline.job.stages import WRITE_DEATHS, ActorDeathsError, WriteBlocks, block_key
+    from pipeline.output.location import OutputLocation
+
+    config = EncoderConfig(model=str(splade_tiny), device="cpu")
+    block = _block(tmp_path, ["a text about tides", "another about honey"])
+    log, node = start_log(), ray.get_runtime_context().get_node_id()
+
+    def writer(max_deaths: int = 3) -> WriteBlocks:
+        out = OutputLocation(str(tmp_path / "out"))
+        return WriteBlocks(out, "zstd", fingerprint(config), [], "a1", attempts=log, max_deaths=max_deaths)
+
+    for _ in range(2):  # this process is the "actor": it began starting twice and never became ready
+        ray.get(log.loading.remote("", node))
+    with pytest.raises(ActorDeathsError, match="the writer actor died 2 times while starting"):
+        writer(max_deaths=2)
+    ready = writer(max_deaths=4)  # 3 deaths so far, under a limit of 4: it starts, and its deaths are forgotten
+    key = block_key(block, "write")
+    for _ in range(WRITE_DEATHS):
+        ray.get(log.begin.remote(key, node))  # attempts at the block that died with the node up
+    with pytest.raises(ActorDeathsError, match=f"the block of u from line 1 killed its writer {WRITE_DEATHS} times"):
+        ready(block)
+    assert ray.get(log.loading.remote("", node)) == 0

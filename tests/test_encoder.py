@@ -50,8 +50,13 @@ def test_splade_tiny_matches_reference(splade_tiny: Path, packed: bool) -> None:
 
 
 def test_packed_is_the_cpu_default_and_equal_lengths_need_no_padding(splade_tiny: Path) -> None:
-    enc = SpladeEncoder(str(splade_tiny), device="cpu")
-    assert enc.packed is not None and enc.screen is not None and "packed=True, screen=True" in repr(enc)
+    from pipeline.encode.screen import bf16_products_pay
+
+    auto = SpladeEncoder(str(splade_tiny), device="cpu")
+    pays = bf16_products_pay(auto.parts.decoder, auto.device)  # native bf16 (AMX, AVX512-BF16) or not
+    assert auto.packed is not None and (auto.screen is not None) == pays and f"screen={pays}" in repr(auto)
+    enc = SpladeEncoder(str(splade_tiny), device="cpu", screen=True)  # asked for: screened even where it is slow
+    assert "packed=True, screen=True" in repr(enc)
     same = ["alpha beta gamma", "delta epsilon zeta", "one two three"]  # 5 tokens each: no padded layout
     assert len({len(ids) for ids in enc.tokenizer(same)["input_ids"]}) == 1
     want = reference_splade(str(splade_tiny), same)
@@ -67,6 +72,19 @@ def test_screened_and_unscreened_decoders_agree(splade_tiny: Path, screen: bool)
     want = reference_splade(str(splade_tiny), TEXTS)
     got = densify(enc.encode(TEXTS), VOCAB)
     assert np.abs(got - want).max() <= 1e-5 and np.array_equal(got > 0, want > 0)
+
+
+@pytest.mark.parametrize("pays", [True, False])
+def test_the_screen_is_on_by_default_only_where_bf16_products_are_faster(
+    splade_tiny: Path, monkeypatch: pytest.MonkeyPatch, pays: bool
+) -> None:
+    """Without native bf16 a CPU emulates bf16 products ~30x slower than fp32: screening there
+    would cost, not save (the vectors are the same either way)."""
+    from pipeline.encode import screen
+
+    probe = SpladeEncoder(str(splade_tiny), device="cpu", screen=False)
+    monkeypatch.setitem(screen._PAYS, (tuple(probe.parts.decoder.weight.shape), "cpu"), pays)
+    assert (SpladeEncoder(str(splade_tiny), device="cpu").screen is not None) == pays
 
 
 def test_screen_refused_where_it_cannot_apply(splade_tiny: Path, tiny_models: dict[str, Path]) -> None:

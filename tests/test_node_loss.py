@@ -75,16 +75,18 @@ def churn(spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
     return result
 
 
-def exactly_once(output: str, corpus: dict[str, np.ndarray]) -> dict[str, Any]:
+def exactly_once(output: str, corpus: dict[str, np.ndarray], ids: list[str] | None = None) -> dict[str, Any]:
+    """Every document of ``corpus`` (or of ``ids``) once in ``output``, with its reference vector."""
     fs = s3fs.S3FileSystem()
     fs.invalidate_cache()
     data = read_delta(output)
     got = data["id"].to_pylist()
-    assert sorted(got) == sorted(corpus) and len(set(got)) == len(got)  # none lost, none twice
+    ids = list(corpus) if ids is None else ids
+    assert sorted(got) == sorted(ids) and len(set(got)) == len(got)  # none lost, none twice
     want = np.stack([corpus[i] for i in got])
     assert np.abs(densify(data["sparse"].combine_chunks(), VOCAB) - want).max() <= 1e-5
     summary = json.loads(fs.cat(f"{output.removeprefix('s3://')}/_SUMMARY.json"))
-    assert summary["rows_read"] == summary["rows_written"] + summary["rows_rejected"] == DOCS
+    assert summary["rows_read"] == summary["rows_written"] + summary["rows_rejected"] == len(ids)
     return summary
 
 
@@ -175,7 +177,7 @@ def test_the_head_lost_fails_the_run_and_the_rerun_resumes_exactly_once(corpus: 
 
 def test_no_node_for_encoders_fails_after_the_deadline_with_a_clear_error(corpus: dict, splade_tiny: Path) -> None:
     """Placement: encoders go only where their resources are. A cluster with none of those nodes
-    is waited on, with a message, until compute.wait_for_encoders_s; then a clear error, no traceback."""
+    is waited on, with a message, until compute.wait_for_nodes_s; then a clear error, no traceback."""
     output = "s3://nodes/out-none"
     result = churn(
         {
@@ -183,7 +185,7 @@ def test_no_node_for_encoders_fails_after_the_deadline_with_a_clear_error(corpus
             "worker": {"num_cpus": 1, "object_store_memory": 120 * 2**20},  # no "encoder" resource anywhere
             "phases": [
                 {
-                    "job": job(splade_tiny, output, "--wait-for-encoders-s", "12"),
+                    "job": job(splade_tiny, output, "--wait-for-nodes-s", "12"),
                     "output": output,
                     "timeout": 300,
                     "expect": [
@@ -199,3 +201,56 @@ def test_no_node_for_encoders_fails_after_the_deadline_with_a_clear_error(corpus
     assert all(phase["seen"].values()), phase["seen"]
     assert "{'CPU': 0.5, 'encoder': 1.0}" in phase["output"]
     assert "Traceback" not in phase["output"]
+
+
+def test_encoders_on_accelerator_nodes_readers_and_writers_on_io_nodes(corpus: dict, splade_tiny: Path) -> None:
+    """Placement settings an operator sets for a GPU cluster: encoders only on nodes of an
+    accelerator type, writers only on nodes with an io resource (readers take the same setting;
+    the summary names only actors' nodes), one block in flight per encoder."""
+    output = "s3://nodes/out-placed"
+    placed = [a for a in job(splade_tiny, output) if a not in ("--encoder-resources", '{"encoder": 1}')]
+    placed[placed.index("s3://nodes/corpus/")] = "s3://nodes/corpus/part-[01].jsonl"  # 400 of the documents
+    result = churn(
+        {
+            "workers": 2,
+            "head": {**HEAD, "num_cpus": 2, "resources": {"io": 10}},
+            "worker": {"num_cpus": 1, "resources": {"accelerator_type:L4": 1}, "object_store_memory": 120 * 2**20},
+            "phases": [
+                {
+                    "job": [
+                        *placed,
+                        "--min-actors",
+                        "2",
+                        "--accelerator-type",
+                        "L4",
+                        "--io-resources",
+                        '{"io": 0.01}',
+                        "--max-blocks-in-flight-per-actor",
+                        "1",
+                    ],
+                    "output": output,
+                }
+            ],
+        }
+    )
+    phase = result["phases"][0]
+    assert phase["exit"] == 0, phase["output"] + json.dumps(result["log"])
+    summary = exactly_once(output, corpus, [r["id"] for r in corpus_rows(DOCS)[: 2 * DOCS // FILES]])
+    nodes = summary["pace"]["nodes"]
+    assert nodes["encoders"] and set(nodes["encoders"]) <= set(result["nodes"]["workers"]), (nodes, result["nodes"])
+    assert nodes["writers"] == result["nodes"]["head"], (nodes, result["nodes"])
+
+
+def test_max_blocks_in_flight_reaches_the_encoder_pool(ray_cluster: str, splade_tiny: Path) -> None:
+    from pipeline.config import JobConfig
+    from pipeline.job.plan import encoded_dataset
+
+    config = JobConfig.model_validate(
+        {
+            "input": {"paths": [str(Path(__file__).parents[1] / "pipeline" / "data" / "sample_corpus.jsonl")]},
+            "encoder": {"model": str(splade_tiny)},
+            "compute": {"max_blocks_in_flight_per_actor": 1, "max_actors": 3},
+        }
+    )
+    strategy = encoded_dataset(config)._logical_plan.dag.compute  # Ray Data's own record of the pool
+    assert strategy.max_tasks_in_flight_per_actor == 1 and strategy.max_size == 3

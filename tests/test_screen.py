@@ -121,8 +121,8 @@ def _adversarial_model(folder: Path, tokenizer_from: Path) -> tuple[Path, int]:
 def test_screen_keeps_a_term_every_rounding_works_against(
     splade_tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Through the public encoder with the CPU defaults (screen on): the planted term, whose bf16
-    logit errs by 0.0102 S (all roundings the same way), keeps its exact weight 0.035."""
+    """Through the public encoder with the screen on (the default where bf16 is native): the planted
+    term, whose bf16 logit errs by 0.0102 S (all roundings the same way), keeps its exact weight 0.035."""
     from pipeline import SpladeEncoder
     from pipeline.encode import screen as screen_module
 
@@ -132,8 +132,8 @@ def test_screen_keeps_a_term_every_rounding_works_against(
     want = densify(plain.encode(texts), 30522)
     assert np.allclose(want[:, term], np.log1p(EPSILON), atol=1e-3) and (want > 0).sum() == len(texts)
 
-    screened = SpladeEncoder(str(folder), device="cpu")
-    assert screened.screen is not None  # the default CPU path screens
+    screened = SpladeEncoder(str(folder), device="cpu", screen=True)
+    assert screened.screen is not None
     got = densify(screened.encode(texts), 30522)
     # Both are fp32 sums of 768 products of size ~0.25 (S ~ 194) in different orders: they may
     # differ by 2 gamma_768 S (see fp32_noise), far below the term's weight.
@@ -144,7 +144,7 @@ def test_screen_keeps_a_term_every_rounding_works_against(
 
     # The margin an earlier version used (2^-7, from bf16's unit roundoff taken as 2^-9) loses the term.
     monkeypatch.setattr(screen_module, "MARGIN", 2.0**-7)
-    lost = densify(SpladeEncoder(str(folder), device="cpu").encode(texts), 30522)
+    lost = densify(SpladeEncoder(str(folder), device="cpu", screen=True).encode(texts), 30522)
     assert (lost[:, term] == 0).all()
 
 

@@ -26,7 +26,7 @@ from pipeline.encode.batching import padded_length, plan_micro_batches
 from pipeline.encode.bundled import model_errors_named, resolve_model
 from pipeline.encode.heads import MaskedLMParts, split_masked_lm
 from pipeline.encode.packed import Layout
-from pipeline.encode.screen import MAX_HIDDEN, ScreenedDecoder, bf16_products_accumulate_in_fp32
+from pipeline.encode.screen import MAX_HIDDEN, ScreenedDecoder, bf16_products_accumulate_in_fp32, bf16_products_pay
 from pipeline.encode.sparse import sparse_array, sparse_rows
 from pipeline.errors import SettingError
 
@@ -194,6 +194,9 @@ class SpladeEncoder:
         if reasons:
             if wanted:
                 raise SettingError("encoder.screen: true cannot be used: " + "; ".join(reasons))
+            return None
+        if wanted is None and not bf16_products_pay(self.parts.decoder, self.device):
+            log.info("bf16 products on this %s are not faster than fp32 (no native bf16): not screening", self.device)
             return None
         return ScreenedDecoder(self.parts.decoder)
 

@@ -1,61 +1,118 @@
-"""Counting attempts across encoder-actor deaths, and isolating the documents that cause them.
+"""Counting attempts across actor deaths, and isolating the documents that cause them.
 
 An encoder actor that dies mid-block (killed, OOM-killed, node lost) is restarted by Ray and the
 block retried; its files are named by the block, so a retry rewrites the same files and the
 output still holds each document once. What the dead actor knew is lost with it, so attempts are
 counted by a small run-wide actor, :class:`AttemptLog`, that outlives the encoders: each block
-announces itself before encoding, each restarted actor says so.
+announces itself (and the node it runs on) before encoding and says when it is done.
+
+An attempt that was announced and never finished died. If its node is gone too, the node took
+it (a preemption): that says nothing about the block, and is not counted against it (up to
+:data:`NODE_LOSSES_FORGIVEN` times per block: a document that takes its whole node down must
+still be isolated). Otherwise the process died on its own node, and the block is suspect. The
+node table is read when the retry starts: a node being drained (its processes killed while Ray
+still lists it as alive) looks like a crash, and is counted as one.
 
 A block that has already died ``isolate_after`` times is taken apart: its rows are encoded in
 chunks, each chunk announced before and recorded after; a chunk that was announced and never
 finished is then encoded row by row; a row that was announced and never finished has killed its
 encoder, and is rejected (``encoder_crash``) instead of taking the job down. Each such death
 costs one actor restart, so isolating ``k`` bad rows costs about ``isolate_after + 1 + k``.
+
+Deaths that no isolation can help are bounded too (``compute.max_startup_deaths``): an actor that
+keeps dying while it loads (the model does not fit the node's memory) and a block that keeps
+killing its writer fail the run with a message saying so, instead of being restarted forever.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 CHUNK_ROWS = 32
+NODE_LOSSES_FORGIVEN = 8  # per block (chunk, row, actor start): node losses beyond these count as deaths
+
+
+def _alive_nodes() -> set[str]:
+    import ray
+
+    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
 
 
 class AttemptLog:
-    """Run-wide attempt counts (a Ray actor with no CPU of its own; see the module docstring)."""
+    """Run-wide attempt counts (a Ray actor with no CPU of its own; see the module docstring).
+    ``alive``: the ids of the cluster's live nodes (Ray's node table unless given)."""
 
-    def __init__(self) -> None:
+    def __init__(self, alive: Callable[[], set[str]] | None = None) -> None:
+        self.alive = alive or _alive_nodes
         self.begun: Counter[Any] = Counter()
-        self.done: Counter[Any] = Counter()
+        self.open: dict[Any, list[str]] = {}  # the nodes of the attempts announced and not finished, per key
+        self.lost_with_node = 0
+        self.forgiven: Counter[Any] = Counter()  # per key: attempts lost with their node
         self.restarts = 0
         self.first_ready: float | None = None
         self.nodes: set[str] = set()
         self.actors: set[str] = set()
+        self.writer_nodes: set[str] = set()
+
+    def begin(self, key: Any, node: str = "") -> int:
+        """Announce an attempt at ``key`` on ``node``; returns how many attempts at it died before
+        this one on their own (not with their node)."""
+        unfinished = self.open.setdefault(key, [])
+        if unfinished:
+            try:
+                alive = self.alive()
+            except Exception:  # noqa: BLE001 - the node table unreadable (a busy head): count every death
+                alive = set(unfinished)
+            taken = [n for n in unfinished if n not in alive]
+            self.lost_with_node += len(taken)
+            self.forgiven[key] += len(taken)
+            unfinished[:] = [n for n in unfinished if n in alive]
+        # A document that takes its whole node down (a GPU fault) would be forgiven forever: past
+        # NODE_LOSSES_FORGIVEN losses of one key, losses count as deaths too.
+        died = len(unfinished) + max(0, self.forgiven[key] - NODE_LOSSES_FORGIVEN)
+        unfinished.append(node)
+        self.begun[key] += 1
+        return died
+
+    def end(self, key: Any, node: str = "") -> None:
+        unfinished = self.open.get(key, [])
+        if node in unfinished:
+            unfinished.remove(node)
+        if self.begun.get(key) == 1 and not unfinished:  # done at the first try: forgotten, so memory follows failures
+            self._forget(key)
+
+    def _forget(self, key: Any) -> None:
+        self.begun.pop(key, None)
+        self.open.pop(key, None)
+        self.forgiven.pop(key, None)
+
+    def loading(self, actor: str, node: str = "") -> int:
+        """An actor starts loading (its constructor); returns how many times it died loading before."""
+        return self.begin(("load", actor), node)
 
     def ready(self, at: float, node: str = "", actor: str = "") -> None:
-        """An encoder actor (``actor`` on ``node``) finished loading at ``at`` (``time.time()``)."""
+        """An encoder actor (``actor`` on ``node``) finished loading at ``at`` (``time.time()``): its
+        deaths while loading are forgotten (only deaths in a row stop the run)."""
+        self._forget(("load", actor))
         self.first_ready = at if self.first_ready is None else min(self.first_ready, at)
         self.nodes.add(node)
         self.actors.add(actor)
 
+    def writer_ready(self, node: str = "", actor: str = "") -> None:
+        self._forget(("load", actor))
+        self.writer_nodes.add(node)
+
     def encoders_ready(self) -> float | None:
         return self.first_ready
 
-    def begin(self, key: Any) -> int:
-        """Announce an attempt at ``key``; returns how many attempts at it died before this one."""
-        died = self.begun[key] - self.done[key]
-        self.begun[key] += 1
-        return died
-
-    def end(self, key: Any) -> None:
-        if self.begun[key] == 1:  # done at the first try: forgotten, so memory follows failures, not the corpus
-            del self.begun[key]
-            self.done.pop(key, None)
-        else:
-            self.done[key] += 1
-
     def restarted(self) -> None:
         self.restarts += 1
+
+    def placement(self) -> dict[str, list[str]]:
+        """The nodes that hosted encoder and writer actors during the run."""
+        return {"encoders": sorted(self.nodes), "writers": sorted(self.writer_nodes)}
 
     def report(self) -> dict[str, int]:
         blocks = [k for k in self.begun if k[0] == "block"]
@@ -64,6 +121,7 @@ class AttemptLog:
             "actor_restarts": self.restarts,
             "blocks_retried": len(retried),
             "block_retries": sum(self.begun[k] - 1 for k in retried),
+            "attempts_lost_with_node": self.lost_with_node,  # not counted against their blocks
             "encoder_actors": len(self.actors),  # encoder actors started (a restarted one keeps its id)
             "encoder_nodes": len(self.nodes),  # nodes that hosted an encoder during the run
         }

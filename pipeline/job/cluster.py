@@ -118,3 +118,11 @@ def stop_on_sigterm() -> None:
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def placed(resources: dict[str, float], accelerator: str | None = None) -> dict[str, Any]:
+    """Ray placement arguments: custom resources, an accelerator type (only those given)."""
+    return {
+        **({"resources": dict(resources)} if resources else {}),
+        **({"accelerator_type": accelerator} if accelerator else {}),
+    }

@@ -151,20 +151,22 @@ def _positions_on_cluster(loc: OutputLocation, files: list[str], rejected: pa.Ta
     import ray
     from ray.data.expressions import col
 
-    from pipeline.job.cluster import ensure_ray
+    from pipeline.job.cluster import ensure_ray, placed
 
     if compute is not None:
         ensure_ray(compute)  # joined as configured, not as ray.data would start it
     filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(loc.fs))
     partitions = max(1, min(200, len(files) // 16))  # each is a task; the ids column is small
-    ids = ray.data.read_parquet([loc.path(f) for f in files], filesystem=filesystem).select_columns(["id"])
+    io = placed(compute.io_resources) if compute is not None else {}
+    ids = ray.data.read_parquet([loc.path(f) for f in files], filesystem=filesystem, ray_remote_args=io)
+    ids = ids.select_columns(["id"])
     counts = ids.groupby("id", num_partitions=partitions).count()
     repeated = [r["id"] for r in counts.filter(expr=col("count()") > 1).select_columns(["id"]).take_all()]
     wanted_ids = sorted(set(repeated) | set(rejected["id"].to_pylist()))
     if not wanted_ids:
         return POSITIONS.empty_table()
     wanted = ray.put(pa.array(wanted_ids, pa.string()))
-    rows_of = ray.remote(num_cpus=0.5)(_rows_of)
+    rows_of = ray.remote(num_cpus=0.5, **io)(_rows_of)
     tasks = [rows_of.remote(loc, files[i : i + 64], wanted) for i in range(0, len(files), 64)]
     return _repeated(pa.concat_tables([POSITIONS.empty_table(), rejected, *ray.get(tasks)]))
 

@@ -17,6 +17,9 @@ paused before their commits race for the same table version (the concurrency tes
 ``SPLADE_PIPELINE_OOM_ABOVE=<tokens>``: a micro-batch of more than ``<tokens>`` padded tokens
 raises ``torch.OutOfMemoryError``, as a GPU too small for the token budget would.
 
+``SPLADE_PIPELINE_LOAD_DIES=1``: every encoder actor dies (SIGKILL) while it starts, before the
+model is loaded, as one whose node has too little memory for the model would.
+
 ``SPLADE_PIPELINE_RAY_START_FAILS=<n>``: the first ``n`` starts of a local Ray in this process
 fail as a start that timed out does ("Timed out waiting for file .../gcs_server_port").
 
@@ -35,6 +38,7 @@ PAUSE = "SPLADE_PIPELINE_PAUSE_AT"
 POISON = "SPLADE_PIPELINE_POISON"
 OOM_ABOVE = "SPLADE_PIPELINE_OOM_ABOVE"
 RAY_START_FAILS = "SPLADE_PIPELINE_RAY_START_FAILS"
+LOAD_DIES = "SPLADE_PIPELINE_LOAD_DIES"
 _passed: Counter[str] = Counter()
 
 
@@ -74,6 +78,12 @@ def poison_point(texts: list[str]) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def load_point() -> None:
+    if os.environ.get(LOAD_DIES):
+        print(f"[{LOAD_DIES}] an encoder dies while it starts (pid {os.getpid()})", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def out_of_memory_point(padded_tokens: int) -> None:
     limit = os.environ.get(OOM_ABOVE)
     if limit and padded_tokens > int(limit):
@@ -84,4 +94,4 @@ def out_of_memory_point(padded_tokens: int) -> None:
 
 def forwarded() -> dict[str, str]:
     """The fault variables set in this (driver) process, for the workers' runtime environment."""
-    return {name: os.environ[name] for name in (POISON, OOM_ABOVE) if os.environ.get(name)}
+    return {name: os.environ[name] for name in (POISON, OOM_ABOVE, LOAD_DIES) if os.environ.get(name)}

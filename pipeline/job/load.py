@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from pipeline.config import JobConfig, SinkConfig
 from pipeline.encode.fingerprint import Fingerprint
 from pipeline.encode.sparse import SPARSE_TYPE
-from pipeline.job.cluster import ensure_ray
+from pipeline.job.cluster import ensure_ray, placed
 from pipeline.job.faults import crash_point
 from pipeline.job.resume import recorded_fingerprint
 from pipeline.job.stages import UpsertBlocks, upsert_batch
@@ -351,7 +351,9 @@ def _load_in_actors(
 
     ensure_ray(config.compute)
     filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(loc.fs))
-    ds = ray.data.read_parquet([loc.path(f) for f in files], filesystem=filesystem).select_columns(["id", "sparse"])
+    io = placed(config.compute.io_resources)
+    paths = [loc.path(f) for f in files]
+    ds = ray.data.read_parquet(paths, filesystem=filesystem, ray_remote_args=io).select_columns(["id", "sparse"])
     if len(rows.skip) or rows.only is not None:
         ds = ds.map_batches(rows, batch_format="pyarrow", batch_size=None)
     loaded = ds.map_batches(
@@ -360,6 +362,7 @@ def _load_in_actors(
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=config.sink.writers),
         num_cpus=config.compute.io_cpus,
+        **io,
         fn_constructor_kwargs={"sink": config.sink, "dimension": dimension},
     )
     results = []

@@ -22,7 +22,7 @@ from pipeline.config import ComputeConfig, JobConfig
 from pipeline.encode.bundled import model_errors_named
 from pipeline.encode.fingerprint import Fingerprint, fingerprint, model_folder
 from pipeline.errors import SettingError
-from pipeline.job.cluster import ensure_ray
+from pipeline.job.cluster import ensure_ray, placed
 from pipeline.job.resume import assign_units
 from pipeline.job.stages import EncodeBlocks, WriteBlocks, read_shards
 from pipeline.output.location import OutputLocation
@@ -108,7 +108,7 @@ def read_dataset(config: JobConfig, shards: list[Shard], fn: Callable[..., Itera
         # declare none) also keeps Ray from fusing reading into the encoder actors: reading and
         # parsing must not hold a GPU (or the encoder's cores) while storage answers.
         memory=READER_MEMORY,
-        **_placed(config.compute.io_resources),
+        **placed(config.compute.io_resources),
     )
 
 
@@ -122,14 +122,6 @@ def limit_object_store(compute: ComputeConfig) -> None:
         options.resource_limits = options.resource_limits.copy(object_store_memory=compute.object_store_memory_limit)
 
 
-def _placed(resources: dict[str, float], accelerator: str | None = None) -> dict[str, Any]:
-    """Ray placement arguments: custom resources, an accelerator type (only those given)."""
-    return {
-        **({"resources": dict(resources)} if resources else {}),
-        **({"accelerator_type": accelerator} if accelerator else {}),
-    }
-
-
 def encoded_dataset(
     config: JobConfig, plan: Plan | None = None, work: list[Shard] | None = None, attempts: Any = None
 ) -> Any:
@@ -139,7 +131,9 @@ def encoded_dataset(
     the bookkeeping columns of :mod:`pipeline.sources`: rows whose ``_reject`` is not null are
     rejects (with ``sparse`` null) and are kept so that nothing disappears unseen. ``work``:
     the shards to read (default: all of the plan's); ``attempts``: the run's
-    :class:`pipeline.job.attempts.AttemptLog` (counts retries, isolates documents that kill encoders).
+    :class:`pipeline.job.attempts.AttemptLog` (counts retries, isolates documents that kill encoders,
+    bounds deaths while starting); without it (the default here) none of that happens, and an
+    encoder that dies while starting is restarted as often as ``compute.max_actor_restarts`` allows.
     """
     import ray
 
@@ -160,20 +154,21 @@ def encoded_dataset(
             num_gpus=compute.num_gpus_per_actor,
             max_restarts=compute.max_actor_restarts,
             max_task_retries=compute.max_task_retries,
-            **_placed(compute.encoder_resources, compute.accelerator_type),
+            **placed(compute.encoder_resources, compute.accelerator_type),
             fn_constructor_kwargs={
                 "encoder": config.encoder,
                 "expected": plan.fingerprint,
                 "threads": compute.torch_threads or max(1, int(compute.num_cpus_per_actor)),
                 "attempts": attempts,
                 "isolate_after": compute.isolate_after,
+                "max_deaths": compute.max_startup_deaths,
             },
         )
 
 
-def written_dataset(config: JobConfig, plan: Plan, encoded: Any, attempt: str) -> Any:
+def written_dataset(config: JobConfig, plan: Plan, encoded: Any, attempt: str, attempts: Any = None) -> Any:
     """``encoded`` written by a pool of writer actors: one row of stats per written block (piece);
-    file names carry ``attempt``."""
+    file names carry ``attempt``; ``attempts``: the run's attempt log (bounds the deaths of writers)."""
     import ray
 
     compute = config.compute
@@ -184,7 +179,7 @@ def written_dataset(config: JobConfig, plan: Plan, encoded: Any, attempt: str) -
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=compute.max_writers),
             num_cpus=compute.io_cpus,
-            **_placed(compute.io_resources),
+            **placed(compute.io_resources),
             # A writer that dies is restarted and its block written again (same file names, same content).
             max_restarts=compute.max_actor_restarts,
             max_task_retries=compute.max_task_retries,
@@ -194,6 +189,8 @@ def written_dataset(config: JobConfig, plan: Plan, encoded: Any, attempt: str) -
                 "fingerprint": plan.fingerprint,
                 "passthrough": config.input.passthrough_columns,
                 "attempt": attempt,
+                "attempts": attempts,
+                "max_deaths": compute.max_startup_deaths,
             },
         )
 

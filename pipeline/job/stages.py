@@ -15,9 +15,10 @@ import pyarrow.compute as pc
 from pipeline.config import EncoderConfig, InputConfig, SinkConfig
 from pipeline.encode.fingerprint import Fingerprint
 from pipeline.encode.sparse import SPARSE_TYPE, sparse_rows
+from pipeline.errors import ActorStartError
 from pipeline.job.attempts import CHUNK_ROWS
 from pipeline.job.dedupe import DUPLICATE, later_in_block
-from pipeline.job.faults import out_of_memory_point, poison_point
+from pipeline.job.faults import load_point, out_of_memory_point, poison_point
 from pipeline.output.layout import OOM_SPLITS, BlockWriter
 from pipeline.output.location import OutputLocation
 from pipeline.sinks import open_sink, store_limits
@@ -48,12 +49,99 @@ class WriteBlocks:
     """
 
     def __init__(
-        self, output: OutputLocation, compression: str, fingerprint: Fingerprint, passthrough: list[str], attempt: str
+        self,
+        output: OutputLocation,
+        compression: str,
+        fingerprint: Fingerprint,
+        passthrough: list[str],
+        attempt: str,
+        attempts: Any = None,
+        max_deaths: int = 3,
     ) -> None:
+        self.deaths = Deaths(attempts, max_deaths, "writer")
         self.writer = BlockWriter(output, compression, fingerprint, passthrough, attempt)
+        self.deaths.ready()
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        return self.writer.write(table)
+        key = block_key(table, "write")
+        if (died := self.deaths.begin(key)) >= WRITE_DEATHS:
+            raise ActorDeathsError(
+                f"the block of {table['_unit'][0].as_py()} from line {key[3]} killed its writer {died} times on "
+                "nodes that stayed up (out of memory on the writer's node?): the run stops rather than restart it "
+                "forever; the files written so far are kept for the re-run"
+            )
+        stats = self.writer.write(table)
+        self.deaths.end(key)
+        return stats
+
+
+WRITE_DEATHS = 5  # a block that killed its writer this many times (nodes that stayed up) stops the run
+
+
+class ActorDeathsError(ActorStartError):
+    """An actor kept dying where no isolation helps: while starting (compute.max_startup_deaths), or
+    writing one block (:data:`WRITE_DEATHS`)."""
+
+
+def block_key(block: pa.Table, kind: str) -> tuple | None:
+    """A block's key in the attempt log: its unit, its block number and first line (Ray may bundle blocks)."""
+    if not block.num_rows:
+        return None
+    return (kind, block["_unit"][0].as_py(), block["_block"][0].as_py(), pc.min(block["_line"]).as_py())
+
+
+class Deaths:
+    """An actor's side of the run's :class:`pipeline.job.attempts.AttemptLog`: announces its loading
+    and its work (with the node it runs on), and stops the run when loading keeps dying."""
+
+    def __init__(self, attempts: Any, limit: int, role: str) -> None:
+        self.attempts, self.limit, self.role = attempts, limit, role
+        self.node = self.actor = ""
+        if attempts is None:
+            return
+        import ray
+
+        context = ray.get_runtime_context()
+        self.node, self.actor = context.get_node_id(), context.get_actor_id() or ""
+        died = self._call("loading", self.actor, self.node) or 0
+        if died >= limit:
+            raise ActorDeathsError(
+                f"the {role} actor died {died} times while starting (loading the model or opening the output) on "
+                f"nodes that stayed up: out of memory on its node? (compute.max_startup_deaths = {limit}). The run "
+                "stops rather than restart it forever; the files written so far are kept for the re-run"
+            )
+        if role == "encoder" and self.attempts is not None and context.was_current_actor_reconstructed:
+            self.attempts.restarted.remote()
+
+    def ready(self) -> None:
+        if self.attempts is None:
+            return
+        if self.role == "encoder":
+            self.attempts.ready.remote(time.time(), self.node, self.actor)
+        else:
+            self.attempts.writer_ready.remote(self.node, self.actor)
+
+    def begin(self, key: tuple | None) -> int:
+        if key is None:
+            return 0
+        return int(self._call("begin", key, self.node) or 0)
+
+    def end(self, key: tuple | None) -> None:
+        if self.attempts is not None and key is not None:
+            self.attempts.end.remote(key, self.node)
+
+    def _call(self, method: str, *args: Any) -> Any:
+        if self.attempts is None:
+            return None
+        import ray
+
+        try:
+            return ray.get(getattr(self.attempts, method).remote(*args))
+        except ray.exceptions.RayActorError as err:
+            # The log lives on the driver's node; gone, the run ends anyway: work on, uncounted.
+            log.warning("the run's attempt log is gone (%s); working on without counting deaths", err)
+            self.attempts = None
+            return None
 
 
 class EncodeBlocks:
@@ -74,8 +162,16 @@ class EncodeBlocks:
     """
 
     def __init__(
-        self, encoder: EncoderConfig, expected: Fingerprint, threads: int, attempts: Any = None, isolate_after: int = 2
+        self,
+        encoder: EncoderConfig,
+        expected: Fingerprint,
+        threads: int,
+        attempts: Any = None,
+        isolate_after: int = 2,
+        max_deaths: int = 3,
     ) -> None:
+        self.deaths = Deaths(attempts, max_deaths, "encoder")
+        load_point()  # test-only fault injection; a no-op unless configured
         import torch
 
         from pipeline.encode.encoder import SpladeEncoder
@@ -84,35 +180,27 @@ class EncodeBlocks:
         torch.set_num_threads(max(1, threads))
         mine = fingerprint(encoder)
         if mine.weights_sha256 != expected.weights_sha256:
-            raise RuntimeError(
+            raise ActorStartError(
                 f"model {encoder.model!r}: weights on this worker (sha256 {mine.weights_sha256[:12]}) differ from the "
                 f"driver's ({expected.weights_sha256[:12]}); pin encoder.revision or use one model folder"
             )
         self.encoder = SpladeEncoder.from_config(encoder)
         dtype = str(self.encoder.compute_dtype).removeprefix("torch.")
         if dtype != expected.dtype:
-            raise RuntimeError(
+            raise ActorStartError(
                 f"encoder.dtype: this worker computes in {dtype} ({self.encoder.device.type}), the output is "
                 f"{expected.dtype}: vectors of two precisions must not be mixed; set encoder.dtype explicitly"
             )
         self.encoder.before_forward = out_of_memory_point  # test-only fault injection; a no-op unless configured
-        self.attempts, self.isolate_after = attempts, isolate_after
-        if attempts is not None:
-            import ray
-
-            context = ray.get_runtime_context()
-            attempts.ready.remote(time.time(), context.get_node_id(), context.get_actor_id())
-            if context.was_current_actor_reconstructed:
-                attempts.restarted.remote()
+        self.isolate_after = isolate_after
+        self.deaths.ready()
 
     def __call__(self, block: pa.Table) -> pa.Table:
         good_mask = pc.is_null(block["_reject"])
         good = block.filter(good_mask)
         rest = block.filter(pc.invert(good_mask)).drop_columns(["text"])
         texts = good["text"].to_pylist()
-        key = None
-        if block.num_rows:
-            key = ("block", block["_unit"][0].as_py(), block["_block"][0].as_py(), pc.min(block["_line"]).as_py())
+        key = block_key(block, "block")
         result = Encoded()
         # a later row of an id in this call is a duplicate: rejected here, where lines are known
         for pos, first in later_in_block(good).items():
@@ -197,21 +285,10 @@ class EncodeBlocks:
             self._end(("chunk", key, start))
 
     def _begin(self, key: tuple | None) -> int:
-        if self.attempts is None or key is None:
-            return 0
-        import ray
-
-        try:
-            return int(ray.get(self.attempts.begin.remote(key)))
-        except ray.exceptions.RayActorError as err:
-            # The log lives on the driver's node; gone, the run ends anyway: encode on, uncounted.
-            log.warning("the run's attempt log is gone (%s); encoding on without isolation", err)
-            self.attempts = None
-            return 0
+        return self.deaths.begin(key)
 
     def _end(self, key: tuple | None) -> None:
-        if self.attempts is not None and key is not None:
-            self.attempts.end.remote(key)
+        self.deaths.end(key)
 
 
 @dataclass

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import JobConfig, redacted
+from pipeline.errors import actor_start_error
 from pipeline.job.cluster import ensure_ray
 from pipeline.job.faults import crash_point, pause_point
 from pipeline.job.plan import Plan, encoded_dataset, written_dataset
@@ -35,7 +36,8 @@ def write_work(
     config: JobConfig, plan: Plan, work: list[Shard], attempt: str, pace: Pace
 ) -> tuple[pa.Table, dict[str, int]]:
     """Encode and write ``work`` (file names carry ``attempt``); return the entries of the written
-    files (their times in ``pace``) and the failures ridden through (actor restarts, retried blocks).
+    files (their times and the nodes that did the work in ``pace``) and the failures ridden through
+    (actor restarts, retried blocks, nodes lost).
 
     Nothing is recorded besides the files: each carries its entry in its footer, so a re-run
     after a kill finds every block written so far (see :mod:`pipeline.output.records`).
@@ -49,51 +51,115 @@ def write_work(
     ensure_ray(config.compute)  # before the first Ray call, which would otherwise start Ray its own way
     attempts = start_log()
     watch = ClusterWatch(config.compute)
-    written = written_dataset(config, plan, encoded_dataset(config, plan, work, attempts), attempt)
-    entries = _collect(written, pace, watch)
+    encoded = encoded_dataset(config, plan, work, attempts)
+    entries = _collect(written_dataset(config, plan, encoded, attempt, attempts), pace, watch)
     pace.encoders_ready = ray.get(attempts.encoders_ready.remote())
+    pace.nodes = ray.get(attempts.placement.remote())
     return entries, ray.get(attempts.report.remote()) | watch.report()
 
 
 def _collect(written: Any, pace: Pace, watch: ClusterWatch) -> pa.Table:
     """The entries of the written blocks, as they come. The dataset is driven from a thread, so
     that this one can say what the cluster does meanwhile (nodes lost, no node for an encoder:
-    see :class:`ClusterWatch`) and give up after the deadline instead of waiting without a word."""
+    see :class:`ClusterWatch`) and give up after the deadline instead of waiting without a word.
+    Whatever ends this loop early (the deadline, Ctrl-C, an error) stops the dataset's execution
+    too: a notebook's process goes on, and must not keep a pool of actors working for nobody."""
     rows = blocks = 0
     parts = [empty_entries()]
     started = last_report = time.monotonic()
-    results: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=256)
-
-    def pump() -> None:
-        try:
-            for stats in written.iter_batches(batch_size=None, batch_format="pyarrow"):
-                results.put(("stats", stats))
-            results.put(("done", None))
-        except BaseException as err:  # noqa: BLE001 - handed to the main thread, which raises it
-            results.put(("error", err))
-
-    threading.Thread(target=pump, name=RESULTS_THREAD, daemon=True).start()
-    while True:
-        try:
-            kind, stats = results.get(timeout=WATCH_EVERY_S)
-        except queue.Empty:
+    pump = _Pump(written)
+    try:
+        for stats in pump.results(watch.check, WATCH_EVERY_S):
+            for _ in range(stats.num_rows):  # one entry per written block (piece): its files are durable
+                crash_point("written")
+            parts.append(stats.cast(empty_entries().schema))
+            rows, blocks = rows + int(pc.sum(stats["rows"]).as_py() or 0), blocks + stats.num_rows
+            pace.block_written(rows)
             watch.check()
-            continue
-        if kind == "done":
-            break
-        if kind == "error":
-            raise stats
-        for _ in range(stats.num_rows):  # one entry per written block (piece): its files are durable
-            crash_point("written")
-        parts.append(stats.cast(empty_entries().schema))
-        rows, blocks = rows + int(pc.sum(stats["rows"]).as_py() or 0), blocks + stats.num_rows
-        pace.block_written(rows)
-        if time.monotonic() - last_report >= PROGRESS_EVERY_S:
-            last_report = time.monotonic()
-            watch.check()
-            rate = rows / (last_report - started)
-            print(f"  ... {rows} rows in {blocks} blocks written ({rate:.1f} rows/s)", flush=True)
+            if time.monotonic() - last_report >= PROGRESS_EVERY_S:
+                last_report = time.monotonic()
+                rate = rows / (last_report - started)
+                print(f"  ... {rows} rows in {blocks} blocks written ({rate:.1f} rows/s)", flush=True)
+    except BaseException:
+        pump.stop()
+        raise
     return pa.concat_tables(parts)
+
+
+class _Pump:
+    """Drives a Ray Data dataset in a thread (:data:`RESULTS_THREAD`), its batches handed over
+    through a bounded queue; :meth:`stop` ends the dataset's execution from the outside."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        self.queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=256)
+        self.stopping = threading.Event()
+        self.before = set(threading.enumerate())
+        self.thread = threading.Thread(target=self._run, name=RESULTS_THREAD, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for stats in self.dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                if not self._put(("stats", stats)):
+                    return
+            self._put(("done", None))
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread, which raises it
+            self._put(("error", err))
+
+    def _put(self, item: tuple[str, Any]) -> bool:
+        while not self.stopping.is_set():
+            try:
+                self.queue.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def results(self, idle: Any, every_s: float) -> Any:
+        """The batches as they come; ``idle()`` is called every ``every_s`` without one."""
+        while True:
+            try:
+                kind, item = self.queue.get(timeout=every_s)
+            except queue.Empty:
+                idle()
+                continue
+            if kind == "done":
+                return
+            if kind == "error":
+                known = actor_start_error(item)
+                if known is not None:
+                    raise known from item
+                raise item
+            yield item
+
+    def stop(self, wait_s: float = 20.0) -> None:
+        """Stop the dataset's execution (its executor thread, its actors) and the thread driving it;
+        an executor that starts meanwhile (the stop came while Ray Data planned) is stopped too."""
+        self.stopping.set()
+        stopped: set[Any] = set()
+        deadline = time.monotonic() + wait_s
+        while True:
+            for executor in self._executors():
+                if executor in stopped:
+                    continue
+                stopped.add(executor)
+                try:
+                    executor.shutdown(force=True)
+                except Exception as err:  # noqa: BLE001 - stopping anyway; said, not raised over the real error
+                    log.warning("stopping the dataset's execution: %s", err)
+            if not self.thread.is_alive() or time.monotonic() >= deadline:
+                return
+            self.thread.join(timeout=0.2)
+
+    def _executors(self) -> list[Any]:
+        """The Ray Data executors started since this pump began: each runs as a thread of its own
+        (Ray Data's StreamingExecutor), found by that rather than through Ray's private attributes."""
+        return [
+            t
+            for t in threading.enumerate()
+            if t not in self.before and type(t).__name__ == "StreamingExecutor" and hasattr(t, "shutdown")
+        ]
 
 
 def commit(

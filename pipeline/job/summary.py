@@ -73,13 +73,14 @@ class Pace:
     first_block: float | None = None
     last_block: float | None = None
     rows: int = 0
+    nodes: dict[str, list[str]] = field(default_factory=dict)  # the nodes that hosted encoders and writers
 
     def block_written(self, rows_so_far: int) -> None:
         now = time.time()
         self.first_block = self.first_block or now
         self.last_block, self.rows = now, rows_so_far
 
-    def summary(self) -> dict[str, float | None]:
+    def summary(self) -> dict[str, Any]:
         since = lambda t: round(t - self.started, 3) if t is not None else None  # noqa: E731
         rate = None
         if self.encoders_ready is not None and self.last_block is not None and self.last_block > self.encoders_ready:
@@ -88,6 +89,7 @@ class Pace:
             "encoders_up_s": since(self.encoders_ready),
             "first_block_s": since(self.first_block),
             "docs_per_s_encoders_up": rate,
+            "nodes": self.nodes,
         }
 
 

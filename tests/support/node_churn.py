@@ -14,7 +14,8 @@ head, and performs ``actions`` in order, each once its cue is met:
   one back), ``kill_head`` (the driver and the whole cluster killed: the head node lost).
 
 A phase with ``fresh_cluster`` starts a new cluster first (after ``kill_head``); ``expect``: texts
-looked for in the job's whole output (``seen`` in the result). Nodes: a head
+looked for in the job's whole output (``seen`` in the result); ``nodes``: the ids of the head
+and of every worker node started. Nodes: a head
 with ``head`` settings, ``workers`` worker nodes with ``worker`` settings (Ray's node arguments:
 num_cpus, resources, object_store_memory).
 """
@@ -42,6 +43,7 @@ class Churn:
         self.cluster: Any = None
         self.workers: list[Any] = []
         self.log: list[tuple[float, str]] = []
+        self.nodes: dict[str, Any] = {"head": [], "workers": []}  # every node's id, by role
         self.start = time.monotonic()
 
     def say(self, what: str) -> None:
@@ -52,6 +54,7 @@ class Churn:
 
         self.cluster = Cluster(initialize_head=True, head_node_args=dict(self.spec.get("head", {"num_cpus": 1})))
         self.workers = []
+        self.nodes["head"].append(self.cluster.head_node.node_id)
         for _ in range(self.spec.get("workers", 2)):
             self.add_worker()
         self.cluster.wait_for_nodes()
@@ -59,6 +62,7 @@ class Churn:
 
     def add_worker(self) -> None:
         self.workers.append(self.cluster.add_node(**self.spec.get("worker", {"num_cpus": 1})))
+        self.nodes["workers"].append(self.workers[-1].node_id)
         self.say(f"worker added ({len(self.workers)} now)")
 
     def remove_worker(self) -> None:
@@ -176,7 +180,7 @@ def main() -> None:
             results.append(result)
     finally:
         churn.down()
-    print("RESULT " + json.dumps({"phases": results, "log": churn.log}))
+    print("RESULT " + json.dumps({"phases": results, "log": churn.log, "nodes": churn.nodes}))
 
 
 if __name__ == "__main__":
