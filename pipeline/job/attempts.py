@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 CHUNK_ROWS = 32
-NODE_LOSSES_FORGIVEN = 8  # per block (chunk, row, actor start): node losses beyond these count as deaths
+NODE_LOSSES_FORGIVEN = 8  # per block, chunk or row (never an actor start): node losses beyond these count as deaths
 
 
 def _alive_nodes() -> set[str]:
