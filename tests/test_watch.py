@@ -160,6 +160,9 @@ def test_node_losses_stop_being_forgiven_past_a_limit() -> None:
         alive = {f"n{i}"}  # the node of the previous attempt is gone
         died.append(log.begin(key, f"n{i}"))
     assert died[: NODE_LOSSES_FORGIVEN + 1] == [0] * (NODE_LOSSES_FORGIVEN + 1) and died[-2:] == [1, 2]
+    for i in range(NODE_LOSSES_FORGIVEN + 3):  # an actor whose node is taken while it starts, again and again
+        alive = {f"m{i}"}
+        assert log.loading("actor", f"m{i}") == 0
 
 
 def test_a_started_actor_forgets_its_loading_deaths_and_an_unreadable_node_table_counts_them() -> None:

@@ -70,8 +70,11 @@ class AttemptLog:
             self.forgiven[key] += len(taken)
             unfinished[:] = [n for n in unfinished if n in alive]
         # A document that takes its whole node down (a GPU fault) would be forgiven forever: past
-        # NODE_LOSSES_FORGIVEN losses of one key, losses count as deaths too.
-        died = len(unfinished) + max(0, self.forgiven[key] - NODE_LOSSES_FORGIVEN)
+        # NODE_LOSSES_FORGIVEN losses of one block, chunk or row, losses count as deaths too. An
+        # actor's start holds no document: a churning cluster may take its node any number of times.
+        died = len(unfinished)
+        if key[0] != "load":
+            died += max(0, self.forgiven[key] - NODE_LOSSES_FORGIVEN)
         unfinished.append(node)
         self.begun[key] += 1
         return died
