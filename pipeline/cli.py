@@ -216,6 +216,27 @@ def _add_table_commands(sub: Any, flags: dict[str, dict[str, str]]) -> None:
         "YAML job config (its output section)",
     )
     vacuum.add_argument("--dry-run", action="store_true", help="list the files that would be deleted; delete nothing")
+    export = sub.add_parser(
+        "export",
+        help="write the output's vectors for a search engine (Anserini, OpenSearch, Elasticsearch) or as JSON lines",
+        description="Stream the latest version of an encoded output into sharded JSON-lines files for a search "
+        "engine, with the model's token strings and a header file (_EXPORT.json) naming the version and "
+        "fingerprint. Storage options and table options come from --config's output section.",
+    )
+    export.add_argument("--config", type=Path, help="YAML job config (its output section: where, how to reach it)")
+    export.add_argument("--from", dest="source", help="the encoded output (default: output.path)")
+    export.add_argument(
+        "--format", dest="export_format", required=True, help="anserini, opensearch, elasticsearch or jsonl"
+    )
+    export.add_argument("--to", dest="export_to", required=True, help="an empty local folder or fsspec URL")
+    export.add_argument("--quantize", type=int, default=100, help="anserini: integer weights = round(w * this) (100)")
+    export.add_argument("--index", dest="export_index", default="splade", help="opensearch/elasticsearch: index name")
+    export.add_argument("--field", dest="export_field", default="splade", help="opensearch/elasticsearch: the field")
+    export.add_argument("--contents-column", help="anserini: a passthrough column for 'contents' (default: empty)")
+    export.add_argument("--shard-docs", type=int, default=100_000, help="documents per file (100000)")
+    export.add_argument(
+        "--vocab-model", help="the model whose tokenizer names the terms (default: the one the output was encoded with)"
+    )
 
 
 def _job_command(
@@ -359,6 +380,34 @@ def _demo(args: argparse.Namespace, config: None) -> None:
     run_demo(args.output)
 
 
+def _export(args: argparse.Namespace, config: JobConfig | None) -> int:
+    from pipeline.export import ExportSettings, export_output
+    from pipeline.output.location import OutputLocation
+
+    config = config or load_config(args.config, {})
+
+    settings = ExportSettings(
+        format=args.export_format,
+        to=args.export_to,
+        quantize=args.quantize,
+        index=args.export_index,
+        field=args.export_field,
+        contents_column=args.contents_column,
+        shard_docs=args.shard_docs,
+    )
+    options = config.output.storage_options
+    source = OutputLocation(args.source or config.output.path, options)
+    header = export_output(
+        source, settings, table_options=config.output.table_options, storage_options=options, model=args.vocab_model
+    )
+    print(
+        f"exported {header['documents']} documents ({header['nonzeros']} terms) of table version "
+        f"{header['table_version']} as {header['format']} into {len(header['files'])} files under {args.export_to} "
+        f"in {header['seconds']} s ({header['docs_per_s']} docs/s); header: {args.export_to.rstrip('/')}/_EXPORT.json"
+    )
+    return 0
+
+
 def _terms(args: argparse.Namespace, config: None) -> None:
     from pipeline.encode.encoder import SpladeEncoder
 
@@ -382,6 +431,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Any], int | None]] = {
     "history": _history,
     "rollback": _rollback,
     "vacuum": _vacuum,
+    "export": _export,
     "search": _search,
     "demo": _demo,
     "terms": _terms,

@@ -92,3 +92,10 @@ def test_churn_bench(tmp_path: Path) -> None:
     assert len(result["runs"]["still"]) == len(result["runs"]["churn"]) == 1  # each checked exactly-once inside
     assert result["median_docs_per_s"]["still"] > 0 and result["median_docs_per_s"]["churn"] > 0
     assert result["runs"]["still"][0]["nodes_removed"] == 0
+
+
+@pytest.mark.usefixtures("splade_tiny")
+def test_export_bench(tmp_path: Path) -> None:
+    result = bench(tmp_path, "export_bench.py", "--docs", "300", "--reps", "1")
+    assert set(result["vs_baseline"]) == {"anserini", "opensearch", "elasticsearch", "jsonl"}
+    assert all(rate > 0 for rate in result["docs_per_s"].values())
