@@ -482,6 +482,11 @@ def _kind(annotation: Any) -> str:
 
 
 def _split(value: str) -> list[str]:
+    """``a,b`` or a YAML/JSON list (``'["a", "b"]'``, as a config file would write it)."""
+    if value.lstrip().startswith("["):
+        parsed = _yaml_value(value)
+        if isinstance(parsed, list):
+            return [str(v) for v in parsed]
     return [v for v in value.split(",") if v]
 
 

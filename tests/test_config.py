@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,16 @@ def test_a_renamed_setting_says_its_new_name() -> None:
 
     with pytest.raises(ValueError, match="wait_for_encoders_s was renamed compute.wait_for_nodes_s"):
         JobConfig.model_validate({"compute": {"wait_for_encoders_s": 60}})
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--passthrough-columns", "title,lang"], ["--passthrough-columns", "title", "--passthrough-columns", "lang"]]
+    + [["--passthrough-columns", '["title", "lang"]'], ["--passthrough-columns", "[title, lang]"]],
+)
+def test_list_flags_take_commas_repeats_or_a_yaml_list(flags: list[str], capsys: pytest.CaptureFixture) -> None:
+    from pipeline.cli import main
+
+    assert main(["encode", *flags, "--show-config"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["input"]["passthrough_columns"] == ["title", "lang"]
