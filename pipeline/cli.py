@@ -179,7 +179,7 @@ def _add_store_commands(sub: Any, flags: dict[str, dict[str, str]]) -> None:
         flags,
         "search",
         "encode queries with the job's model and print the store's top hits",
-        "Encode the queries with the job's model (or sink.query_model) and print the store's top hits.",
+        "Encode the queries (encoder.query_model, else the job's model) and print the store's top hits.",
         "YAML job config (encoder and sink sections are used)",
     )
     search.add_argument("queries", nargs="+", help="query texts")
@@ -237,6 +237,39 @@ def _add_table_commands(sub: Any, flags: dict[str, dict[str, str]]) -> None:
     export.add_argument(
         "--vocab-model", help="the model whose tokenizer names the terms (default: the one the output was encoded with)"
     )
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="retrieval quality of an output (MRR@10, nDCG@10, Recall@100) on judged queries",
+        description="Encode judged queries, score every document of the output's latest version by exact dot "
+        "product (in bounded memory), and report MRR@10, nDCG@10 and Recall@100 (ir-measures). A BEIR folder "
+        "(queries.jsonl, qrels/test.tsv) is taken as it is. Storage and table options come from --config.",
+    )
+    evaluate.add_argument("--config", type=Path, help="YAML job config (its output section: how to reach outputs)")
+    evaluate.add_argument("--from", dest="source", help="the encoded output (default: output.path)")
+    evaluate.add_argument("--queries", required=True, help="a BEIR folder, queries.jsonl ({_id, text}) or id<TAB>text")
+    evaluate.add_argument("--qrels", help="BEIR qrels TSV or TREC qrels (default: <BEIR folder>/qrels/test.tsv)")
+    evaluate.add_argument("--compare", help="a second output: the same metrics side by side, per-query differences")
+    evaluate.add_argument(
+        "--prune-sweep", type=_top_ks, default=(), help="top_k values, e.g. 32,64,128,256: metrics and index size each"
+    )
+    evaluate.add_argument("--depth", type=int, default=100, help="documents retrieved per query (default: 100)")
+    evaluate.add_argument(
+        "--model", dest="eval_model", help="query model (default: the one the output was encoded with)"
+    )
+    evaluate.add_argument("--query-model", dest="eval_query_model", help="a separate query encoder or IDF model")
+    evaluate.add_argument(
+        "--out",
+        dest="eval_out",
+        help="a folder for EVALUATION.json and the sweep's plot (PNG); default with --prune-sweep: ./evaluation",
+    )
+
+
+def _top_ks(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
 
 
 def _job_command(
@@ -380,12 +413,19 @@ def _demo(args: argparse.Namespace, config: None) -> None:
     run_demo(args.output)
 
 
-def _export(args: argparse.Namespace, config: JobConfig | None) -> int:
-    from pipeline.export import ExportSettings, export_output
+def _reading(args: argparse.Namespace) -> tuple[JobConfig, Any]:
+    """For commands that read an output (``--from``, else ``--config``'s output.path): the config and
+    the output's location, reached with the config's storage options."""
     from pipeline.output.location import OutputLocation
 
-    config = config or load_config(args.config, {})
+    config = load_config(args.config, {})
+    return config, OutputLocation(args.source or config.output.path, config.output.storage_options)
 
+
+def _export(args: argparse.Namespace, config: None) -> int:
+    from pipeline.export import ExportSettings, export_output
+
+    config, source = _reading(args)
     settings = ExportSettings(
         format=args.export_format,
         to=args.export_to,
@@ -396,7 +436,6 @@ def _export(args: argparse.Namespace, config: JobConfig | None) -> int:
         shard_docs=args.shard_docs,
     )
     options = config.output.storage_options
-    source = OutputLocation(args.source or config.output.path, options)
     header = export_output(
         source, settings, table_options=config.output.table_options, storage_options=options, model=args.vocab_model
     )
@@ -405,6 +444,25 @@ def _export(args: argparse.Namespace, config: JobConfig | None) -> int:
         f"{header['table_version']} as {header['format']} into {len(header['files'])} files under {args.export_to} "
         f"in {header['seconds']} s ({header['docs_per_s']} docs/s); header: {args.export_to.rstrip('/')}/_EXPORT.json"
     )
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, config: None) -> int:
+    from pipeline.evaluate import EvalSettings, evaluate
+
+    config, source = _reading(args)
+    settings = EvalSettings(
+        queries=args.queries,
+        qrels=args.qrels,
+        compare=args.compare,
+        prune_sweep=args.prune_sweep,
+        depth=args.depth,
+        model=args.eval_model,
+        query_model=args.eval_query_model,
+        out=args.eval_out,
+    )
+    options = config.output.storage_options
+    evaluate(source, settings, table_options=config.output.table_options, storage_options=options)
     return 0
 
 
@@ -432,6 +490,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Any], int | None]] = {
     "rollback": _rollback,
     "vacuum": _vacuum,
     "export": _export,
+    "evaluate": _evaluate,
     "search": _search,
     "demo": _demo,
     "terms": _terms,

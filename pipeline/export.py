@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.encode.sparse import sparse_rows
 from pipeline.errors import SettingError
 from pipeline.output.location import OutputLocation
+from pipeline.output.reading import batches
 
 FORMATS = ("anserini", "opensearch", "elasticsearch", "jsonl")
 HEADER = "_EXPORT.json"
@@ -219,22 +219,15 @@ def _stream(
     columns = ["id", "sparse", *([settings.contents_column] if settings.contents_column else [])]
     started = last = time.monotonic()
     nonzeros = 0
-    for rel in files:
-        with source.open(rel) as handle:
-            parquet = pq.ParquetFile(handle)
-            missing = [c for c in columns if c not in parquet.schema_arrow.names]
-            if missing:
-                raise SettingError(f"export: {source.url_of(rel)} has no column {missing[0]!r}")
-            for batch in parquet.iter_batches(batch_size=4096, columns=columns):
-                table = pa.Table.from_batches([batch])
-                for i, line in enumerate(lines(settings, table, vocab)):
-                    writer.write(line)
-                    if (i + 1) % writer.lines_per_doc == 0:
-                        writer.document_done()
-                sparse = table["sparse"].combine_chunks()
-                nonzeros += int(pc.sum(pc.list_value_length(sparse.field("indices"))).as_py() or 0)
-                if time.monotonic() - last >= PROGRESS_EVERY_S:
-                    last = time.monotonic()
-                    of = f" of {total}" if total else ""
-                    say(f"  ... {writer.docs}{of} documents exported ({writer.docs / (last - started):.0f}/s)")
+    for table in batches(source, files, columns):
+        for i, line in enumerate(lines(settings, table, vocab)):
+            writer.write(line)
+            if (i + 1) % writer.lines_per_doc == 0:
+                writer.document_done()
+        sparse = table["sparse"].combine_chunks()
+        nonzeros += int(pc.sum(pc.list_value_length(sparse.field("indices"))).as_py() or 0)
+        if time.monotonic() - last >= PROGRESS_EVERY_S:
+            last = time.monotonic()
+            of = f" of {total}" if total else ""
+            say(f"  ... {writer.docs}{of} documents exported ({writer.docs / (last - started):.0f}/s)")
     return nonzeros

@@ -1,4 +1,4 @@
-"""Querying the store the job loaded: encode the query with the same model, ask the store."""
+"""Querying the store the job loaded: encode the queries (:meth:`SpladeEncoder.encode_queries`), ask the store."""
 
 from __future__ import annotations
 
@@ -11,12 +11,9 @@ def search(config: JobConfig, queries: list[str], k: int) -> list[list[tuple[str
     """Top ``k`` ``(doc_id, score)`` per query, by the store's dot product (zero-score hits dropped)."""
     from pipeline.encode.encoder import SpladeEncoder
 
-    settings = config.encoder.model_dump()
-    if config.sink.query_model:
-        settings["model"] = config.sink.query_model
-    encoder = SpladeEncoder(**settings)
+    encoder = SpladeEncoder.from_config(config.encoder)
     store = open_sink(config.sink, encoder.vocab_size)
     try:
-        return [store.search(indices, values, k) for indices, values in sparse_rows(encoder.encode(queries))]
+        return [store.search(indices, values, k) for indices, values in sparse_rows(encoder.encode_queries(queries))]
     finally:
         store.close()

@@ -1,7 +1,9 @@
 """Every benchmark runs end to end at a tiny size (seconds), so none of them rots unnoticed.
 
 These are smoke runs: they check that each script works and reports what it should, never a
-timing. The numbers in the README come from the full-size runs named there.
+timing. The numbers in the README come from the full-size runs named there. The three that run
+whole jobs on clusters of their own (minutes each on 2 cores) are marked ``slow``: `.ci/run`
+leaves them out, ``python -m pytest -m slow`` runs them.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def test_pooling_memory(tmp_path: Path) -> None:
     assert set(result) >= {"naive", "chunked", "packed"}
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("splade_tiny")
 def test_pipeline_bench(tmp_path: Path) -> None:
     result = bench(tmp_path, "pipeline_bench.py", "--n", "200", "--shards", "2")
@@ -66,6 +69,7 @@ def test_pipeline_bench(tmp_path: Path) -> None:
     assert all(v and v > 0 for k, v in result.items() if k.endswith("start-up s") or k.endswith("encoders were up"))
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("splade_tiny")
 def test_reindex_bench(tmp_path: Path) -> None:
     runs = bench(tmp_path, "reindex_bench.py", "--n", "200", "--shards", "2", "--changed", "0.05")
@@ -83,6 +87,7 @@ def test_sink_bench(tmp_path: Path) -> None:
     assert len(result) == 4 and all(rate > 0 for rate in result.values())
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("splade_tiny")
 @pytest.mark.timeout(600)  # two runs, each on a fresh 3-raylet cluster: over 3 minutes on a slow 2-core VM
 def test_churn_bench(tmp_path: Path) -> None:

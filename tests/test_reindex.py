@@ -214,7 +214,12 @@ def _output(config: JobConfig) -> OutputLocation:
 
 @pytest.mark.parametrize(
     ("point", "version_after_kill"),
-    [("written:2", 0), ("before_commit", 0), ("commit", 1), ("delete", 1)],
+    [
+        pytest.param("written:2", 0, marks=pytest.mark.slow),  # the encode job's resume tests kill there too
+        pytest.param("before_commit", 0, marks=pytest.mark.slow),
+        ("commit", 1),
+        ("delete", 1),
+    ],
 )  # mid-encoding; all written; the table committed, rejects not; the store half-synced
 def test_killed_reindex_then_next_completes(
     ray_cluster: str, splade_tiny: Path, postgres: Any, encoder: SpladeEncoder, point: str, version_after_kill: int

@@ -135,3 +135,49 @@ def test_csr_take_rows_reorders() -> None:
     assert o.tolist() == [0, 3, 5, 5]
     assert i.tolist() == [0, 2, 3, 1, 4]
     assert v.tolist() == [3, 4, 5, 1, 2]
+
+
+def _csr(dense: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return splade.to_csr(torch.from_numpy(dense))
+
+
+def _dense(csr: tuple[np.ndarray, np.ndarray, np.ndarray], vocab: int) -> np.ndarray:
+    offsets, indices, values = csr
+    out = np.zeros((len(offsets) - 1, vocab), dtype=np.float32)
+    for row in range(len(offsets) - 1):
+        out[row, indices[offsets[row] : offsets[row + 1]]] = values[offsets[row] : offsets[row + 1]]
+    return out
+
+
+def test_csr_max_by_group_is_the_dense_max_and_keeps_nan() -> None:
+    rng = np.random.default_rng(3)
+    dense = np.where(rng.random((9, 40)) < 0.3, rng.random((9, 40)), 0.0).astype(np.float32)
+    dense[4] = 0.0  # a window with no term
+    group = np.array([2, 0, 2, 2, 1, 0, 4, 2, 0])  # unsorted; group 3 has no row
+    got = splade.csr_max_by_group(*_csr(dense), group, 5)
+    want = np.stack([dense[group == g].max(axis=0) if (group == g).any() else np.zeros(40) for g in range(5)])
+    np.testing.assert_array_equal(_dense(got, 40), want)
+    assert got[0][3] == got[0][4]  # group 3: an empty row
+    for g in range(5):
+        row = got[1][got[0][g] : got[0][g + 1]]
+        assert np.all(np.diff(row) > 0)
+    dense[3, 7] = np.nan  # a broken window: its document is seen as broken, not silently repaired
+    nan_row = _dense(splade.csr_max_by_group(*_csr(dense), group, 5), 40)[2]
+    assert np.isnan(nan_row[7]) and np.isnan(nan_row).sum() == 1
+    empty = splade.csr_max_by_group(np.zeros(1, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32), group[:0], 2)
+    assert empty[0].tolist() == [0, 0, 0] and len(empty[1]) == 0
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 7, 100, None])
+def test_csr_top_k_equals_dense_pruning(top_k: int | None) -> None:
+    rng = np.random.default_rng(5)
+    dense = np.where(rng.random((6, 30)) < 0.4, rng.random((6, 30)), 0.0).astype(np.float32)
+    dense[2] = 0.0
+    offsets, indices, values = splade.csr_top_k(*_csr(dense), top_k)
+    want = splade.prune_(torch.from_numpy(dense.copy()), top_k, 0.0).numpy()
+    np.testing.assert_array_equal(_dense((offsets, indices, values), 30), want)
+    for row in range(6):
+        assert np.all(np.diff(indices[offsets[row] : offsets[row + 1]]) > 0)
+    dense[0, 3] = np.nan  # NaN ranks first: kept, so the row is rejected downstream rather than cleaned
+    kept = _dense(splade.csr_top_k(*_csr(dense), 1), 30)[0]
+    assert np.isnan(kept[3]) and np.count_nonzero(kept) == 1

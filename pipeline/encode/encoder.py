@@ -40,9 +40,14 @@ class EncodedBatch:
     """Vectors plus what the pipeline counts: real tokens per text and whether it was truncated."""
 
     sparse: pa.StructArray
-    num_tokens: np.ndarray  # int32, [CLS]/[SEP] included, after truncation
+    num_tokens: np.ndarray  # int32, [CLS]/[SEP] included, after truncation (max: summed over the windows)
     truncated: np.ndarray  # bool
     oom_splits: int = 0  # micro-batches halved after running out of memory
+    windows: np.ndarray | None = None  # int32: windows pooled into each vector (None: one each)
+    # long_documents split: one row per window of each text, in order of text, then window
+    parent: np.ndarray | None = None  # int64: the position of the row's text in the input
+    window: np.ndarray | None = None  # int32: the window's number within its text (0, 1, ...)
+    spans: np.ndarray | None = None  # int64 [rows, 2]: the window's characters in its text, [start, end)
 
 
 class SpladeEncoder:
@@ -71,7 +76,8 @@ class SpladeEncoder:
         self.parts: MaskedLMParts = split_masked_lm(self.model)
         self.vocab_size = int(self.model.get_output_embeddings().out_features)
         self.max_length = _check_max_length(self.config.max_length, self.tokenizer, self.model)
-        self._backend.enable_truncation(self.max_length)
+        self.windowed = self.config.long_documents != "truncate"
+        self._backend.enable_truncation(self.max_length, stride=self._stride() if self.windowed else 0)
         self._backend.no_padding()
         self._pad_id = int(self.tokenizer.pad_token_id or 0)
         on_gpu = self.device.type == "cuda"
@@ -93,6 +99,7 @@ class SpladeEncoder:
         # Called with each micro-batch's padded token count before its forward pass. The job's
         # test-only fault injection sets it (pipeline.job.faults); nothing here knows of faults.
         self.before_forward: Callable[[int], None] | None = None
+        self._queries: Callable[[list[str]], pa.StructArray] | None = None  # loaded on first use
 
     @classmethod
     def from_config(cls, config: EncoderConfig) -> SpladeEncoder:
@@ -102,13 +109,95 @@ class SpladeEncoder:
         """One sparse vector per text, in input order."""
         return self.encode_batch(texts).sparse
 
+    def encode_queries(self, queries: Sequence[str]) -> pa.StructArray:
+        """One query vector per text, in input order, for scoring documents by dot product: by
+        ``query_model`` where one is set (SPLADE families with a query encoder of their own), else by
+        the document model; with an ``idf.json`` in that model's folder (an inference-free model),
+        the IDF weight of each distinct word piece, without a forward pass. Queries are truncated
+        at ``max_length`` and never pruned (``top_k`` and ``min_weight`` are for documents)."""
+        _check_texts(queries)
+        if self._queries is None:
+            self._queries = self._query_side()
+        return self._queries(list(queries))
+
+    def _query_side(self) -> Callable[[list[str]], pa.StructArray]:
+        from pipeline.encode.queries import IdfQueries, idf_file, load_idf
+
+        name = self.config.query_model
+        path = resolve_model(name) if name else self.model_path
+        with model_errors_named(name or self.config.model):
+            idf = idf_file(path, None if name else self.config.revision)
+            if idf is not None:
+                config = self.config.model_copy(update={"model": name, "revision": None}) if name else self.config
+                tokenizer, backend = _load_tokenizer(path, config)  # its own copy: truncated, never windowed
+                backend.enable_truncation(self.max_length)
+                backend.no_padding()
+                return IdfQueries(tokenizer, backend, load_idf(idf, tokenizer, self.vocab_size)).encode
+        if not name:
+            return self._encode_unpruned
+        settings = self.config.model_dump() | {"model": name, "revision": None, "query_model": None}
+        other = SpladeEncoder(**settings | {"long_documents": "truncate", "stride": 0})
+        if other.vocab_size != self.vocab_size:
+            raise SettingError(
+                f"encoder.query_model {name!r} has {other.vocab_size} vocabulary terms and encoder.model "
+                f"{self.config.model!r} {self.vocab_size}: query and document vectors must share a vocabulary"
+            )
+        return other._encode_unpruned
+
+    @torch.inference_mode()
+    def _encode_unpruned(self, texts: list[str]) -> pa.StructArray:
+        encodings = self._backend.encode_batch(texts, add_special_tokens=True)  # a text's first window only
+        lengths = np.fromiter((len(e) for e in encodings), dtype=np.int32, count=len(encodings))
+        offsets, indices, values, _ = self._encode_units(encodings, lengths, None, 0.0)
+        return sparse_array(offsets, indices, values)
+
     @torch.inference_mode()
     def encode_batch(self, texts: Sequence[str]) -> EncodedBatch:
-        """Vectors plus per-text token counts and truncation flags."""
+        """Vectors plus per-text token counts and truncation flags (``long_documents: split``: one row
+        per window, with its text, number and characters)."""
         _check_texts(texts)
         encodings = self._backend.encode_batch(list(texts), add_special_tokens=True)
-        lengths = np.fromiter((len(e) for e in encodings), dtype=np.int32, count=len(encodings))
-        truncated = np.fromiter((bool(e.overflowing) for e in encodings), dtype=bool, count=len(encodings))
+        if not self.windowed:
+            lengths = np.fromiter((len(e) for e in encodings), dtype=np.int32, count=len(encodings))
+            truncated = np.fromiter((bool(e.overflowing) for e in encodings), dtype=bool, count=len(encodings))
+            offsets, indices, values, splits = self._encode_units(
+                encodings, lengths, self.config.top_k, self.config.min_weight
+            )
+            return EncodedBatch(sparse_array(offsets, indices, values), lengths, truncated, splits)
+        # Long documents: every window of max_length tokens (the tokenizer's overflow, [CLS]/[SEP]
+        # each) is a unit of its own, so a micro-batch's token budget holds whatever a text's length.
+        windows = np.fromiter((1 + len(e.overflowing) for e in encodings), dtype=np.int32, count=len(encodings))
+        units = [w for e in encodings for w in (e, *e.overflowing)]
+        lengths = np.fromiter((len(u) for u in units), dtype=np.int32, count=len(units))
+        parent = np.repeat(np.arange(len(encodings)), windows)
+        if self.config.long_documents == "split":
+            offsets, indices, values, splits = self._encode_units(
+                units, lengths, self.config.top_k, self.config.min_weight
+            )
+            window = (np.arange(len(units)) - np.repeat(np.cumsum(windows) - windows, windows)).astype(np.int32)
+            return EncodedBatch(
+                sparse_array(offsets, indices, values),
+                lengths,
+                np.zeros(len(units), dtype=bool),
+                splits,
+                np.ones(len(units), dtype=np.int32),
+                parent,
+                window,
+                np.array([_char_span(u) for u in units], dtype=np.int64).reshape(-1, 2),
+            )
+        # max: the weights below min_weight go per window (that commutes with the max), top_k after it.
+        offsets, indices, values, splits = self._encode_units(units, lengths, None, self.config.min_weight)
+        offsets, indices, values = splade.csr_max_by_group(offsets, indices, values, parent, len(encodings))
+        offsets, indices, values = splade.csr_top_k(offsets, indices, values, self.config.top_k)
+        num_tokens = np.bincount(parent, weights=lengths, minlength=len(encodings)).astype(np.int32)
+        truncated = np.zeros(len(encodings), dtype=bool)
+        return EncodedBatch(sparse_array(offsets, indices, values), num_tokens, truncated, splits, windows)
+
+    def _encode_units(
+        self, encodings: list, lengths: np.ndarray, top_k: int | None, min_weight: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """CSR weights of each encoding (pruned by ``min_weight`` and ``top_k``), in input order, and
+        the OOM splits."""
         queue = plan_micro_batches(lengths, self.max_batch_tokens, self.config.pad_to_multiple_of, self.max_length)
         queue.reverse()  # popped from the end: in plan order
         plan, pieces, splits = [], [], 0
@@ -116,7 +205,7 @@ class SpladeEncoder:
         while queue:
             rows = queue.pop()
             try:
-                weights = self._weights([encodings[r] for r in rows], lengths[rows])
+                weights = self._weights([encodings[r] for r in rows], lengths[rows], top_k, min_weight)
             except Exception as err:
                 if not is_out_of_memory(err) or len(rows) == 1:
                     raise
@@ -145,9 +234,9 @@ class SpladeEncoder:
         inverse = np.empty_like(processed)
         inverse[processed] = np.arange(len(processed))
         offsets, indices, values = splade.csr_take_rows(offsets, indices, values, inverse)
-        return EncodedBatch(sparse_array(offsets, indices, values), lengths, truncated, splits)
+        return offsets, indices, values, splits
 
-    def _weights(self, encodings: list, lengths: np.ndarray) -> torch.Tensor:
+    def _weights(self, encodings: list, lengths: np.ndarray, top_k: int | None, min_weight: float) -> torch.Tensor:
         """Pruned ``[B, V]`` SPLADE weights of one micro-batch, left on the device (no sync)."""
         width = padded_length(int(lengths.max()), self.config.pad_to_multiple_of, self.max_length)
         total = int(lengths.sum())
@@ -175,7 +264,17 @@ class SpladeEncoder:
                     hidden, mask_t, lengths, self.parts.head, self.vocab_size, self.head_chunk_tokens
                 )
         weights = splade.splade_activation_(max_logits)
-        return splade.prune_(weights, self.config.top_k, self.config.min_weight)
+        return splade.prune_(weights, top_k, min_weight)
+
+    def _stride(self) -> int:
+        """The overlap of consecutive windows, checked against the room a window has for text."""
+        room = self.max_length - self._backend.num_special_tokens_to_add(False)
+        if self.config.stride >= room:
+            raise SettingError(
+                f"encoder.stride: {self.config.stride} must be below the text tokens a window holds "
+                f"({room}: max_length {self.max_length} minus {self.max_length - room} special tokens)"
+            )
+        return self.config.stride
 
     def _screened_decoder(self, on_gpu: bool) -> ScreenedDecoder | None:
         """The bf16-screened decoder where it applies (see :mod:`pipeline.encode.screen`), else None."""
@@ -231,7 +330,8 @@ class SpladeEncoder:
             f"SpladeEncoder(model={self.config.model!r}, device={self.device.type!r}, "
             f"dtype={str(self.compute_dtype).removeprefix('torch.')!r}, path={self.parts.kind!r}, "
             f"packed={self.packed is not None}, screen={self.screen is not None}, "
-            f"max_length={self.max_length}, top_k={self.config.top_k}, min_weight={self.config.min_weight})"
+            f"max_length={self.max_length}, long_documents={self.config.long_documents!r}, "
+            f"top_k={self.config.top_k}, min_weight={self.config.min_weight})"
         )
 
 
@@ -243,6 +343,12 @@ def decode(tokenizer: Any, vectors: pa.StructArray | pa.ChunkedArray, top: int |
         tokens = tokenizer.convert_ids_to_tokens(indices[order].tolist())
         out.append(dict(zip(tokens, values[order].tolist())))
     return out
+
+
+def _char_span(encoding: Any) -> tuple[int, int]:
+    """The characters a window covers in its text, ``[start, end)``, from its real tokens' offsets."""
+    spans = [o for o, special in zip(encoding.offsets, encoding.special_tokens_mask) if not special]
+    return (spans[0][0], spans[-1][1]) if spans else (0, 0)
 
 
 def is_out_of_memory(err: BaseException) -> bool:

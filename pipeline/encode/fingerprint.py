@@ -44,6 +44,9 @@ class Fingerprint:
     min_weight: float
     dtype: str  # the compute dtype the encoders resolve ("auto" never appears here)
     package_version: str
+    # Added later: records written before they existed were made with these values.
+    long_documents: str = "truncate"
+    stride: int = 0  # 0 where long_documents is truncate (it changes nothing there)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -51,8 +54,14 @@ class Fingerprint:
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> Fingerprint:
         """The fingerprint a record (a commit, a file's metadata) carries; unknown keys are ignored,
-        missing ones are None (and so differ from any real value)."""
-        return cls(**{f.name: record.get(f.name) for f in dataclasses.fields(cls)})
+        missing ones are None (and so differ from any real value), or the value every record had
+        before the field existed."""
+        return cls(
+            **{
+                f.name: record.get(f.name, None if f.default is dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(cls)
+            }
+        )
 
     def deciding(self) -> dict[str, Any]:
         """The fields that decide the vectors (names left out)."""
@@ -139,4 +148,6 @@ def fingerprint(config: EncoderConfig, folder: Path | None = None, gpus_per_enco
         min_weight=config.min_weight,
         dtype=resolved_dtype(config, gpus_per_encoder),
         package_version=__version__,
+        long_documents=config.long_documents,
+        stride=config.stride if config.long_documents != "truncate" else 0,
     )

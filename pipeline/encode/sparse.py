@@ -29,3 +29,16 @@ def sparse_rows(vectors: pa.StructArray | pa.ChunkedArray) -> list[tuple[np.ndar
         (idx[i].values.to_numpy(zero_copy_only=False), val[i].values.to_numpy(zero_copy_only=False))
         for i in range(len(vectors))
     ]
+
+
+def sparse_csr(vectors: pa.StructArray | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The CSR arrays of ``vectors``: ``(offsets int64[n+1], indices int32, values float32)``, vectorised
+    (the inverse of :func:`sparse_array`)."""
+    if isinstance(vectors, pa.ChunkedArray):
+        vectors = vectors.combine_chunks()
+    idx, val = vectors.flatten()  # each list's own offsets (a sliced array's are not zero-based)
+    offsets = idx.offsets.to_numpy().astype(np.int64)
+    value_offsets = val.offsets.to_numpy().astype(np.int64)
+    indices = idx.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
+    values = val.values.to_numpy(zero_copy_only=False)[value_offsets[0] : value_offsets[-1]]
+    return offsets - offsets[0], indices, values

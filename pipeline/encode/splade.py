@@ -198,3 +198,41 @@ def csr_take_rows(
     np.cumsum(counts, out=new_offsets[1:])
     gather = np.repeat(offsets[:-1][rows] - new_offsets[:-1], counts) + np.arange(new_offsets[-1])
     return new_offsets, indices[gather], values[gather]
+
+
+def csr_max_by_group(
+    offsets: np.ndarray, indices: np.ndarray, values: np.ndarray, group: np.ndarray, groups: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Element-wise max of CSR rows by ``group`` (row ``r`` belongs to ``group[r]`` in ``[0, groups)``):
+    row ``g`` of the result holds, per term, the largest weight any of its rows gives it (a NaN wins,
+    so a broken window is seen). Indices ascend within each row, as :func:`to_csr` leaves them."""
+    row_group = np.repeat(group.astype(np.int64), np.diff(offsets))
+    order = np.lexsort((indices, row_group))
+    g, i, v = row_group[order], indices[order], values[order]
+    first = np.ones(len(g), dtype=bool)
+    first[1:] = (g[1:] != g[:-1]) | (i[1:] != i[:-1])
+    starts = np.flatnonzero(first)
+    top = np.maximum.reduceat(v, starts) if len(v) else v
+    new_offsets = np.zeros(groups + 1, dtype=np.int32)
+    np.cumsum(np.bincount(g[starts], minlength=groups), out=new_offsets[1:])
+    return new_offsets, i[starts].astype(np.int32), top.astype(np.float32)
+
+
+def csr_top_k(
+    offsets: np.ndarray, indices: np.ndarray, values: np.ndarray, top_k: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keep at most the ``top_k`` largest weights of each CSR row (a NaN counts as the largest),
+    indices still ascending: :func:`prune_` for rows already on the host. Ties at the k-th weight
+    are kept in index order."""
+    counts = np.diff(offsets)
+    if top_k is None or not len(counts) or counts.max() <= top_k:
+        return offsets, indices, values
+    row = np.repeat(np.arange(len(counts)), counts)
+    rank_key = np.where(np.isnan(values), -np.inf, -values.astype(np.float64))
+    by_weight = np.lexsort((indices, rank_key, row))  # per row: heaviest first
+    rank = np.empty(len(values), dtype=np.int64)
+    rank[by_weight] = np.arange(len(values)) - np.repeat(offsets[:-1], counts)
+    keep = rank < top_k
+    new_offsets = np.zeros(len(counts) + 1, dtype=np.int32)
+    np.cumsum(np.minimum(counts, top_k), out=new_offsets[1:])
+    return new_offsets, indices[keep], values[keep]

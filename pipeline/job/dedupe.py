@@ -264,7 +264,7 @@ def _replaced(
         "data_stats": None if kept is None else delta_stats(kept[2]),
     }
     if kept is None:
-        new |= {"written": 0, "tokens": 0, "truncated": 0, "nnz_hist": "{}"}
+        new |= {"written": 0, "tokens": 0, "windows": 0, "truncated": 0, "nnz_hist": "{}"}
     else:
         new |= data_stats(kept[2])
     return new

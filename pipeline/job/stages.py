@@ -19,7 +19,7 @@ from pipeline.errors import ActorStartError
 from pipeline.job.attempts import CHUNK_ROWS
 from pipeline.job.dedupe import DUPLICATE, later_in_block
 from pipeline.job.faults import load_point, out_of_memory_point, poison_point
-from pipeline.output.layout import OOM_SPLITS, BlockWriter
+from pipeline.output.layout import OOM_SPLITS, WINDOWS, BlockWriter
 from pipeline.output.location import OutputLocation
 from pipeline.sinks import open_sink, store_limits
 from pipeline.sinks.protocol import Sink, SinkError, request_batches, request_limits
@@ -217,11 +217,11 @@ class EncodeBlocks:
             raise RuntimeError(f"every document of the block failed to encode, e.g.: {next(iter(failed.values()))[1]}")
         encoded = pa.concat_tables([_EMPTY_PIECE, *result.pieces]).sort_by("_pos")
         out = good.take(encoded["_pos"]).drop_columns(["text"])
-        for name in ("sparse", "num_tokens", "truncated"):
+        for name, _ in _ENCODED_COLUMNS:
             out = out.append_column(name, encoded[name])
         if failed:
             rest = pa.concat_tables([rest, _rejected(good.drop_columns(["text"]), failed)])
-        for name, kind in (("sparse", SPARSE_TYPE), ("num_tokens", pa.int32()), ("truncated", pa.bool_())):
+        for name, kind in _ENCODED_COLUMNS:
             rest = rest.append_column(name, pa.nulls(rest.num_rows, kind))
         table = pa.concat_tables([out, rest], promote_options="permissive")
         # Counted once per block, on its first row: a block Ray splits between writers still sums right.
@@ -256,6 +256,7 @@ class EncodeBlocks:
                 "sparse": batch.sparse,
                 "num_tokens": pa.array(batch.num_tokens, pa.int32()),
                 "truncated": pa.array(batch.truncated, pa.bool_()),
+                WINDOWS: pa.array(np.ones(len(rows), np.int32) if batch.windows is None else batch.windows, pa.int32()),
             }
         )
         infinite, nan = non_finite_counts(batch.sparse)
@@ -323,9 +324,13 @@ def _rejected(good: pa.Table, failed: dict[int, tuple[str, str]]) -> pa.Table:
     return bad
 
 
-_EMPTY_PIECE = pa.schema(
-    [("_pos", pa.int64()), ("sparse", SPARSE_TYPE), ("num_tokens", pa.int32()), ("truncated", pa.bool_())]
-).empty_table()
+_ENCODED_COLUMNS = (
+    ("sparse", SPARSE_TYPE),
+    ("num_tokens", pa.int32()),
+    ("truncated", pa.bool_()),
+    (WINDOWS, pa.int32()),
+)
+_EMPTY_PIECE = pa.schema([("_pos", pa.int64()), *_ENCODED_COLUMNS]).empty_table()
 
 
 def upsert_batch(sink: Sink, cfg: SinkConfig, batch: pa.Table) -> tuple[int, int]:

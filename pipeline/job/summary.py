@@ -40,6 +40,9 @@ def summarize(
         "duplicate_ids": rejected.get("duplicate_id", 0),  # later rows of an id: rejected, the first kept
         "truncated": sum(r["truncated"] for r in rows),
         "tokens": sum(r["tokens"] for r in rows),
+        # windows encoded: one per document, except with long_documents max (records older than
+        # the count held one per document written)
+        "windows": sum(r["written"] if r["windows"] is None else r["windows"] for r in rows),
         "nonzeros_per_doc": _percentiles(hist),
         "input_files": files,
         "skipped_files": sorted(r["bad_file"] for r in rows if r["bad_file"]),
@@ -140,8 +143,8 @@ def render(summary: dict[str, Any], output: str) -> str:
         f"truncated: {summary['truncated']}",
         f"  reused from earlier attempts (not encoded again): {summary['rows_reused']} rows",
         "  failures ridden through: " + (", ".join(f"{k} {v}" for k, v in summary["faults"].items() if v) or "none"),
-        f"  tokens: {summary['tokens']}; non-zeros per doc: mean {nz['mean']}, p50 {nz['p50']:.0f}, p99 "
-        f"{nz['p99']:.0f}",
+        f"  tokens: {summary['tokens']}{_render_windows(summary)}; non-zeros per doc: mean {nz['mean']}, "
+        f"p50 {nz['p50']:.0f}, p99 {nz['p99']:.0f}",
         f"  {summary['input_files']} input files, {summary['output_files']} output files, skipped files: "
         f"{len(summary['skipped_files'])}",
         f"  {summary['wall_seconds']} s, {summary['docs_per_s']} docs/s" + _render_pace(summary.get("pace")),
@@ -149,6 +152,11 @@ def render(summary: dict[str, Any], output: str) -> str:
     ]
     lines += [f"  skipped: {s}" for s in summary["skipped_files"]]
     return "\n".join(lines)
+
+
+def _render_windows(summary: dict[str, Any]) -> str:
+    windows = summary.get("windows")
+    return f" in {windows} windows" if windows is not None and windows != summary["rows_written"] else ""
 
 
 def _render_pace(pace: dict[str, float | None] | None) -> str:

@@ -35,6 +35,7 @@ DATA_DIR = "data"
 REJECTS_DIR = "_rejects"
 SUMMARY_FILE = "_SUMMARY.json"
 FINGERPRINT_KEY = b"splade_pipeline.fingerprint"
+WINDOWS = "_windows"  # per encoded row: the windows its vector pools (long_documents max), else 1
 OOM_SPLITS = "_oom_splits"  # per encoded block, on its first row: micro-batches halved after running out of memory
 DATA_COLUMNS = ["id", "content_hash", "sparse", "num_tokens", "truncated"]
 
@@ -182,6 +183,7 @@ def data_stats(data: pa.Table) -> dict[str, Any]:
     return {
         "written": data.num_rows,
         "tokens": int(pc.sum(data["num_tokens"]).as_py() or 0) if data.num_rows else 0,
+        "windows": int(pc.sum(data[WINDOWS]).as_py() or 0) if WINDOWS in data.column_names else data.num_rows,
         "truncated": int(pc.sum(pc.cast(data["truncated"], pa.int64())).as_py() or 0) if data.num_rows else 0,
         "nnz_hist": json.dumps({int(k): int(v) for k, v in zip(*np.unique(nnz, return_counts=True), strict=True)}),
     }

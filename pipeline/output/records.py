@@ -54,6 +54,7 @@ ENTRY_SCHEMA = pa.schema(
         ("rejects_stats", pa.string()),
         ("attempt", pa.string()),
         ("oom_splits", pa.int64()),
+        ("windows", pa.int64()),  # windows encoded (long_documents max: several per document)
     ]
 )
 

@@ -45,3 +45,41 @@ def densify(vectors: pa.StructArray, vocab: int) -> np.ndarray:
     for row, (indices, values) in enumerate(sparse_rows(vectors)):
         out[row, indices] = values
     return out
+
+
+def windows_of(model_dir: str, text: str, max_length: int, stride: int) -> list[list[int]]:
+    """The token ids of ``text``'s windows, cut by hand: ``max_length - 2`` word pieces each, the
+    next one starting ``stride`` pieces before the end of the one before, [CLS]/[SEP] around each."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pieces = tokenizer(text, add_special_tokens=False)["input_ids"]
+    room, out, start = max_length - 2, [], 0
+    while True:
+        out.append([tokenizer.cls_token_id, *pieces[start : start + room], tokenizer.sep_token_id])
+        if start + room >= len(pieces):
+            return out
+        start += room - stride
+
+
+@torch.inference_mode()
+def reference_ids(model_dir: str, windows: list[list[int]]) -> np.ndarray:
+    """``[len(windows), vocab]`` SPLADE weights of token id lists (special tokens included), one
+    padded batch with its attention mask, straight from the definition."""
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    width = max(len(w) for w in windows)
+    ids = torch.tensor([w + [0] * (width - len(w)) for w in windows])
+    mask = torch.tensor([[1] * len(w) + [0] * (width - len(w)) for w in windows])
+    weights = torch.log1p(torch.relu(model(input_ids=ids, attention_mask=mask).logits.float()))
+    return torch.where(mask.bool().unsqueeze(-1), weights, torch.zeros(())).amax(dim=1).numpy()
+
+
+def pruned(weights: np.ndarray, top_k: int | None = None, min_weight: float = 0.0) -> np.ndarray:
+    """Dense weights with those below ``min_weight`` zeroed and only each row's ``top_k`` largest kept."""
+    out = np.where(weights >= min_weight, weights, 0.0).astype(np.float32)
+    if top_k is not None:
+        for row in out:
+            row[np.argsort(-row, kind="stable")[top_k:]] = 0.0
+    return out

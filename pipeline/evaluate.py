@@ -1,0 +1,416 @@
+"""Retrieval evaluation of a committed output (``splade-pipeline evaluate``).
+
+The judged queries are encoded (:meth:`SpladeEncoder.encode_queries`, the model the output was
+encoded with unless told otherwise), every document of the output's latest version is scored by
+exact dot product (sparse matrix products on the CPU, one batch of documents at a time, so memory
+is bounded by queries x batch whatever the corpus), and the ``depth`` best per query are kept
+(zero scores never count as hits). MRR@10, nDCG@10 and Recall@100 are computed by ir-measures
+(trec_eval's definitions through pytrec_eval, MS MARCO's RR) and averaged over every judged query
+that has a relevant document; a query without a hit scores 0 (trec_eval's ``-c``).
+
+``compare``: a second output scored on the same queries, with per-query differences and index
+sizes. ``prune_sweep``: the output's vectors with each ``top_k`` applied (heaviest terms kept, as
+the encoder prunes), all in the same pass over the output.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.encode.sparse import sparse_csr
+from pipeline.encode.splade import csr_top_k
+from pipeline.errors import SettingError
+from pipeline.output.location import OutputLocation
+from pipeline.output.reading import batches
+from pipeline.storage import open_url, url_to_fs
+
+METRICS = ("MRR@10", "nDCG@10", "Recall@100")
+DEPTH = 100
+SCORES_PER_STEP = 2**23  # queries x documents scored at once (float64: 64 MiB)
+PROGRESS_EVERY_S = 10.0
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Judged queries: their texts, and per query the graded judgments (> 0: relevant)."""
+
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+    without_relevant: int = 0  # judged queries with no relevant document: left out, as trec_eval does
+
+
+@dataclass
+class Ranking:
+    """The best ``depth`` documents per query: positions in the output's row order (-1: none) and scores."""
+
+    positions: np.ndarray
+    scores: np.ndarray
+    nonzeros: int = 0
+
+    @classmethod
+    def empty(cls, queries: int, depth: int) -> Ranking:
+        return cls(np.full((queries, depth), -1, np.int64), np.full((queries, depth), -np.inf))
+
+    def merge(self, scores: np.ndarray, first: int) -> None:
+        """Fold in the scores of documents ``first, first + 1, ...`` (one column each)."""
+        depth = self.positions.shape[1]
+        scores = np.where(scores > 0, scores, -np.inf)
+        both = np.concatenate([self.scores, scores], axis=1)
+        where = np.concatenate(
+            [self.positions, np.broadcast_to(np.arange(first, first + scores.shape[1]), scores.shape)], axis=1
+        )
+        keep = np.argpartition(-both, depth - 1, axis=1)[:, :depth] if both.shape[1] > depth else None
+        if keep is not None:
+            both, where = np.take_along_axis(both, keep, 1), np.take_along_axis(where, keep, 1)
+        self.scores, self.positions = both, np.where(np.isfinite(both), where, -1)
+
+
+@dataclass
+class Evaluated:
+    """One output (or one pruning of it): the metrics, per query and averaged, and its index size."""
+
+    name: str
+    metrics: dict[str, float]
+    per_query: dict[str, dict[str, float]]
+    documents: int
+    nonzeros: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def index_bytes(self) -> int:
+        return self.nonzeros * 8  # an int32 term id and a float32 weight per stored term
+
+    def row(self) -> dict[str, Any]:
+        per_doc = round(self.nonzeros / self.documents, 1) if self.documents else 0.0
+        return {
+            "name": self.name,
+            **{m: round(v, 4) for m, v in self.metrics.items()},
+            "documents": self.documents,
+            "nonzeros": self.nonzeros,
+            "nonzeros_per_doc": per_doc,
+            "index_mib": round(self.index_bytes / 2**20, 3),
+            **self.extra,
+        }
+
+
+# ---- topics ------------------------------------------------------------------------------------
+
+
+def load_topics(queries: str, qrels: str | None = None, storage_options: dict[str, Any] | None = None) -> Topics:
+    """Queries and judgments. ``queries`` is a BEIR folder (``queries.jsonl``, ``qrels/test.tsv``), a
+    JSON-lines file (``{"_id", "text"}``) or a TSV (``id<TAB>text``); ``qrels`` a BEIR TSV
+    (``query-id corpus-id score`` under a header) or TREC qrels (``qid 0 docid grade``)."""
+    fs, root = url_to_fs(queries, storage_options)
+    if fs.isdir(root):
+        qrels = qrels or f"{queries.rstrip('/')}/qrels/test.tsv"
+        queries = f"{queries.rstrip('/')}/queries.jsonl"
+    if qrels is None:
+        raise SettingError("evaluate: --qrels is needed unless --queries is a BEIR folder (queries.jsonl, qrels/)")
+    texts = _read_queries(queries, storage_options)
+    judged = _read_qrels(qrels, storage_options)
+    missing = sorted(q for q in judged if q not in texts)
+    if missing:
+        raise SettingError(f"evaluate: {qrels} judges queries that {queries} lacks: {missing[:5]}")
+    relevant = {q: docs for q, docs in judged.items() if any(g > 0 for g in docs.values())}
+    if not relevant:
+        raise SettingError(f"evaluate: {qrels} holds no relevant judgment (grade > 0)")
+    return Topics({q: texts[q] for q in relevant}, relevant, len(judged) - len(relevant))
+
+
+def _lines(url: str, storage_options: dict[str, Any] | None) -> list[str]:
+    try:
+        with open_url(url, "rb", storage_options, compression="infer") as handle:
+            return handle.read().decode("utf-8").splitlines()
+    except FileNotFoundError:
+        raise SettingError(f"evaluate: {url}: no such file") from None
+    except UnicodeDecodeError as err:
+        raise SettingError(f"evaluate: {url}: not UTF-8 text ({err})") from None
+
+
+def _read_queries(url: str, storage_options: dict[str, Any] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    tsv = url.split("?")[0].endswith((".tsv", ".tsv.gz", ".txt"))
+    for number, line in enumerate(_lines(url, storage_options), 1):
+        if not line.strip():
+            continue
+        if tsv:
+            qid, sep, text = line.partition("\t")
+            if not sep:
+                raise SettingError(f"evaluate: {url} line {number}: expected 'id<TAB>text'")
+        else:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise SettingError(f"evaluate: {url} line {number}: not JSON ({err.msg})") from None
+            qid, text = (record.get("_id"), record.get("text")) if isinstance(record, dict) else (None, None)
+            if not isinstance(qid, str | int) or not isinstance(text, str):
+                raise SettingError(f'evaluate: {url} line {number}: expected {{"_id": ..., "text": "..."}}')
+        out[str(qid)] = text
+    return out
+
+
+def _read_qrels(url: str, storage_options: dict[str, Any] | None) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for number, line in enumerate(_lines(url, storage_options), 1):
+        parts = line.split("\t") if "\t" in line else line.split()
+        if not line.strip() or (number == 1 and parts[0].strip().lower() in ("query-id", "query_id", "qid")):
+            continue
+        if len(parts) == 3:
+            qid, doc, grade = parts
+        elif len(parts) == 4:
+            qid, _, doc, grade = parts
+        else:
+            raise SettingError(f"evaluate: {url} line {number}: expected 'query-id corpus-id score' or TREC qrels")
+        try:
+            out.setdefault(qid.strip(), {})[doc.strip()] = int(grade)
+        except ValueError:
+            raise SettingError(
+                f"evaluate: {url} line {number}: the grade {grade.strip()!r} is not an integer"
+            ) from None
+    return out
+
+
+# ---- retrieval ---------------------------------------------------------------------------------
+
+
+def retrieve(
+    loc: OutputLocation,
+    files: list[str],
+    queries: pa.StructArray,
+    vocab_size: int,
+    prunings: Sequence[int | None],
+    *,
+    depth: int = DEPTH,
+    total: int | None = None,
+    say: Callable[[str], None] = print,
+) -> tuple[list[str], dict[int | None, Ranking]]:
+    """The output's document ids (row order) and, per pruning (``top_k``; None: the vectors as they
+    are), every query's best ``depth`` documents by exact dot product, in one pass over ``files``."""
+    from scipy import sparse
+
+    q_offsets, q_indices, q_values = sparse_csr(queries)
+    matrix = sparse.csr_matrix((q_values.astype(np.float64), q_indices, q_offsets), shape=(len(queries), vocab_size))
+    rankings = {k: Ranking.empty(len(queries), depth) for k in prunings}
+    ids: list[str] = []
+    step = max(16, SCORES_PER_STEP // max(1, len(queries)))
+    started = last = time.monotonic()
+    for batch in batches(loc, files, ["id", "sparse"], batch_size=step, who="evaluate"):
+        first = len(ids)
+        ids += batch["id"].to_pylist()
+        offsets, indices, values = sparse_csr(batch["sparse"])
+        for k, ranking in rankings.items():
+            o, i, v = csr_top_k(offsets, indices, values, k)
+            docs = sparse.csr_matrix((v.astype(np.float64), i, o), shape=(batch.num_rows, vocab_size))
+            ranking.merge((matrix @ docs.T).toarray(), first)
+            ranking.nonzeros += len(i)
+        if time.monotonic() - last >= PROGRESS_EVERY_S:
+            last = time.monotonic()
+            of = f" of {total}" if total else ""
+            say(f"  ... {len(ids)}{of} documents scored ({len(ids) / (last - started):.0f}/s)")
+    return ids, rankings
+
+
+def measure(topics: Topics, ids: list[str], ranking: Ranking) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """The metrics averaged over the judged queries, and per query (0 for a query without a hit)."""
+    import ir_measures
+    from ir_measures import RR, R, nDCG
+
+    measures = {RR @ 10: "MRR@10", nDCG @ 10: "nDCG@10", R @ 100: "Recall@100"}
+    qids = list(topics.queries)
+    qrels = [ir_measures.Qrel(q, d, g) for q in qids for d, g in topics.qrels[q].items()]
+    run = [
+        ir_measures.ScoredDoc(qids[row], ids[p], float(s))
+        for row in range(len(qids))
+        for p, s in zip(ranking.positions[row], ranking.scores[row], strict=True)
+        if p >= 0
+    ]
+    per_query = {q: dict.fromkeys(METRICS, 0.0) for q in qids}
+    for metric in ir_measures.iter_calc(list(measures), qrels, run):
+        per_query[metric.query_id][measures[metric.measure]] = float(metric.value)
+    means = {m: float(np.mean([per_query[q][m] for q in qids])) for m in METRICS}
+    return means, per_query
+
+
+# ---- the command -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What ``splade-pipeline evaluate`` does (its command-line flags)."""
+
+    queries: str
+    qrels: str | None = None
+    compare: str | None = None
+    prune_sweep: tuple[int, ...] = ()
+    depth: int = DEPTH
+    model: str | None = None  # default: the model the output was encoded with
+    query_model: str | None = None
+    out: str | None = None  # a folder for EVALUATION.json and the sweep's plot (a sweep: ./evaluation)
+
+    def __post_init__(self) -> None:
+        if self.depth < 100:
+            raise SettingError(f"evaluate --depth: {self.depth} must be at least 100 (Recall@100 needs 100 hits)")
+        if any(k < 1 for k in self.prune_sweep):
+            raise SettingError(f"evaluate --prune-sweep: {list(self.prune_sweep)}: every top_k must be at least 1")
+
+
+def evaluate(
+    source: OutputLocation,
+    settings: EvalSettings,
+    *,
+    table_options: dict[str, str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Evaluate the output at ``source`` (and ``settings.compare``, and each pruning); returns the report
+    (also written as ``EVALUATION.json`` under ``settings.out``)."""
+    _require("ir_measures", "pytrec_eval", "scipy", *(["matplotlib"] if settings.prune_sweep else []))
+    topics = load_topics(settings.queries, settings.qrels, storage_options)
+    left_out = f" ({topics.without_relevant} without a relevant document left out)" if topics.without_relevant else ""
+    say(f"evaluate: {len(topics.queries)} judged queries{left_out}")
+    main = _evaluate_output(source, settings, topics, [None, *settings.prune_sweep], table_options, say)
+    report: dict[str, Any] = {"queries": len(topics.queries), "depth": settings.depth, "outputs": [main[0].row()]}
+    if settings.compare:
+        other_loc = OutputLocation(settings.compare, source.storage_options)
+        other = _evaluate_output(other_loc, settings, topics, [None], table_options, say)[0]
+        report["outputs"].append(other.row())
+        report["per_query_differences"] = _differences(main[0], other)
+    if settings.prune_sweep:
+        report["prune_sweep"] = [e.row() | {"top_k": k} for k, e in zip(settings.prune_sweep, main[1:], strict=True)]
+    folder = settings.out or ("evaluation" if settings.prune_sweep else None)  # a sweep always gets its plot
+    if folder:
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        if settings.prune_sweep:
+            report["plot"] = str(plot_sweep(main[0], main[1:], settings.prune_sweep, out / "prune_sweep.png"))
+        (out / "EVALUATION.json").write_text(json.dumps(report, indent=2))
+    say(render(report))
+    return report
+
+
+def _require(*modules: str) -> None:
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SettingError(
+            f"evaluate needs {', '.join(missing)}: pip install 'splade-pipeline[eval]' (ir-measures, "
+            "pytrec-eval-terrier, scipy, matplotlib)"
+        )
+
+
+def _evaluate_output(
+    loc: OutputLocation,
+    settings: EvalSettings,
+    topics: Topics,
+    prunings: list[int | None],
+    table_options: dict[str, str] | None,
+    say: Callable[[str], None],
+) -> list[Evaluated]:
+    from pipeline.encode.encoder import SpladeEncoder
+    from pipeline.job.load import committed_output
+
+    committed, fingerprint = committed_output(loc, table_options or {})
+    model = settings.model or fingerprint.model
+    encoder = SpladeEncoder(model, max_length=fingerprint.max_length, query_model=settings.query_model)
+    if settings.model is None and encoder.vocab_size != fingerprint.vocab_size:
+        raise SettingError(f"evaluate: {model!r} has {encoder.vocab_size} terms, the output {fingerprint.vocab_size}")
+    started = time.monotonic()
+    queries = encoder.encode_queries(list(topics.queries.values()))
+    encoded_s = time.monotonic() - started
+    entries = committed.entries
+    total = None if entries is None else int(np.sum(entries["written"].to_numpy(zero_copy_only=False)))
+    files = sorted(committed.snapshot.files)
+    ids, rankings = retrieve(
+        loc, files, queries, fingerprint.vocab_size, prunings, depth=settings.depth, total=total, say=say
+    )
+    if len(set(ids)) != len(ids):
+        raise SettingError(f"evaluate: {loc.url} holds an id more than once; its rankings would count it twice")
+    out = []
+    for k in prunings:
+        metrics, per_query = measure(topics, ids, rankings[k])
+        name = loc.url if k is None else f"{loc.url} top_k={k}"
+        extra = {"model": model, "table_version": committed.version} if k is None else {}
+        if k is None:
+            extra |= {"parquet_mib": round(sum(committed.snapshot.files.values()) / 2**20, 3)}
+            extra |= {"query_seconds": round(encoded_s, 3), "dtype": fingerprint.dtype, "top_k": fingerprint.top_k}
+        out.append(Evaluated(name, metrics, per_query, len(ids), rankings[k].nonzeros, extra))
+    return out
+
+
+def _differences(a: Evaluated, b: Evaluated) -> dict[str, Any]:
+    """Per metric: how many queries got better, worse or stayed, and the largest moves (b - a)."""
+    out: dict[str, Any] = {}
+    for metric in METRICS:
+        delta = {q: b.per_query[q][metric] - a.per_query[q][metric] for q in a.per_query}
+        moved = sorted(((d, q) for q, d in delta.items() if abs(d) > 1e-12), reverse=True)
+        out[metric] = {
+            "better": sum(1 for d, _ in moved if d > 0),
+            "worse": sum(1 for d, _ in moved if d < 0),
+            "same": len(delta) - len(moved),
+            "largest_gains": [{"query": q, "delta": round(d, 4)} for d, q in moved[:5] if d > 0],
+            "largest_losses": [{"query": q, "delta": round(d, 4)} for d, q in moved[::-1][:5] if d < 0],
+        }
+    return out
+
+
+def plot_sweep(full: Evaluated, pruned: Sequence[Evaluated], top_ks: Sequence[int], path: Path) -> Path:
+    """The sweep as a PNG: each metric against the index size (non-zeros per document), one point
+    per ``top_k`` and one for the vectors unpruned."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [*zip(top_ks, pruned, strict=True), ("all", full)]
+    figure, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6), constrained_layout=True)
+    for axis, metric in zip(axes, METRICS, strict=True):
+        xs = [e.nonzeros / max(1, e.documents) for _, e in points]
+        ys = [e.metrics[metric] for _, e in points]
+        axis.plot(xs, ys, marker="o")
+        for (label, _), x, y in zip(points, xs, ys, strict=True):
+            axis.annotate(
+                f"top_k={label}" if label != "all" else "unpruned",
+                (x, y),
+                fontsize=8,
+                textcoords="offset points",
+                xytext=(4, -10),
+            )
+        axis.set_title(metric)
+        axis.set_xlabel("non-zeros per document")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("score")
+    figure.suptitle(f"Pruning sweep: {full.name} ({full.documents} documents)", fontsize=10)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report as a table a person reads at a glance."""
+    rows = list(report["outputs"]) + list(report.get("prune_sweep", []))
+    head = ["", *METRICS, "nnz/doc", "index MiB"]
+    table = [head] + [
+        [r["name"], *(f"{r[m]:.4f}" for m in METRICS), f"{r['nonzeros_per_doc']}", f"{r['index_mib']}"] for r in rows
+    ]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
+    lines = [f"evaluation over {report['queries']} queries (exact dot product, depth {report['depth']}):"]
+    lines += [
+        "  " + "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in table
+    ]
+    for metric, diff in report.get("per_query_differences", {}).items():
+        lines.append(
+            f"  {metric}, second vs first: {diff['better']} queries better, {diff['worse']} worse, {diff['same']} same"
+        )
+    if "plot" in report:
+        lines.append(f"  plot: {report['plot']}")
+    return "\n".join(lines)
