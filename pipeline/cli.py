@@ -100,6 +100,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, dict[str, str]]]:
     _add_job_commands(sub, flags)
     _add_store_commands(sub, flags)
     _add_table_commands(sub, flags)
+    _add_reading_commands(sub)
     demo = sub.add_parser("demo", help="the built-in default: encode the shipped sample corpus with SPLADE-tiny")
     demo.add_argument("--output", default="out/demo", help="output folder (default: out/demo)")
     terms = sub.add_parser("terms", help="print the weighted terms of each text")
@@ -216,6 +217,10 @@ def _add_table_commands(sub: Any, flags: dict[str, dict[str, str]]) -> None:
         "YAML job config (its output section)",
     )
     vacuum.add_argument("--dry-run", action="store_true", help="list the files that would be deleted; delete nothing")
+
+
+def _add_reading_commands(sub: Any) -> None:
+    """Commands that read a committed output: exports and retrieval evaluation."""
     export = sub.add_parser(
         "export",
         help="write the output's vectors for a search engine (Anserini, OpenSearch, Elasticsearch) or as JSON lines",
@@ -458,7 +463,7 @@ def _evaluate(args: argparse.Namespace, config: None) -> int:
         prune_sweep=args.prune_sweep,
         depth=args.depth,
         model=args.eval_model,
-        query_model=args.eval_query_model,
+        query_model=args.eval_query_model or config.encoder.query_model,
         out=args.eval_out,
     )
     options = config.output.storage_options

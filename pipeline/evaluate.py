@@ -34,7 +34,7 @@ from pipeline.storage import open_url, url_to_fs
 
 METRICS = ("MRR@10", "nDCG@10", "Recall@100")
 DEPTH = 100
-SCORES_PER_STEP = 2**23  # queries x documents scored at once (float64: 64 MiB)
+SCORES_PER_STEP = 2**23  # queries x documents scored at once (float64: 64 MiB per copy, a few copies a step)
 PROGRESS_EVERY_S = 10.0
 
 
@@ -67,8 +67,8 @@ class Ranking:
         where = np.concatenate(
             [self.positions, np.broadcast_to(np.arange(first, first + scores.shape[1]), scores.shape)], axis=1
         )
-        keep = np.argpartition(-both, depth - 1, axis=1)[:, :depth] if both.shape[1] > depth else None
-        if keep is not None:
+        if both.shape[1] > depth:  # ties at the cut: the earlier document in the output's row order stays
+            keep = np.lexsort((where, -both), axis=1)[:, :depth]
             both, where = np.take_along_axis(both, keep, 1), np.take_along_axis(where, keep, 1)
         self.scores, self.positions = both, np.where(np.isfinite(both), where, -1)
 
@@ -320,9 +320,15 @@ def _evaluate_output(
 
     committed, fingerprint = committed_output(loc, table_options or {})
     model = settings.model or fingerprint.model
-    encoder = SpladeEncoder(model, max_length=fingerprint.max_length, query_model=settings.query_model)
-    if settings.model is None and encoder.vocab_size != fingerprint.vocab_size:
-        raise SettingError(f"evaluate: {model!r} has {encoder.vocab_size} terms, the output {fingerprint.vocab_size}")
+    revision = None if settings.model else fingerprint.revision
+    encoder = SpladeEncoder(
+        model, revision=revision, max_length=fingerprint.max_length, query_model=settings.query_model
+    )
+    if encoder.vocab_size != fingerprint.vocab_size:
+        raise SettingError(
+            f"evaluate: {model!r} has {encoder.vocab_size} vocabulary terms, the output's vectors "
+            f"{fingerprint.vocab_size}; give the model the output was encoded with (--model)"
+        )
     started = time.monotonic()
     queries = encoder.encode_queries(list(topics.queries.values()))
     encoded_s = time.monotonic() - started
@@ -382,7 +388,7 @@ def plot_sweep(full: Evaluated, pruned: Sequence[Evaluated], top_ks: Sequence[in
                 (x, y),
                 fontsize=8,
                 textcoords="offset points",
-                xytext=(4, -10),
+                xytext=(4, -10) if label != "all" else (-44, 6),
             )
         axis.set_title(metric)
         axis.set_xlabel("non-zeros per document")

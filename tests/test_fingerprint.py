@@ -49,3 +49,21 @@ def test_an_encoder_that_resolves_another_precision_refuses_to_start(splade_tiny
     auto = EncoderConfig(model=str(splade_tiny))
     with pytest.raises(RuntimeError, match="computes in float32 \\(cpu\\), the output is bfloat16"):
         EncodeBlocks(auto, fingerprint(auto, splade_tiny, 1.0), threads=1)
+
+
+def test_records_from_before_the_long_document_settings_keep_their_id(splade_tiny: Path) -> None:
+    import hashlib
+
+    now = fingerprint(EncoderConfig(model=str(splade_tiny)))
+    old = {k: v for k, v in now.to_dict().items() if k not in ("long_documents", "stride")}  # an older record
+    old_id = hashlib.sha256(
+        json.dumps(
+            {k: v for k, v in old.items() if k not in ("model", "revision", "package_version")}, sort_keys=True
+        ).encode()
+    ).hexdigest()[:16]  # how the id was computed before the fields existed
+    assert Fingerprint.from_dict(old).id == now.id == old_id  # unit keys and store records stay valid
+    assert not Fingerprint.from_dict(old).differences(now)
+    pooled = fingerprint(EncoderConfig(model=str(splade_tiny), long_documents="max", stride=8))
+    assert pooled.id != now.id and any("long_documents" in d for d in pooled.differences(now))
+    # the stride changes nothing while documents are truncated, so it is not part of what decides
+    assert fingerprint(EncoderConfig(model=str(splade_tiny), stride=8)).id == now.id

@@ -183,3 +183,23 @@ def test_the_job_pools_long_documents_and_reindexes_them_per_document(ray_cluste
     truncating = config.model_copy(update={"encoder": config.encoder.model_copy(update={"long_documents": "truncate"})})
     plan = run_reindex(truncating, dry_run=True)
     assert plan["full"] and "long_documents" in plan["reason"], plan
+
+
+def test_split_asks_for_encode_batch_and_a_bad_stride_stops_the_job_before_it_starts(
+    splade_tiny: Path, tmp_path: Path
+) -> None:
+    from pipeline.job.plan import make_plan
+
+    with pytest.raises(SettingError, match="use encode_batch"):
+        SpladeEncoder(str(splade_tiny), long_documents="split").encode(["a text"])
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"id": "a", "text": "a text"}) + "\n")
+    settings = {"input.paths": [str(corpus)], "output.path": str(tmp_path / "out"), "encoder.model": str(splade_tiny)}
+    with pytest.raises(SettingError, match=r"encoder.stride: 62 must be below .*\(62: max_length 64 minus 2"):
+        make_plan(
+            load_config(
+                None, settings | {"encoder.max_length": 64, "encoder.stride": 62, "encoder.long_documents": "max"}
+            )
+        )
+    with pytest.raises(SettingError, match="'split' gives one vector per window"):
+        make_plan(load_config(None, settings | {"encoder.long_documents": "split"}))

@@ -107,6 +107,11 @@ class SpladeEncoder:
 
     def encode(self, texts: Sequence[str]) -> pa.StructArray:
         """One sparse vector per text, in input order."""
+        if self.config.long_documents == "split":
+            raise SettingError(
+                "encode() gives one vector per text, and long_documents 'split' one per window: use encode_batch(), "
+                "whose rows carry their text (parent), window and characters"
+            )
         return self.encode_batch(texts).sparse
 
     def encode_queries(self, queries: Sequence[str]) -> pa.StructArray:
@@ -130,6 +135,11 @@ class SpladeEncoder:
             if idf is not None:
                 config = self.config.model_copy(update={"model": name, "revision": None}) if name else self.config
                 tokenizer, backend = _load_tokenizer(path, config)  # its own copy: truncated, never windowed
+                if name and tokenizer.get_vocab() != self.tokenizer.get_vocab():
+                    raise SettingError(
+                        f"encoder.query_model {name!r}: its tokenizer's vocabulary is not encoder.model "
+                        f"{self.config.model!r}'s: query and document vectors must share a vocabulary"
+                    )
                 backend.enable_truncation(self.max_length)
                 backend.no_padding()
                 return IdfQueries(tokenizer, backend, load_idf(idf, tokenizer, self.vocab_size)).encode
@@ -267,13 +277,7 @@ class SpladeEncoder:
         return splade.prune_(weights, top_k, min_weight)
 
     def _stride(self) -> int:
-        """The overlap of consecutive windows, checked against the room a window has for text."""
-        room = self.max_length - self._backend.num_special_tokens_to_add(False)
-        if self.config.stride >= room:
-            raise SettingError(
-                f"encoder.stride: {self.config.stride} must be below the text tokens a window holds "
-                f"({room}: max_length {self.max_length} minus {self.max_length - room} special tokens)"
-            )
+        check_stride(self.config.stride, self.max_length, self._backend.num_special_tokens_to_add(False))
         return self.config.stride
 
     def _screened_decoder(self, on_gpu: bool) -> ScreenedDecoder | None:
@@ -343,6 +347,16 @@ def decode(tokenizer: Any, vectors: pa.StructArray | pa.ChunkedArray, top: int |
         tokens = tokenizer.convert_ids_to_tokens(indices[order].tolist())
         out.append(dict(zip(tokens, values[order].tolist())))
     return out
+
+
+def check_stride(stride: int, max_length: int, specials: int) -> None:
+    """The overlap of consecutive windows must leave room for new text tokens in each window."""
+    room = max_length - specials
+    if stride >= room:
+        raise SettingError(
+            f"encoder.stride: {stride} must be below the text tokens a window holds "
+            f"({room}: max_length {max_length} minus {specials} special tokens)"
+        )
 
 
 def _char_span(encoding: Any) -> tuple[int, int]:

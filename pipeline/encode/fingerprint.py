@@ -27,7 +27,11 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "added_tokens.json",
 )
-NAMES = ("model", "revision", "package_version")  # recorded, but names, not weights: they never decide
+NAMES = ("model", "revision", "package_version")
+ADDED_LATER = {
+    "long_documents": "truncate",
+    "stride": 0,
+}  # fields added later, and what earlier records mean  # recorded, but names, not weights: they never decide
 
 
 @dataclass(frozen=True)
@@ -64,8 +68,12 @@ class Fingerprint:
         )
 
     def deciding(self) -> dict[str, Any]:
-        """The fields that decide the vectors (names left out)."""
-        return {k: v for k, v in self.to_dict().items() if k not in NAMES}
+        """The fields that decide the vectors (names left out; a field added later is left out while
+        it holds the value records had before it existed, so their ids, and the unit keys and store
+        records made from them, stay what they were)."""
+        return {
+            k: v for k, v in self.to_dict().items() if k not in NAMES and not (k in ADDED_LATER and v == ADDED_LATER[k])
+        }
 
     @property
     def id(self) -> str:
@@ -74,8 +82,12 @@ class Fingerprint:
 
     def differences(self, other: Fingerprint) -> list[str]:
         """What would change the vectors from ``self`` to ``other``, as ``encoder <field>: old -> new``."""
-        mine, theirs = self.deciding(), other.deciding()
-        return [f"encoder {k}: {mine[k]!r} -> {theirs[k]!r}" for k in sorted(mine) if mine[k] != theirs[k]]
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [
+            f"encoder {k}: {mine[k]!r} -> {theirs[k]!r}"
+            for k in sorted(mine)
+            if k not in NAMES and mine[k] != theirs[k]
+        ]
 
 
 def model_folder(config: EncoderConfig) -> Path:

@@ -28,10 +28,15 @@ def idf_file(model_path: str, revision: str | None = None) -> Path | None:
     if local.is_dir():
         return local / IDF_FILE if (local / IDF_FILE).is_file() else None
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
         return Path(hf_hub_download(model_path, IDF_FILE, revision=revision))
+    except LocalEntryNotFoundError as err:  # offline or unreachable: whether it has one is unknown
+        raise SettingError(
+            f"model {model_path!r}: cannot tell whether it ships an {IDF_FILE} (inference-free queries): the hub "
+            f"cannot be reached and no copy is cached ({type(err).__name__}); queries are not encoded without knowing"
+        ) from None
     except EntryNotFoundError:
         return None
 

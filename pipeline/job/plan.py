@@ -219,3 +219,11 @@ def _check_model_limits(config: JobConfig, folder: Path) -> None:
         raise SettingError(
             f"encoder.max_length: {config.encoder.max_length} exceeds what the model accepts ({limit} positions)"
         )
+    tokenizer = folder / "tokenizer.json"
+    if config.encoder.long_documents != "truncate" and tokenizer.is_file():  # before any actor loads the model
+        from tokenizers import Tokenizer
+
+        from pipeline.encode.encoder import check_stride
+
+        specials = Tokenizer.from_file(str(tokenizer)).num_special_tokens_to_add(False)
+        check_stride(config.encoder.stride, config.encoder.max_length, specials)
