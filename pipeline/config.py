@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -23,6 +23,16 @@ class StrictModel(BaseModel):
     # strict: no coercion ("5" is not 5, "yes" is not true, 256.0 is not 256): YAML and the
     # command line's flags already give values their types, so a wrong type is a mistake to name.
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # settings that were renamed or moved: old name -> what to do instead (an error, not ignored)
+    MOVED: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        old = next((name for name in cls.MOVED if isinstance(data, dict) and name in data), None)
+        if old is not None:
+            raise ValueError(cls.MOVED[old])
+        return data
 
 
 class EncoderConfig(StrictModel):
@@ -288,15 +298,10 @@ class ComputeConfig(StrictModel):
         "that kill the encoder are found and rejected (encoder_crash) instead of failing the job.",
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "wait_for_encoders_s" in data:
-            raise ValueError(
-                "compute.wait_for_encoders_s was renamed compute.wait_for_nodes_s (it covers readers and "
-                "writers too); rename it in the config"
-            )
-        return data
+    MOVED: ClassVar[dict[str, str]] = {
+        "wait_for_encoders_s": "compute.wait_for_encoders_s was renamed compute.wait_for_nodes_s (it covers readers "
+        "and writers too); rename it in the config"
+    }
 
     @model_validator(mode="after")
     def _sizes(self) -> ComputeConfig:
@@ -314,16 +319,10 @@ class SinkConfig(StrictModel):
         None, description="Vector store to upsert into (None: write Parquet only)."
     )
     collection: str = Field("splade", description="Collection (Qdrant, Milvus) or table (pgvector) to upsert into.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "query_model" in data:
-            raise ValueError(
-                "sink.query_model was moved to encoder.query_model (queries are the encoder's: search and evaluate "
-                "use it); move it in the config"
-            )
-        return data
+    MOVED: ClassVar[dict[str, str]] = {
+        "query_model": "sink.query_model was moved to encoder.query_model (queries are the encoder's: search and "
+        "evaluate use it); move it in the config"
+    }
 
     path: str | None = Field(
         None,

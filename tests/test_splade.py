@@ -181,3 +181,9 @@ def test_csr_top_k_equals_dense_pruning(top_k: int | None) -> None:
     dense[0, 3] = np.nan  # NaN ranks first: kept, so the row is rejected downstream rather than cleaned
     kept = _dense(splade.csr_top_k(*_csr(dense), 1), 30)[0]
     assert np.isnan(kept[3]) and np.count_nonzero(kept) == 1
+
+
+def test_csr_top_k_keeps_the_lower_indices_among_ties() -> None:
+    dense = np.array([[0.0, 2.0, 1.0, 1.0, 0.0, 1.0]], dtype=np.float32)
+    offsets, indices, values = splade.csr_top_k(*_csr(dense), 3)
+    assert indices.tolist() == [1, 2, 3] and values.tolist() == [2.0, 1.0, 1.0] and offsets.tolist() == [0, 3]
