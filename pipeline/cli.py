@@ -185,6 +185,11 @@ def _add_store_commands(sub: Any, flags: dict[str, dict[str, str]]) -> None:
     )
     search.add_argument("queries", nargs="+", help="query texts")
     search.add_argument("--k", type=int, default=10, help="hits per query (default: 10)")
+    search.add_argument(
+        "--group-by-parent",
+        action="store_true",
+        help="a store of windows (encoder.long_documents: split): the top documents, each by its best window",
+    )
 
 
 def _add_table_commands(sub: Any, flags: dict[str, dict[str, str]]) -> None:
@@ -263,6 +268,16 @@ def _add_reading_commands(sub: Any) -> None:
         "--model", dest="eval_model", help="query model (default: the one the output was encoded with)"
     )
     evaluate.add_argument("--query-model", dest="eval_query_model", help="a separate query encoder or IDF model")
+    evaluate.add_argument(
+        "--group-by-parent",
+        action="store_true",
+        help="an output of windows (encoder.long_documents: split): a document scores its best window",
+    )
+    evaluate.add_argument(
+        "--through-store",
+        action="store_true",
+        help="rank with the vector store of --config (sink section, loaded from this output) instead of exactly",
+    )
     evaluate.add_argument(
         "--out",
         dest="eval_out",
@@ -406,7 +421,8 @@ def _vacuum(args: argparse.Namespace, config: JobConfig) -> None:
 def _search(args: argparse.Namespace, config: JobConfig) -> None:
     from pipeline.search import search
 
-    for query, hits in zip(args.queries, search(config, args.queries, args.k)):
+    hits_of = search(config, args.queries, args.k, group_by_parent=args.group_by_parent)
+    for query, hits in zip(args.queries, hits_of, strict=True):
         print(f"{query!r}:")
         for rank, (doc_id, score) in enumerate(hits, 1):
             print(f"  {rank:>2}. {doc_id}  {score:.4f}")
@@ -465,9 +481,12 @@ def _evaluate(args: argparse.Namespace, config: None) -> int:
         model=args.eval_model,
         query_model=args.eval_query_model or config.encoder.query_model,
         out=args.eval_out,
+        group_by_parent=args.group_by_parent,
+        through_store=args.through_store,
     )
     options = config.output.storage_options
-    evaluate(source, settings, table_options=config.output.table_options, storage_options=options)
+    table = config.output.table_options
+    evaluate(source, settings, table_options=table, storage_options=options, sink=config.sink)
     return 0
 
 

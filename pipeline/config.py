@@ -174,7 +174,21 @@ class InputConfig(StrictModel):
     @model_validator(mode="after")
     def _no_secrets(self) -> InputConfig:
         _refuse_secrets(self.storage_options, "input.storage_options")
+        taken = [c for c in self.passthrough_columns if c in OUTPUT_COLUMNS or c.startswith("_")]
+        if taken:
+            raise ValueError(
+                f"input.passthrough_columns: {taken[0]!r} would overwrite a column the output writes itself "
+                f"({', '.join(sorted(OUTPUT_COLUMNS))}) or a bookkeeping one ('_'...); rename it in the corpus"
+            )
+        if len(set(self.passthrough_columns)) != len(self.passthrough_columns):
+            raise ValueError(f"input.passthrough_columns: {self.passthrough_columns} names a column twice")
         return self
+
+
+# the data files' own columns (pipeline.output.layout: DATA_COLUMNS and, for long_documents split, WINDOW_COLUMNS)
+OUTPUT_COLUMNS = frozenset(
+    {"id", "content_hash", "sparse", "num_tokens", "truncated", "parent_id", "window", "start_char", "end_char"}
+)
 
 
 class OutputConfig(StrictModel):

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.encode.sparse import sparse_csr
+from pipeline.config import SinkConfig
+from pipeline.encode.sparse import sparse_csr, sparse_rows
 from pipeline.encode.splade import csr_top_k
 from pipeline.errors import SettingError
 from pipeline.output.location import OutputLocation
@@ -81,22 +82,23 @@ class Evaluated:
     metrics: dict[str, float]
     per_query: dict[str, dict[str, float]]
     documents: int
-    nonzeros: int
+    nonzeros: int | None  # None: not known (a store's index)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def index_bytes(self) -> int:
-        return self.nonzeros * 8  # an int32 term id and a float32 weight per stored term
+    def index_bytes(self) -> int | None:
+        return None if self.nonzeros is None else self.nonzeros * 8  # an int32 term id and a float32 weight
 
     def row(self) -> dict[str, Any]:
-        per_doc = round(self.nonzeros / self.documents, 1) if self.documents else 0.0
+        size = self.index_bytes
+        per_doc = None if self.nonzeros is None else round(self.nonzeros / self.documents, 1) if self.documents else 0.0
         return {
             "name": self.name,
             **{m: round(v, 4) for m, v in self.metrics.items()},
             "documents": self.documents,
             "nonzeros": self.nonzeros,
             "nonzeros_per_doc": per_doc,
-            "index_mib": round(self.index_bytes / 2**20, 3),
+            "index_mib": None if size is None else round(size / 2**20, 3),
             **self.extra,
         }
 
@@ -191,30 +193,64 @@ def retrieve(
     depth: int = DEPTH,
     total: int | None = None,
     say: Callable[[str], None] = print,
+    group_by_parent: bool = False,
 ) -> tuple[list[str], dict[int | None, Ranking]]:
     """The output's document ids (row order) and, per pruning (``top_k``; None: the vectors as they
-    are), every query's best ``depth`` documents by exact dot product, in one pass over ``files``."""
+    are), every query's best ``depth`` documents by exact dot product, in one pass over ``files``.
+
+    ``group_by_parent`` (a long_documents split output, whose rows are windows): a document scores
+    the best of its windows' scores, and the ids are the documents' (``parent_id``). A document's
+    windows are consecutive rows (the job writes them together), so each batch's windows are
+    pooled by runs, and the last document of a batch is held back until the next batch shows
+    whether its windows go on."""
     from scipy import sparse
 
     q_offsets, q_indices, q_values = sparse_csr(queries)
     matrix = sparse.csr_matrix((q_values.astype(np.float64), q_indices, q_offsets), shape=(len(queries), vocab_size))
     rankings = {k: Ranking.empty(len(queries), depth) for k in prunings}
     ids: list[str] = []
+    held: tuple[str, dict[int | None, np.ndarray]] | None = None  # group_by_parent: the open document
     step = max(16, SCORES_PER_STEP // max(1, len(queries)))
     started = last = time.monotonic()
-    for batch in batches(loc, files, ["id", "sparse"], batch_size=step, who="evaluate"):
-        first = len(ids)
-        ids += batch["id"].to_pylist()
+    rows = 0
+    columns = ["id", "sparse", *(["parent_id"] if group_by_parent else [])]
+    for batch in batches(loc, files, columns, batch_size=step, who="evaluate"):
+        rows += batch.num_rows
         offsets, indices, values = sparse_csr(batch["sparse"])
+        scores = {}
         for k, ranking in rankings.items():
             o, i, v = csr_top_k(offsets, indices, values, k)
             docs = sparse.csr_matrix((v.astype(np.float64), i, o), shape=(batch.num_rows, vocab_size))
-            ranking.merge((matrix @ docs.T).toarray(), first)
+            scores[k] = (matrix @ docs.T).toarray()
             ranking.nonzeros += len(i)
+        if not group_by_parent:
+            for k, ranking in rankings.items():
+                ranking.merge(scores[k], len(ids))
+            ids += batch["id"].to_pylist()
+        elif batch.num_rows:
+            parents = batch["parent_id"].to_numpy(zero_copy_only=False)
+            starts = np.flatnonzero(np.concatenate([[True], parents[1:] != parents[:-1]]))
+            names = parents[starts].tolist()
+            pooled = {k: np.maximum.reduceat(s, starts, axis=1) for k, s in scores.items()}
+            if held is not None and held[0] == names[0]:  # the held document's windows go on
+                for k in pooled:
+                    pooled[k][:, 0] = np.maximum(pooled[k][:, 0], held[1][k])
+            elif held is not None:
+                for k, ranking in rankings.items():
+                    ranking.merge(held[1][k][:, None], len(ids))
+                ids.append(held[0])
+            for k, ranking in rankings.items():
+                ranking.merge(pooled[k][:, :-1], len(ids))
+            ids += names[:-1]
+            held = (names[-1], {k: p[:, -1] for k, p in pooled.items()})
         if time.monotonic() - last >= PROGRESS_EVERY_S:
             last = time.monotonic()
             of = f" of {total}" if total else ""
-            say(f"  ... {len(ids)}{of} documents scored ({len(ids) / (last - started):.0f}/s)")
+            say(f"  ... {rows}{of} rows scored ({rows / (last - started):.0f}/s)")
+    if held is not None:
+        for k, ranking in rankings.items():
+            ranking.merge(held[1][k][:, None], len(ids))
+        ids.append(held[0])
     return ids, rankings
 
 
@@ -254,10 +290,17 @@ class EvalSettings:
     model: str | None = None  # default: the model the output was encoded with
     query_model: str | None = None
     out: str | None = None  # a folder for EVALUATION.json and the sweep's plot (a sweep: ./evaluation)
+    group_by_parent: bool = False  # a split output's windows pooled per document (max score)
+    through_store: bool = False  # rank with the configured store's search instead of exact dot products
 
     def __post_init__(self) -> None:
         if self.depth < 100:
             raise SettingError(f"evaluate --depth: {self.depth} must be at least 100 (Recall@100 needs 100 hits)")
+        if self.through_store and self.prune_sweep:
+            raise SettingError(
+                "evaluate --prune-sweep prunes the output's vectors, which a store's search cannot; leave out "
+                "--through-store (the sweep is exact)"
+            )
         if any(k < 1 for k in self.prune_sweep):
             raise SettingError(f"evaluate --prune-sweep: {list(self.prune_sweep)}: every top_k must be at least 1")
 
@@ -269,15 +312,24 @@ def evaluate(
     table_options: dict[str, str] | None = None,
     storage_options: dict[str, Any] | None = None,
     say: Callable[[str], None] = print,
+    sink: SinkConfig | None = None,
 ) -> dict[str, Any]:
     """Evaluate the output at ``source`` (and ``settings.compare``, and each pruning); returns the report
-    (also written as ``EVALUATION.json`` under ``settings.out``)."""
+    (also written as ``EVALUATION.json`` under ``settings.out``). ``settings.through_store``: the
+    rankings come from the store ``sink`` (loaded from ``source``) instead."""
     _require("ir_measures", "pytrec_eval", "scipy", *(["matplotlib"] if settings.prune_sweep else []))
     topics = load_topics(settings.queries, settings.qrels, storage_options)
     left_out = f" ({topics.without_relevant} without a relevant document left out)" if topics.without_relevant else ""
     say(f"evaluate: {len(topics.queries)} judged queries{left_out}")
-    main = _evaluate_output(source, settings, topics, [None, *settings.prune_sweep], table_options, say)
-    report: dict[str, Any] = {"queries": len(topics.queries), "depth": settings.depth, "outputs": [main[0].row()]}
+    if settings.through_store:
+        if sink is None or not sink.type:
+            raise SettingError("evaluate --through-store: no vector store configured (sink.type in --config)")
+        main = [_evaluate_store(source, sink, settings, topics, table_options, say)]
+    else:
+        main = _evaluate_output(source, settings, topics, [None, *settings.prune_sweep], table_options, say)
+    how = f"the store's search ({sink.type})" if settings.through_store and sink else "exact dot product"
+    report: dict[str, Any] = {"queries": len(topics.queries), "depth": settings.depth, "ranking": how}
+    report["outputs"] = [main[0].row()]
     if settings.compare:
         other_loc = OutputLocation(settings.compare, source.storage_options)
         other = _evaluate_output(other_loc, settings, topics, [None], table_options, say)[0]
@@ -315,10 +367,54 @@ def _evaluate_output(
     table_options: dict[str, str] | None,
     say: Callable[[str], None],
 ) -> list[Evaluated]:
-    from pipeline.encode.encoder import SpladeEncoder
     from pipeline.job.load import committed_output
 
     committed, fingerprint = committed_output(loc, table_options or {})
+    model, queries, encoded_s = _encoded_queries(settings, topics, fingerprint)
+    windows = "parent_id" in committed.snapshot.schema.names
+    if settings.group_by_parent and not windows:
+        raise SettingError(
+            f"evaluate --group-by-parent: {loc.url} holds one row per document (no parent_id column); it pools the "
+            "windows of an output encoded with encoder.long_documents: split"
+        )
+    if windows and not settings.group_by_parent:
+        say(f"  note: {loc.url} holds windows (<id>#<k>): judged as passages; --group-by-parent judges documents")
+    entries = committed.entries
+    counted = "windows" if windows else "written"
+    total = None if entries is None else int(np.sum(entries[counted].to_numpy(zero_copy_only=False)))
+    files = sorted(committed.snapshot.files)
+    ids, rankings = retrieve(
+        loc,
+        files,
+        queries,
+        fingerprint.vocab_size,
+        prunings,
+        depth=settings.depth,
+        total=total,
+        say=say,
+        group_by_parent=settings.group_by_parent,
+    )
+    if len(set(ids)) != len(ids):
+        raise SettingError(
+            f"evaluate: {loc.url} holds an id more than once (or a document's windows apart); its rankings would "
+            "count it twice"
+        )
+    out = []
+    for k in prunings:
+        metrics, per_query = measure(topics, ids, rankings[k])
+        name = loc.url if k is None else f"{loc.url} top_k={k}"
+        extra = {"model": model, "table_version": committed.version} if k is None else {}
+        if k is None:
+            extra |= {"parquet_mib": round(sum(committed.snapshot.files.values()) / 2**20, 3)}
+            extra |= {"query_seconds": round(encoded_s, 3), "dtype": fingerprint.dtype, "top_k": fingerprint.top_k}
+        out.append(Evaluated(name, metrics, per_query, len(ids), rankings[k].nonzeros, extra))
+    return out
+
+
+def _encoded_queries(settings: EvalSettings, topics: Topics, fingerprint: Any) -> tuple[str, pa.StructArray, float]:
+    """The query model's name, the judged queries encoded, and the seconds that took."""
+    from pipeline.encode.encoder import SpladeEncoder
+
     model = settings.model or fingerprint.model
     revision = None if settings.model else fingerprint.revision
     encoder = SpladeEncoder(
@@ -331,25 +427,47 @@ def _evaluate_output(
         )
     started = time.monotonic()
     queries = encoder.encode_queries(list(topics.queries.values()))
-    encoded_s = time.monotonic() - started
-    entries = committed.entries
-    total = None if entries is None else int(np.sum(entries["written"].to_numpy(zero_copy_only=False)))
-    files = sorted(committed.snapshot.files)
-    ids, rankings = retrieve(
-        loc, files, queries, fingerprint.vocab_size, prunings, depth=settings.depth, total=total, say=say
-    )
-    if len(set(ids)) != len(ids):
-        raise SettingError(f"evaluate: {loc.url} holds an id more than once; its rankings would count it twice")
-    out = []
-    for k in prunings:
-        metrics, per_query = measure(topics, ids, rankings[k])
-        name = loc.url if k is None else f"{loc.url} top_k={k}"
-        extra = {"model": model, "table_version": committed.version} if k is None else {}
-        if k is None:
-            extra |= {"parquet_mib": round(sum(committed.snapshot.files.values()) / 2**20, 3)}
-            extra |= {"query_seconds": round(encoded_s, 3), "dtype": fingerprint.dtype, "top_k": fingerprint.top_k}
-        out.append(Evaluated(name, metrics, per_query, len(ids), rankings[k].nonzeros, extra))
-    return out
+    return model, queries, time.monotonic() - started
+
+
+def _evaluate_store(
+    loc: OutputLocation,
+    sink: SinkConfig,
+    settings: EvalSettings,
+    topics: Topics,
+    table_options: dict[str, str] | None,
+    say: Callable[[str], None],
+) -> Evaluated:
+    """The metrics of the store's own search (top ``depth`` per query) for the judged queries."""
+    from pipeline.job.load import committed_output
+    from pipeline.search import ranked
+    from pipeline.sinks import open_sink
+
+    committed, fingerprint = committed_output(loc, table_options or {})
+    model, queries, encoded_s = _encoded_queries(settings, topics, fingerprint)
+    store = open_sink(sink, fingerprint.vocab_size)
+    started = time.monotonic()
+    try:
+        group = settings.group_by_parent
+        hits = [ranked(store, i, v, settings.depth, group_by_parent=group) for i, v in sparse_rows(queries)]
+        held = store.count()
+    finally:
+        store.close()
+    searched_s = time.monotonic() - started
+    say(f"  {sink.type}: {len(hits)} searches in {searched_s:.1f} s; it holds {held} vectors")
+    ids: list[str] = []
+    where: dict[str, int] = {}
+    ranking = Ranking.empty(len(hits), settings.depth)
+    for row, found in enumerate(hits):
+        for col, (doc, score) in enumerate(found[: settings.depth]):
+            if doc not in where:
+                where[doc] = len(ids)
+                ids.append(doc)
+            ranking.positions[row, col], ranking.scores[row, col] = where[doc], score
+    metrics, per_query = measure(topics, ids, ranking)
+    extra = {"model": model, "table_version": committed.version, "store_vectors": held}
+    extra |= {"query_seconds": round(encoded_s, 3), "search_seconds": round(searched_s, 3)}
+    return Evaluated(f"store {sink.type} (of {loc.url})", metrics, per_query, held, None, extra)
 
 
 def _differences(a: Evaluated, b: Evaluated) -> dict[str, Any]:
@@ -400,15 +518,21 @@ def plot_sweep(full: Evaluated, pruned: Sequence[Evaluated], top_ks: Sequence[in
     return path
 
 
+def _known(value: Any) -> str:
+    return "n/a" if value is None else f"{value}"
+
+
 def render(report: dict[str, Any]) -> str:
     """The report as a table a person reads at a glance."""
     rows = list(report["outputs"]) + list(report.get("prune_sweep", []))
     head = ["", *METRICS, "nnz/doc", "index MiB"]
     table = [head] + [
-        [r["name"], *(f"{r[m]:.4f}" for m in METRICS), f"{r['nonzeros_per_doc']}", f"{r['index_mib']}"] for r in rows
+        [r["name"], *(f"{r[m]:.4f}" for m in METRICS), _known(r["nonzeros_per_doc"]), _known(r["index_mib"])]
+        for r in rows
     ]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
-    lines = [f"evaluation over {report['queries']} queries (exact dot product, depth {report['depth']}):"]
+    how = report.get("ranking", "exact dot product")
+    lines = [f"evaluation over {report['queries']} queries ({how}, depth {report['depth']}):"]
     lines += [
         "  " + "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
         for row in table

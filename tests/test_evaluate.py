@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from support.reference import VOCAB, densify, pruned, reference_splade
 
 import pipeline.evaluate as evaluation
 from pipeline.errors import SettingError
-from pipeline.evaluate import EvalSettings, evaluate, load_topics, retrieve
+from pipeline.evaluate import METRICS, EvalSettings, evaluate, load_topics, retrieve
 from pipeline.output.location import OutputLocation
 
 BEIR = ROOT / "pipeline" / "data" / "beir-sample"
@@ -37,17 +39,24 @@ def outputs(ray_cluster: str, splade_tiny: Path, tmp_path_factory: pytest.TempPa
     return {
         "fp32": _encode(root / "fp32", splade_tiny),
         "bf16": _encode(root / "bf16", splade_tiny, "--dtype", "bfloat16"),
+        # windows of 16 tokens: every passage is cut into 2 or more
+        "split": _encode(root / "split", splade_tiny, "--max-length", "16", "--long-documents", "split"),
     }
 
 
 def brute_force(output: Path, splade_tiny: Path, top_k: int | None = None) -> dict[str, float]:
-    """MRR@10, nDCG@10 (trec_eval: linear gains, log2 discount) and Recall@100 from dense scores."""
+    """MRR@10, nDCG@10 (trec_eval: linear gains, log2 discount) and Recall@100 from dense scores (an
+    output of windows: a document scores its best window)."""
     topics = load_topics(str(BEIR))
     table = read_delta(str(output))
-    ids = table["id"].to_pylist()
     docs = pruned(densify(table["sparse"].combine_chunks(), VOCAB), top_k)
     queries = reference_splade(str(splade_tiny), list(topics.queries.values()))
     scores = queries.astype(np.float64) @ docs.astype(np.float64).T
+    ids = table["id"].to_pylist()
+    if "parent_id" in table.column_names:
+        parents = table["parent_id"].to_pylist()
+        ids = sorted(set(parents))
+        scores = np.stack([scores[:, [p == d for p in parents]].max(axis=1) for d in ids], axis=1)
     totals = {"MRR@10": 0.0, "nDCG@10": 0.0, "Recall@100": 0.0}
     for row, qid in enumerate(topics.queries):
         grades = topics.qrels[qid]
@@ -162,3 +171,45 @@ def test_the_command_line_prints_the_table(outputs: dict[str, Path], tmp_path: P
     assert "MRR@10" in proc.stdout and "top_k=16" in proc.stdout and (tmp_path / "eval" / "prune_sweep.png").exists()
     bad = cli("evaluate", "--from", str(tmp_path), "--queries", str(BEIR))
     assert bad.returncode == 2 and "no Delta table here" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("step", [None, 1])
+def test_windows_pooled_per_document_equal_a_brute_force_computation(
+    outputs: dict[str, Path], splade_tiny: Path, monkeypatch: pytest.MonkeyPatch, step: int | None
+) -> None:
+    table = read_delta(str(outputs["split"]))
+    assert table.num_rows >= 2 * 32 and len(set(table["parent_id"].to_pylist())) == 32
+    if step:  # 16 windows a step: documents straddle the steps
+        monkeypatch.setattr(evaluation, "SCORES_PER_STEP", step)
+    settings = EvalSettings(queries=str(BEIR), group_by_parent=True)
+    got = evaluate(OutputLocation(str(outputs["split"])), settings, say=lambda line: None)["outputs"][0]
+    want = brute_force(outputs["split"], splade_tiny)
+    assert all(abs(got[m] - want[m]) <= 1e-4 for m in want), (got, want)
+    assert got["documents"] == 32 and got["nonzeros"] == sum(len(r["indices"]) for r in table["sparse"].to_pylist())
+    with pytest.raises(SettingError, match="holds one row per document"):
+        evaluate(OutputLocation(str(outputs["fp32"])), settings, say=lambda line: None)
+    lines: list[str] = []
+    evaluate(OutputLocation(str(outputs["split"])), EvalSettings(queries=str(BEIR)), say=lines.append)
+    assert any("--group-by-parent judges documents" in line for line in lines)
+
+
+def test_the_store_ranks_as_the_exact_evaluation_does(outputs: dict[str, Path], postgres: Any) -> None:
+    from pipeline.config import load_config
+    from pipeline.job.load import upsert_output
+
+    for name, group in (("fp32", False), ("split", True)):
+        sink = {"sink.type": "pgvector", "sink.dsn": postgres.dsn, "sink.collection": f"eval_{name}"}
+        config = load_config(None, {"output.path": str(outputs[name]), **sink})
+        upsert_output(config)
+        settings = EvalSettings(queries=str(BEIR), group_by_parent=group)
+        exact = evaluate(OutputLocation(str(outputs[name])), settings, say=lambda line: None)["outputs"][0]
+        through = replace(settings, through_store=True)
+        report = evaluate(OutputLocation(str(outputs[name])), through, say=lambda line: None, sink=config.sink)
+        store = report["outputs"][0]
+        assert all(abs(store[m] - exact[m]) <= 1e-4 for m in METRICS), (name, store, exact)
+        assert store["store_vectors"] == read_delta(str(outputs[name])).num_rows and store["index_mib"] is None
+        assert "the store's search (pgvector)" in evaluation.render(report)
+    with pytest.raises(SettingError, match="no vector store configured"):
+        evaluate(OutputLocation(str(outputs["fp32"])), through, say=lambda line: None)
+    with pytest.raises(SettingError, match="a store's search cannot"):
+        EvalSettings(queries=str(BEIR), through_store=True, prune_sweep=(8,))

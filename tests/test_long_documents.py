@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import s3fs
 from support.jobs import read_delta
 from support.reference import LONG, TEXTS, VOCAB, densify, pruned, reference_ids, reference_splade, windows_of
+from support.sink_checks import store_vectors
 
 from pipeline import SpladeEncoder
-from pipeline.config import load_config
+from pipeline.config import JobConfig, load_config
 from pipeline.errors import SettingError
 from pipeline.job.encode import run_job
 from pipeline.job.reindex import run_reindex
@@ -95,13 +99,17 @@ def test_split_gives_each_window_its_reference_vector_and_characters(splade_tiny
 
 
 def test_a_long_document_keeps_every_micro_batch_within_its_token_budget(tiny_models: dict[str, Path]) -> None:
-    text = "ocean " * 40_000  # 40,000 word pieces: 318 windows of 126 and [CLS]/[SEP]
+    text = "ocean " * 350_000  # 2.1 MB, 350,000 word pieces: 2,778 windows of 126 and [CLS]/[SEP]
+    assert len(text) > 2_000_000
     enc = SpladeEncoder(str(tiny_models["bert"]), device="cpu", max_length=128, long_documents="max")
     passes: list[int] = []
     enc.before_forward = passes.append
     got = enc.encode_batch([text, "short"])
-    assert got.windows.tolist() == [318, 1] and got.num_tokens[0] == 40_000 + 2 * 318
-    assert len(passes) >= 318 * 128 // 1024 and max(passes) <= enc.max_batch_tokens == 1024
+    assert got.windows.tolist() == [2778, 1] and got.num_tokens[0] == 350_000 + 2 * 2778
+    assert len(passes) >= 2778 * 128 // 1024 and max(passes) <= enc.max_batch_tokens == 1024
+    # 2,777 windows of the same 126 tokens and one of the last 98: the max of those two vectors
+    want = densify(enc.encode_batch(["ocean " * 126, "ocean " * 98]).sparse, VOCAB).max(axis=0)
+    assert np.abs(densify(got.sparse.slice(0, 1), VOCAB)[0] - want).max() <= 1e-5
 
 
 def test_stride_must_leave_room_for_new_tokens(splade_tiny: Path) -> None:
@@ -123,12 +131,35 @@ def test_truncate_stays_the_default(splade_tiny: Path) -> None:
 # ---- the job: one row per document, pooled over its windows; reindex per document -------------
 
 
-def _put(prefix: str, docs: dict[str, str]) -> None:
+def _put(prefix: str, docs: dict[str, str], *later: dict[str, str]) -> None:
+    """``docs`` in one JSONL file, each of ``later`` in a file after it."""
     fs = s3fs.S3FileSystem()
     if fs.exists(prefix):
         fs.rm(prefix, recursive=True)
-    fs.pipe(f"{prefix}/part-0.jsonl", "\n".join(json.dumps({"id": i, "text": t}) for i, t in docs.items()).encode())
+    for n, part in enumerate([docs, *later]):
+        rows = "\n".join(json.dumps({"id": i, "text": t}) for i, t in part.items())
+        fs.pipe(f"{prefix}/part-{n}.jsonl", rows.encode())
     fs.invalidate_cache()
+
+
+def _mixed(prefix: str, n: int, every: int) -> dict[str, str]:
+    """``n`` sample texts, every ``every``-th with three windows' worth of words added (bucket made)."""
+    fs = s3fs.S3FileSystem()
+    if not fs.exists("long"):
+        fs.mkdir("long")
+    return {
+        f"{prefix}{i:02d}": f"{TEXTS[i % len(TEXTS)] or 'a short one'} {THREE if i % every == 0 else ''}".strip()
+        for i in range(n)
+    }
+
+
+def _job(
+    model: Path, corpus: str, out: str, settings: dict[str, Any], extra: dict[str, Any]
+) -> tuple[JobConfig, SpladeEncoder]:
+    """A job over ``s3://long/<corpus>/`` into ``s3://long/<out>``, and an encoder with its ``settings``."""
+    paths = {"input.paths": [f"s3://long/{corpus}/"], "output.path": f"s3://long/{out}", "encoder.model": str(model)}
+    config = load_config(None, paths | extra | settings)
+    return config, SpladeEncoder(str(model), device="cpu", **{k.split(".")[1]: v for k, v in settings.items()})
 
 
 def _assert_table(url: str, docs: dict[str, str], enc: SpladeEncoder) -> None:
@@ -140,27 +171,11 @@ def _assert_table(url: str, docs: dict[str, str], enc: SpladeEncoder) -> None:
 
 
 def test_the_job_pools_long_documents_and_reindexes_them_per_document(ray_cluster: str, splade_tiny: Path) -> None:
-    fs = s3fs.S3FileSystem()
-    if not fs.exists("long"):
-        fs.mkdir("long")
-    docs = {
-        f"d{i:02d}": f"{TEXTS[i % len(TEXTS)] or 'a short one'} {THREE if i % 3 == 0 else ''}".strip()
-        for i in range(24)
-    }
+    docs = _mixed("d", 24, every=3)
     docs["huge"] = LONG
     _put("long/corpus", docs)
     settings = {"encoder.max_length": 32, "encoder.long_documents": "max", "encoder.stride": 4, "encoder.top_k": 40}
-    config = load_config(
-        None,
-        {
-            "input.paths": ["s3://long/corpus/"],
-            "output.path": "s3://long/out",
-            "encoder.model": str(splade_tiny),
-            "input.rows_per_block": 8,
-            **settings,
-        },
-    )
-    enc = SpladeEncoder(str(splade_tiny), device="cpu", **{k.split(".")[1]: v for k, v in settings.items()})
+    config, enc = _job(splade_tiny, "corpus", "out", settings, {"input.rows_per_block": 8})
     summary = run_job(config)
     windows = enc.encode_batch(list(docs.values())).windows
     assert summary["rows_read"] == summary["rows_written"] == 25 and summary["truncated"] == 0
@@ -185,7 +200,7 @@ def test_the_job_pools_long_documents_and_reindexes_them_per_document(ray_cluste
     assert plan["full"] and "long_documents" in plan["reason"], plan
 
 
-def test_split_asks_for_encode_batch_and_a_bad_stride_stops_the_job_before_it_starts(
+def test_encode_refuses_split_and_a_bad_stride_stops_the_job_before_it_starts(
     splade_tiny: Path, tmp_path: Path
 ) -> None:
     from pipeline.job.plan import make_plan
@@ -201,5 +216,136 @@ def test_split_asks_for_encode_batch_and_a_bad_stride_stops_the_job_before_it_st
                 None, settings | {"encoder.max_length": 64, "encoder.stride": 62, "encoder.long_documents": "max"}
             )
         )
-    with pytest.raises(SettingError, match="'split' gives one vector per window"):
-        make_plan(load_config(None, settings | {"encoder.long_documents": "split"}))
+
+
+# ---- the job, split: one row per window, reconciled per document; reindex and the store per document
+
+
+def _window_reference(enc: SpladeEncoder, docs: dict[str, str]) -> dict[str, tuple[np.ndarray, tuple[int, int]]]:
+    """``<id>#<k>`` -> the window's vector (densified) and characters, from encode_batch in split mode
+    (itself checked against hand-cut windows above)."""
+    ids = list(docs)
+    got = enc.encode_batch([docs[i] for i in ids])
+    dense = densify(got.sparse, VOCAB)
+    return {
+        f"{ids[p]}#{w}": (dense[row], (int(got.spans[row, 0]), int(got.spans[row, 1])))
+        for row, (p, w) in enumerate(zip(got.parent.tolist(), got.window.tolist(), strict=True))
+    }
+
+
+def _assert_windows(url: str, docs: dict[str, str], enc: SpladeEncoder, postgres: Any, collection: str) -> int:
+    data = read_delta(url)
+    want = _window_reference(enc, docs)
+    ids = data["id"].to_pylist()
+    assert sorted(ids) == sorted(want)  # every window of every document, nothing else
+    parents, windows = data["parent_id"].to_pylist(), data["window"].to_pylist()
+    assert ids == [f"{p}#{w}" for p, w in zip(parents, windows, strict=True)]
+    got = densify(data["sparse"].combine_chunks(), VOCAB)
+    spans = list(zip(data["start_char"].to_pylist(), data["end_char"].to_pylist(), strict=True))
+    for row, doc in enumerate(ids):
+        assert np.abs(got[row] - want[doc][0]).max() <= 1e-5, doc
+        assert spans[row] == want[doc][1], doc
+    hashes = dict(zip(parents, data["content_hash"].to_pylist(), strict=False))
+    assert all(h == hashes[p] for p, h in zip(parents, data["content_hash"].to_pylist(), strict=True))
+    stored = store_vectors(postgres, collection)
+    assert sorted(stored) == sorted(ids)  # the store holds the windows, by window id
+    for row, doc in enumerate(ids):
+        assert np.abs(stored[doc] - got[row]).max() <= 1e-6, doc
+    return len(ids)
+
+
+def test_the_job_splits_long_documents_into_window_rows_and_reindexes_them_per_document(
+    ray_cluster: str, splade_tiny: Path, postgres: Any
+) -> None:
+    docs = _mixed("s", 14, every=4)
+    docs["grows"] = "a short one"
+    hostile = {"page#2": "an id that could name a window", "x": THREE}
+    # a later copy of "grows" (another file) with more windows than the first: all of them are rejected
+    _put("long/split", docs | hostile, {"grows": THREE + " " + THREE, "tail": "the last one"})
+    settings = {"encoder.max_length": 16, "encoder.long_documents": "split", "encoder.stride": 3, "encoder.top_k": 10}
+    store = {"sink.type": "pgvector", "sink.dsn": postgres.dsn, "sink.collection": "split_windows"}
+    extra = {"input.rows_per_block": 4, "reindex.max_delete_percent": 50, **store}
+    config, enc = _job(splade_tiny, "split", "split-out", settings, extra)
+    summary = run_job(config)
+    first = docs | {"x": THREE, "tail": "the last one"}
+    windows = _assert_windows(config.output.path, first, enc, postgres, "split_windows")
+    assert summary["rows_read"] == 19 and summary["rows_written"] == 17 and summary["rows_rejected"] == 2
+    assert summary["rejected_by_reason"] == {"duplicate_id": 1, "invalid_id": 1}
+    assert summary["windows"] == windows > 17 + 8
+    rejects = read_delta(config.output.path + "/_rejects")
+    assert sorted(rejects["id"].to_pylist()) == ["grows", "page#2"]
+    assert "could take the name of another document's window" in " ".join(rejects["detail"].to_pylist())
+    assert summary["sink"]["store_count"] == windows and not summary.get("errors")
+
+    # a document that shrinks to one window, one removed, one new, one unchanged: per document
+    now = {k: v for k, v in first.items() if k not in ("s04", "tail")}
+    now["s00"] = "it shrank to a single window"
+    now["fresh"] = THREE
+    _put("long/split", now | {"page#2": "still here, still refused"})
+    again = run_reindex(config)
+    counts = again["reindex"]
+    assert (counts["new"], counts["changed"], counts["deleted"], counts["encoded_now"]) == (1, 1, 2, 2), counts
+    assert counts["unchanged"] == len(now) - 2 and counts["documents"] == len(now) and counts["rejected"] == 1
+    assert again["rows_read"] == len(now) + 1 and again["rows_written"] == len(now)
+    windows = _assert_windows(config.output.path, now, enc, postgres, "split_windows")  # s00#1.. gone from the store
+    assert again["windows"] == windows and again["sink"]["store_count"] == windows
+    assert run_reindex(config)["reindex"]["encoded_now"] == 0  # nothing changed: nothing encoded
+
+    # search --group-by-parent: the best documents by their best window, as brute force ranks them
+    from pipeline.search import search
+
+    table = read_delta(config.output.path)
+    parents = table["parent_id"].to_pylist()
+    windows_dense = densify(table["sparse"].combine_chunks(), VOCAB).astype(np.float64)
+    queries = ["tide moon shore", "the quick brown fox"]
+    q = densify(enc.encode_queries(queries), VOCAB).astype(np.float64)
+    k = len(now) - 1  # more documents than a first ask of 4k windows names: the store is asked again
+    asked_again = False
+    for hits, scores in zip(search(config, queries, k, group_by_parent=True), q @ windows_dense.T, strict=True):
+        asked_again |= len({parents[i] for i in np.argsort(-scores)[: 4 * k]}) < k
+        best: dict[str, float] = {}
+        for parent, score in zip(parents, scores, strict=True):
+            best[parent] = max(best.get(parent, 0.0), score)
+        want = sorted(((s, p) for p, s in best.items() if s > 0), reverse=True)[:k]
+        assert len(hits) == len(want) and len({p for p, _ in hits}) == len(hits)
+        np.testing.assert_allclose([s for _, s in hits], [s for s, _ in want], rtol=1e-5)
+        assert all(abs(best[p] - s) <= 1e-5 * max(1.0, s) for p, s in hits)
+    assert asked_again  # the doubling was needed for one query at least
+
+
+def test_a_later_copy_of_a_split_document_leaves_with_all_its_windows_as_one_reject(
+    splade_tiny: Path, tmp_path: Path
+) -> None:
+    """Cross-file duplicates (the job's step after writing), run here without Ray: the later copy of
+    ``a`` has more windows than the first; none of them may stay, and it is one rejected row."""
+    from pipeline.config import EncoderConfig, InputConfig, OutputConfig
+    from pipeline.encode.fingerprint import fingerprint
+    from pipeline.job.dedupe import drop_later_duplicates
+    from pipeline.job.stages import EncodeBlocks
+    from pipeline.output.layout import BlockWriter, fingerprint_metadata
+    from pipeline.output.location import OutputLocation
+    from pipeline.sources import Shard, read_shard
+
+    files = [{"a": "a short one", "b": THREE}, {"a": THREE + " " + THREE, "c": "another short one"}]
+    encoder = EncoderConfig(model=str(splade_tiny), device="cpu", max_length=16, long_documents="split")
+    fp = fingerprint(encoder)
+    stage = EncodeBlocks(encoder, fp, threads=1)
+    loc = OutputLocation.of(OutputConfig(path=str(tmp_path / "out")))
+    writer = BlockWriter(loc, "zstd", fp, [], "t1")
+    urls, parts = [], []
+    for n, docs in enumerate(files):
+        path = tmp_path / f"part-{n}.jsonl"
+        path.write_text("\n".join(json.dumps({"id": i, "text": t}) for i, t in docs.items()))
+        urls.append(str(path))
+        for block in read_shard(Shard(n, str(path), "jsonl", unit=f"u{n}"), InputConfig(paths=[str(path)])):
+            parts.append(writer.write(stage(block)))
+    entries = pa.concat_tables(parts)
+    assert int(pc.sum(entries["written"]).as_py()) == 4 and int(pc.sum(entries["windows"]).as_py()) == 1 + 3 + 6 + 1
+    out = drop_later_duplicates(loc, entries, urls, "t2", "zstd", fingerprint_metadata(fp), None, "parent_id")
+    data = pa.concat_tables([loc.read_parquet(f) for f in out["data_file"].to_pylist() if f])
+    assert sorted(data["id"].to_pylist()) == ["a#0", "b#0", "b#1", "b#2", "c#0"]
+    rejects = pa.concat_tables([loc.read_parquet(f) for f in out["rejects_file"].to_pylist() if f])
+    assert rejects["id"].to_pylist() == ["a"] and rejects["reason"].to_pylist() == ["duplicate_id"]
+    assert str(path.parent / "part-0.jsonl") in rejects["detail"][0].as_py()
+    rows, written = (int(pc.sum(out[c]).as_py()) for c in ("rows", "written"))
+    assert rows == 4 == written + rejects.num_rows and int(pc.sum(out["windows"]).as_py()) == 5

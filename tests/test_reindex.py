@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psycopg
 import pytest
 import s3fs
 from deltalake import DeltaTable
 from support.jobs import ROOT, cli, corpus_rows, delta_options, read_delta, read_polars, read_ray, table_filesystem
 from support.reference import densify
+from support.sink_checks import store_vectors
 
 from pipeline import SpladeEncoder
 from pipeline.config import JobConfig, load_config
@@ -93,20 +93,6 @@ def make_config(splade_tiny: Path, postgres: Any, name: str, **extra: Any) -> Jo
             **extra,
         },
     )
-
-
-def store_vectors(postgres: Any, table: str) -> dict[str, np.ndarray]:
-    with psycopg.connect(postgres.dsn) as conn:
-        rows = conn.execute(f"SELECT id, embedding::text FROM {table}").fetchall()
-    out = {}
-    for doc_id, text in rows:
-        terms, dim = text.rsplit("/", 1)
-        dense = np.zeros(int(dim), np.float32)
-        for term in filter(None, terms.strip("{}").split(",")):
-            index, value = term.split(":")
-            dense[int(index) - 1] = float(value)
-        out[doc_id] = dense
-    return out
 
 
 def assert_current(

@@ -23,6 +23,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -71,9 +72,13 @@ def drop_later_duplicates(
     compression: str,
     metadata: dict[bytes, bytes],
     compute: Any = None,
+    key: str = "id",
 ) -> pa.Table:
     """``entries`` with every later row of an id (order: ``urls``, then block) moved from its data
-    file to its rejects file (copies written under ``attempt``); the entries of other files as they are."""
+    file to its rejects file (copies written under ``attempt``); the entries of other files as they are.
+
+    ``key``: the data files' column naming the document (``parent_id`` where rows are windows, in a
+    long_documents split output: a later document's windows all go, and count as one reject)."""
     files = [f for f in entries["data_file"].to_pylist() if f]
     if not files:
         return entries
@@ -82,9 +87,9 @@ def drop_later_duplicates(
     rejected = _encoder_rejects(loc, entries)
     written = int(pc.sum(entries["written"]).as_py() or 0)
     if written <= DRIVER_MAX_ROWS:
-        found = _positions_on_driver(loc, files, rejected)
+        found = _positions_on_driver(loc, files, rejected, key)
     else:
-        found = _positions_on_cluster(loc, files, rejected, compute)
+        found = _positions_on_cluster(loc, files, rejected, compute, key)
     if not found.num_rows:
         return entries
     found = _in_corpus_order(found, entries, urls)
@@ -125,12 +130,12 @@ def _encoder_rejects(loc: OutputLocation, entries: pa.Table) -> pa.Table:
     return pa.concat_tables(parts)
 
 
-def _positions_on_driver(loc: OutputLocation, files: list[str], rejected: pa.Table) -> pa.Table:
-    """``(id, file, pos)`` of every row (written, or ``rejected`` by the encoder) whose id occurs
-    more than once."""
+def _positions_on_driver(loc: OutputLocation, files: list[str], rejected: pa.Table, key: str) -> pa.Table:
+    """``(id, file, pos)`` of every row (written, or ``rejected`` by the encoder) whose id is in more
+    than one file (``id``: the ``key`` column)."""
 
     def one(rel: str) -> pa.Table:
-        ids = loc.read_parquet(rel, columns=["id"])["id"]
+        ids = loc.read_parquet(rel, columns=[key])[key]
         return pa.table(
             {"id": ids, "file": pa.array([rel] * len(ids), pa.string()), "pos": pa.array(range(len(ids)), pa.int64())}
         )
@@ -141,11 +146,15 @@ def _positions_on_driver(loc: OutputLocation, files: list[str], rejected: pa.Tab
 
 
 def _repeated(rows: pa.Table) -> pa.Table:
-    counts = rows.group_by("id").aggregate([("id", "count")])
-    return rows.filter(pc.is_in(rows["id"], counts.filter(pc.greater(counts["id_count"], 1))["id"]))
+    """The rows whose id is in more than one file (a file holds one row per id, or a split
+    document's windows)."""
+    counts = rows.group_by("id").aggregate([("file", "count_distinct")])
+    return rows.filter(pc.is_in(rows["id"], counts.filter(pc.greater(counts["file_count_distinct"], 1))["id"]))
 
 
-def _positions_on_cluster(loc: OutputLocation, files: list[str], rejected: pa.Table, compute: Any) -> pa.Table:
+def _positions_on_cluster(
+    loc: OutputLocation, files: list[str], rejected: pa.Table, compute: Any, key: str
+) -> pa.Table:
     """The same, with the ids grouped by Ray (the driver gets only the repeated ids and their rows)."""
     import pyarrow.fs as pafs
     import ray
@@ -159,22 +168,22 @@ def _positions_on_cluster(loc: OutputLocation, files: list[str], rejected: pa.Ta
     partitions = max(1, min(200, len(files) // 16))  # each is a task; the ids column is small
     io = placed(compute.io_resources) if compute is not None else {}
     ids = ray.data.read_parquet([loc.path(f) for f in files], filesystem=filesystem, ray_remote_args=io)
-    ids = ids.select_columns(["id"])
-    counts = ids.groupby("id", num_partitions=partitions).count()
-    repeated = [r["id"] for r in counts.filter(expr=col("count()") > 1).select_columns(["id"]).take_all()]
+    ids = ids.select_columns([key])  # a split document's windows count too: over-fetched, then _repeated decides
+    counts = ids.groupby(key, num_partitions=partitions).count()
+    repeated = [r[key] for r in counts.filter(expr=col("count()") > 1).select_columns([key]).take_all()]
     wanted_ids = sorted(set(repeated) | set(rejected["id"].to_pylist()))
     if not wanted_ids:
         return POSITIONS.empty_table()
     wanted = ray.put(pa.array(wanted_ids, pa.string()))
     rows_of = ray.remote(num_cpus=0.5, **io)(_rows_of)
-    tasks = [rows_of.remote(loc, files[i : i + 64], wanted) for i in range(0, len(files), 64)]
+    tasks = [rows_of.remote(loc, files[i : i + 64], wanted, key) for i in range(0, len(files), 64)]
     return _repeated(pa.concat_tables([POSITIONS.empty_table(), rejected, *ray.get(tasks)]))
 
 
-def _rows_of(loc: OutputLocation, files: list[str], wanted: pa.Array) -> pa.Table:
+def _rows_of(loc: OutputLocation, files: list[str], wanted: pa.Array, key: str) -> pa.Table:
     out = [POSITIONS.empty_table()]
     for rel in files:
-        ids = loc.read_parquet(rel, columns=["id"])["id"]
+        ids = loc.read_parquet(rel, columns=[key])[key]
         pos = pc.indices_nonzero(pc.is_in(ids, wanted))
         out.append(
             pa.table(
@@ -202,11 +211,13 @@ def _in_corpus_order(found: pa.Table, entries: pa.Table, urls: list[str]) -> pa.
 
 
 def _later_rows(found: pa.Table) -> pa.Table:
-    """The written rows of ``found`` (in corpus order) that are not their id's first."""
+    """The written rows of ``found`` (in corpus order) that are not in their id's first file."""
     found = found.append_column("i", pa.array(range(found.num_rows), pa.int64()))
-    first = found.group_by("id").aggregate([("i", "min")])["i_min"]
-    later = found.filter(pc.invert(pc.is_in(found["i"], first)))
-    return later.filter(pc.starts_with(later["file"], DATA_DIR + "/")).drop_columns(["i"])
+    first = found.filter(pc.is_in(found["i"], found.group_by("id").aggregate([("i", "min")])["i_min"]))
+    firsts = first.select(["id", "file"]).append_column("first", pa.array(np.ones(first.num_rows, bool)))
+    marked = found.join(firsts, keys=["id", "file"], join_type="left outer").sort_by("i")
+    later = marked.filter(pc.is_null(marked["first"])).drop_columns(["i", "first"])
+    return later.filter(pc.starts_with(later["file"], DATA_DIR + "/")).select(found.column_names[:-1])
 
 
 def _first_rows(found: pa.Table) -> dict[str, str]:
@@ -233,15 +244,16 @@ def _replaced(
     unit = "d" + unit_key("dedupe", attempt, old)[:15]  # no plan's unit: a re-run never takes it for a block
     name = f"part-{unit}-000000-{attempt}.parquet"
     kept = copy_without(loc, old, drop["pos"], f"{DATA_DIR}/{name}", metadata, compression)
+    documents = list(dict.fromkeys(drop["id"].to_pylist()))  # a split document's windows: one reject
+    n = len(documents)
     rejects = pa.table(
         {
-            "id": drop["id"],
-            "source": pa.array([entry["url"]] * drop.num_rows, pa.string()),
-            "line": pa.nulls(drop.num_rows, pa.int64()),
-            "reason": pa.array([DUPLICATE] * drop.num_rows, pa.string()),
+            "id": documents,
+            "source": pa.array([entry["url"]] * n, pa.string()),
+            "line": pa.nulls(n, pa.int64()),
+            "reason": pa.array([DUPLICATE] * n, pa.string()),
             "detail": pa.array(
-                [f"an earlier row of the corpus has this id (in {first_of.get(i)})" for i in drop["id"].to_pylist()],
-                pa.string(),
+                [f"an earlier row of the corpus has this id (in {first_of.get(i)})" for i in documents], pa.string()
             ),
         },
         schema=REJECTS_SCHEMA,
@@ -252,7 +264,7 @@ def _replaced(
         )
     rejects_rel = f"{REJECTS_DIR}/{name}"
     rejects_size = loc.write_parquet(rejects_rel, rejects, compression)
-    rejected = Counter(json.loads(entry["rejected"])) + Counter({DUPLICATE: drop.num_rows})
+    rejected = Counter(json.loads(entry["rejected"])) + Counter({DUPLICATE: n})
     new = dict(entry)
     new |= {
         "rejected": json.dumps(dict(rejected)),

@@ -60,11 +60,13 @@ STORES_DIR = "_splade/stores"
 
 
 def expected_count(committed: Committed, sink: SinkConfig) -> int | None:
-    """How many vectors the store must hold for the table's latest version (None: unknown)."""
+    """How many vectors the store must hold for the table's latest version (None: unknown): one per
+    document, or per window of a long_documents split output."""
     entries = committed.entries
     if entries is None:
         return None
-    written = int(pc.sum(entries["written"]).as_py() or 0)
+    per_window = "parent_id" in committed.snapshot.schema.names
+    written = int(pc.sum(entries["windows" if per_window else "written"]).as_py() or 0)
     if store_limits(sink).accepts_empty_vectors:
         return written
     empty = sum(int(json.loads(h or "{}").get("0", 0)) for h in entries["nnz_hist"].to_pylist())
@@ -84,7 +86,7 @@ def count_problem(config: JobConfig, committed: Committed, store_count: int, rec
     if expected is None or store_count == expected:
         return None
     return (
-        f"the store holds {store_count} vectors, but table version {committed.version} has {expected} documents "
+        f"the store holds {store_count} vectors, but table version {committed.version} has {expected} vectors "
         f"that belong in it; see the difference with `splade-pipeline verify --from {config.output.path}` and fix "
         f"it with `splade-pipeline repair --from {config.output.path}` (same --config)"
     )

@@ -41,12 +41,6 @@ class Plan:
 
 def make_plan(config: JobConfig) -> Plan:
     """Driver-side checks and the facts every stage needs; starts nothing."""
-    if config.encoder.long_documents == "split":
-        raise SettingError(
-            "encoder.long_documents: 'split' gives one vector per window, and the job writes one row per document; "
-            "use 'max' (one vector per document, pooled over its windows) or 'truncate', or SpladeEncoder's "
-            "encode_batch in Python for the windows"
-        )
     shards = list_shards(config.input)
     check_columns(shards[0], config.input)
     folder = model_folder(config.encoder)  # resolved (downloaded, verified) once

@@ -49,10 +49,13 @@ from pipeline.output.layout import (
     DATA_DIR,
     REJECTS_DIR,
     REJECTS_SCHEMA,
+    SPLIT_ID_DETAIL,
+    WINDOW_MARK,
     compression_of,
     copy_without,
     data_stats,
     delta_stats,
+    document_column,
     fingerprint_metadata,
     rejects_table,
 )
@@ -205,7 +208,11 @@ def _compare_now(
         state = read_state(plan.output, base if base is not None and not base.problem else None)
     full, reason = _needs_full(base, meta, config.output.overwrite)
     sources = _sources(base)
-    diff = compare(scan(config, plan, local=local), state, full, [s.url for s in plan.shards], sources)
+    urls = [s.url for s in plan.shards]
+    scanned = scan(config, plan, local=local)
+    if config.encoder.long_documents == "split":
+        scanned = refuse_window_marks(scanned, urls)
+    diff = compare(scanned, state, full, urls, sources)
     return diff, full, reason, base
 
 
@@ -275,6 +282,25 @@ def scan(config: JobConfig, plan: Plan, *, local: bool = False) -> pa.Table:
     return pa.concat_tables([SCAN_SCHEMA.empty_table(), *(t.select(SCAN_COLUMNS).cast(SCAN_SCHEMA) for t in tables)])
 
 
+def refuse_window_marks(scanned: pa.Table, urls: list[str]) -> pa.Table:
+    """``scanned`` with its good rows whose id holds the window mark rejected (``invalid_id``), as the
+    encoder stage rejects them in a long_documents split job."""
+    marked = pc.fill_null(
+        pc.and_(pc.is_null(scanned["_reject"]), pc.match_substring(scanned["id"], WINDOW_MARK)), False
+    )
+    if not pc.any(marked).as_py():
+        return scanned
+    source = pc.if_else(marked, pc.take(pa.array(urls, pa.string()), scanned["_shard"]), scanned["_source"])
+    changes = {
+        "_source": source,
+        "_reject": pc.if_else(marked, pa.scalar("invalid_id"), scanned["_reject"]),
+        "_detail": pc.if_else(marked, pa.scalar(SPLIT_ID_DETAIL), scanned["_detail"]),
+    }
+    for name, values in changes.items():
+        scanned = scanned.set_column(scanned.schema.get_field_index(name), name, values)
+    return scanned
+
+
 def _read_for_scan(batch: pa.Table, cfg: Any) -> Any:
     for block in read_shards(batch, cfg):
         # The file URL only where a reject needs it: good rows carry the shard's position.
@@ -284,18 +310,32 @@ def _read_for_scan(batch: pa.Table, cfg: Any) -> Any:
 
 
 def read_state(loc: OutputLocation, base: Committed | None) -> pa.Table:
-    """``(id, hash, file, pos)`` of every row of the table (only those two columns of each file are read)."""
+    """``(id, hash, file, pos)`` of every row of the table (only those two columns of each file are
+    read); ``id`` names the row's document (``parent_id`` in a long_documents split output, whose
+    rows are windows)."""
     schema = pa.schema([("id", pa.string()), ("hash", pa.int64()), ("file", pa.string()), ("pos", pa.int32())])
     files = sorted(base.snapshot.files) if base else []
+    key = document_column(base is not None and "parent_id" in base.snapshot.schema.names)
 
     def one(rel: str) -> pa.Table:
-        table = loc.read_parquet(rel, columns=["id", "content_hash"])
+        table = loc.read_parquet(rel, columns=[key, "content_hash"])
         n = table.num_rows
-        columns = [table["id"], table["content_hash"], pa.array([rel] * n, pa.string()), pa.array(range(n), pa.int32())]
+        columns = [table[key], table["content_hash"], pa.array([rel] * n, pa.string()), pa.array(range(n), pa.int32())]
         return pa.Table.from_arrays(columns, schema=schema)
 
     with ThreadPoolExecutor(16) as pool:
         return pa.concat_tables([schema.empty_table(), *pool.map(one, files)])
+
+
+def _whole_documents(state: pa.Table, first: pa.Array) -> pa.Table:
+    """The rows of ``state`` in the file of each document's row at ``first`` (``oi``): one row per
+    document, or its windows (long_documents split)."""
+    pairs = state.filter(pc.is_in(state["oi"], first)).select(["id", "file"])
+    return state.join(pairs, keys=["id", "file"], join_type="inner")
+
+
+def _documents(rows: pa.Table) -> int:
+    return int(pc.count_distinct(rows["id"]).as_py()) if rows.num_rows else 0
 
 
 def compare(
@@ -325,7 +365,7 @@ def compare(
         matched = state.join(
             good.select(["id", "_hash"]), keys=["id", "hash"], right_keys=["id", "_hash"], join_type="inner"
         )
-        keep_rows = matched.group_by("id").aggregate([("oi", "min")])["oi_min"]
+        keep_rows = _whole_documents(state, matched.group_by("id").aggregate([("oi", "min")])["oi_min"])["oi"]
     held = _rows_of_unreadable(state, good, sources or {}, unreadable) if not full else state.slice(0, 0)
     keep_rows = pa.chunked_array([keep_rows, held["oi"]], pa.int64()).combine_chunks()
     is_kept = pc.is_in(state["oi"], keep_rows)
@@ -340,11 +380,11 @@ def compare(
         "documents": good.num_rows,
         "new": new,
         "changed": encode.num_rows - new,
-        "unchanged": kept.num_rows - held.num_rows,
+        "unchanged": _documents(kept) - _documents(held),
         "deleted": len(deleted),
         "rejected": rejects.num_rows,
         "indexed_before": len(old_ids),
-        "kept_unread": held.num_rows,  # indexed documents of files skipped this time, kept as they were
+        "kept_unread": _documents(held),  # indexed documents of files skipped this time, kept as they were
     }
     return Diff(
         encode=encode.select(["id", "_shard", "_line"]).rename_columns(["id", "shard", "line"]),
@@ -362,8 +402,7 @@ def _rows_of_unreadable(state: pa.Table, good: pa.Table, sources: dict[str, str]
     files = [f for f, url in sources.items() if url in unreadable]
     rows = state.filter(pc.is_in(state["file"], pa.array(files, pa.string())))
     rows = rows.filter(pc.invert(pc.is_in(rows["id"], good["id"])))
-    first = rows.group_by("id").aggregate([("oi", "min")])["oi_min"]
-    return rows.filter(pc.is_in(rows["oi"], first))
+    return _whole_documents(rows, rows.group_by("id").aggregate([("oi", "min")])["oi_min"])
 
 
 def _first_of_each_id(good: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -477,14 +516,15 @@ def rewrite_files(
         if copied is None:
             return None
         new, size, table = copied
+        stats = data_stats(table)  # documents, not rows, where rows are a split document's windows
         return {
             "unit": unit,
             "url": urls.get(old),
             "shard": -1,
             "block": 0,
-            "block_rows": table.num_rows,
+            "block_rows": stats["written"],
             "last": True,
-            "rows": table.num_rows,
+            "rows": stats["written"],
             "rejected": "{}",
             "bad_file": None,
             "data_file": new,
@@ -492,7 +532,7 @@ def rewrite_files(
             "data_stats": delta_stats(table),
             "rejects_file": None,
             "attempt": attempt,
-            **data_stats(table),
+            **stats,
         }
 
     with ThreadPoolExecutor(8) as pool:

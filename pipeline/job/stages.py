@@ -19,7 +19,7 @@ from pipeline.errors import ActorStartError
 from pipeline.job.attempts import CHUNK_ROWS
 from pipeline.job.dedupe import DUPLICATE, later_in_block
 from pipeline.job.faults import load_point, out_of_memory_point, poison_point
-from pipeline.output.layout import OOM_SPLITS, WINDOWS, BlockWriter
+from pipeline.output.layout import OOM_SPLITS, SPLIT, SPLIT_ID_DETAIL, SPLIT_TYPE, WINDOW_MARK, WINDOWS, BlockWriter
 from pipeline.output.location import OutputLocation
 from pipeline.sinks import open_sink, store_limits
 from pipeline.sinks.protocol import Sink, SinkError, request_batches, request_limits
@@ -193,6 +193,7 @@ class EncodeBlocks:
             )
         self.encoder.before_forward = out_of_memory_point  # test-only fault injection; a no-op unless configured
         self.isolate_after = isolate_after
+        self.split = encoder.long_documents == "split"
         self.deaths.ready()
 
     def __call__(self, block: pa.Table) -> pa.Table:
@@ -205,6 +206,10 @@ class EncodeBlocks:
         # a later row of an id in this call is a duplicate: rejected here, where lines are known
         for pos, first in later_in_block(good).items():
             result.failed[pos] = (DUPLICATE, f"an earlier row of the corpus has this id (in {first})")
+        if self.split:
+            for pos, doc in enumerate(good["id"].to_pylist()):
+                if pos not in result.failed and WINDOW_MARK in doc:
+                    result.failed[pos] = ("invalid_id", SPLIT_ID_DETAIL)
         todo = np.array([i for i in range(len(texts)) if i not in result.failed], np.int64)
         if self._begin(key) < self.isolate_after:
             self._encode_rows(texts, todo, result)
@@ -250,16 +255,20 @@ class EncodeBlocks:
             self._encode_rows(texts, rows[:half], result)
             self._encode_rows(texts, rows[half:], result)
             return
+        if batch.parent is None:
+            windows = np.ones(len(rows), np.int32) if batch.windows is None else batch.windows
+            columns = {"sparse": batch.sparse, "num_tokens": batch.num_tokens, "truncated": batch.truncated}
+            columns |= {WINDOWS: windows, SPLIT: pa.nulls(len(rows), SPLIT_TYPE)}
+            infinite, nan = non_finite_counts(batch.sparse)
+        else:  # long_documents split: each document's windows travel as one list, exploded by the writer
+            columns = split_columns(batch, len(rows))
+            infinite, nan = (
+                np.bincount(batch.parent, c, len(rows)).astype(np.int64) for c in non_finite_counts(batch.sparse)
+            )
         piece = pa.table(
-            {
-                "_pos": pa.array(rows, pa.int64()),
-                "sparse": batch.sparse,
-                "num_tokens": pa.array(batch.num_tokens, pa.int32()),
-                "truncated": pa.array(batch.truncated, pa.bool_()),
-                WINDOWS: pa.array(np.ones(len(rows), np.int32) if batch.windows is None else batch.windows, pa.int32()),
-            }
+            {"_pos": pa.array(rows, pa.int64())}
+            | {name: _arrow(columns[name], kind) for name, kind in _ENCODED_COLUMNS}
         )
-        infinite, nan = non_finite_counts(batch.sparse)
         broken = (infinite + nan) > 0
         for i in np.flatnonzero(broken):
             detail = f"{infinite[i]} infinite and {nan[i]} NaN weights (a float16 overflow?); no store takes them"
@@ -329,7 +338,37 @@ _ENCODED_COLUMNS = (
     ("num_tokens", pa.int32()),
     ("truncated", pa.bool_()),
     (WINDOWS, pa.int32()),
+    (SPLIT, SPLIT_TYPE),
 )
+
+
+def _arrow(values: Any, kind: pa.DataType) -> pa.Array:
+    return values if isinstance(values, pa.Array) else pa.array(values, kind)
+
+
+def split_columns(batch: Any, documents: int) -> dict[str, Any]:
+    """The encoded columns of ``documents`` texts from a split :class:`EncodedBatch`: per document, its
+    windows as one list (vector, tokens, characters), tokens summed, never truncated."""
+    windows = np.bincount(batch.parent, minlength=documents).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(windows)]).astype(np.int32)
+    items = pa.StructArray.from_arrays(
+        [
+            batch.sparse,
+            pa.array(batch.num_tokens, pa.int32()),
+            pa.array(batch.spans[:, 0], pa.int64()),
+            pa.array(batch.spans[:, 1], pa.int64()),
+        ],
+        fields=list(SPLIT_TYPE.value_type),
+    )
+    return {
+        "sparse": pa.nulls(documents, SPARSE_TYPE),
+        "num_tokens": np.bincount(batch.parent, batch.num_tokens, documents).astype(np.int32),
+        "truncated": np.zeros(documents, bool),
+        WINDOWS: windows,
+        SPLIT: pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), items),
+    }
+
+
 _EMPTY_PIECE = pa.schema([("_pos", pa.int64()), *_ENCODED_COLUMNS]).empty_table()
 
 

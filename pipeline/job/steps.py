@@ -20,7 +20,7 @@ from pipeline.job.faults import crash_point, pause_point
 from pipeline.job.plan import Plan, encoded_dataset, written_dataset
 from pipeline.job.summary import Pace, check_rows
 from pipeline.job.watch import ClusterWatch
-from pipeline.output.layout import DATA_COLUMNS, write_summary
+from pipeline.output.layout import DATA_COLUMNS, WINDOW_COLUMNS, write_summary
 from pipeline.output.location import OutputLocation
 from pipeline.output.records import empty_entries
 from pipeline.output.state import Committed, commit_state, sync_rejects
@@ -182,8 +182,13 @@ def empty_schema(config: JobConfig) -> pa.Schema:
     from pipeline.encode.sparse import SPARSE_TYPE
 
     types = [pa.string(), pa.int64(), SPARSE_TYPE, pa.int32(), pa.bool_()]
+    windows = WINDOW_COLUMNS if config.encoder.long_documents == "split" else []
     return pa.schema(
-        [*zip(DATA_COLUMNS, types, strict=True), *((c, pa.string()) for c in config.input.passthrough_columns)]
+        [
+            *zip(DATA_COLUMNS, types, strict=True),
+            *windows,
+            *((c, pa.string()) for c in config.input.passthrough_columns),
+        ]
     )
 
 

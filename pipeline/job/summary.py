@@ -143,7 +143,7 @@ def render(summary: dict[str, Any], output: str) -> str:
         f"truncated: {summary['truncated']}",
         f"  reused from earlier attempts (not encoded again): {summary['rows_reused']} rows",
         "  failures ridden through: " + (", ".join(f"{k} {v}" for k, v in summary["faults"].items() if v) or "none"),
-        f"  tokens: {summary['tokens']}{_render_windows(summary)}; non-zeros per doc: mean {nz['mean']}, "
+        f"  tokens: {summary['tokens']}{_render_windows(summary)}; non-zeros per vector: mean {nz['mean']}, "
         f"p50 {nz['p50']:.0f}, p99 {nz['p99']:.0f}",
         f"  {summary['input_files']} input files, {summary['output_files']} output files, skipped files: "
         f"{len(summary['skipped_files'])}",

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.encode.fingerprint import Fingerprint
+from pipeline.encode.sparse import SPARSE_TYPE
 from pipeline.output.location import OutputLocation
 from pipeline.output.records import ENTRY_SCHEMA, footer_entry
 from pipeline.redaction import scrub
@@ -38,6 +39,30 @@ FINGERPRINT_KEY = b"splade_pipeline.fingerprint"
 WINDOWS = "_windows"  # per encoded row: the windows its vector pools (long_documents max), else 1
 OOM_SPLITS = "_oom_splits"  # per encoded block, on its first row: micro-batches halved after running out of memory
 DATA_COLUMNS = ["id", "content_hash", "sparse", "num_tokens", "truncated"]
+SPLIT = "_split"  # long_documents split, per encoded document: its windows (vector, tokens, characters)
+SPLIT_TYPE = pa.list_(
+    pa.struct(
+        [("sparse", SPARSE_TYPE), ("num_tokens", pa.int32()), ("start_char", pa.int64()), ("end_char", pa.int64())]
+    )
+)
+# long_documents split: the data files' columns after DATA_COLUMNS (one row per window, id <parent_id>#<window>)
+WINDOW_COLUMNS = [
+    ("parent_id", pa.string()),
+    ("window", pa.int32()),
+    ("start_char", pa.int64()),
+    ("end_char", pa.int64()),
+]
+
+WINDOW_MARK = "#"  # long_documents split: the window of document <id> numbered k is <id>#<k>
+SPLIT_ID_DETAIL = (
+    "encoder.long_documents is 'split', which names each window <id>#<k>: an id holding '#' could take the name "
+    "of another document's window; map ids without '#' (or use 'max' or 'truncate')"
+)
+
+
+def document_column(split: bool) -> str:
+    """The data files' column naming each row's document: ``parent_id`` for split outputs, else ``id``."""
+    return "parent_id" if split else "id"
 
 
 REJECTS_SCHEMA = pa.schema(
@@ -122,13 +147,16 @@ class BlockWriter:
         if good.num_rows:
             data = good.select(["id", "_hash", *DATA_COLUMNS[2:], *self.passthrough])
             data = data.rename_columns([*DATA_COLUMNS, *self.passthrough])
+            if SPLIT in good.column_names and good[SPLIT].null_count < good.num_rows:
+                data = window_rows(data, good[SPLIT], self.passthrough)
             stats["data_file"], stats["data_stats"] = f"{DATA_DIR}/{name}.parquet", delta_stats(data)
         if rejects.num_rows:
             rejected = rejects_table(rejects)
             stats["rejects_file"], stats["rejects_stats"] = f"{REJECTS_DIR}/{name}.parquet", delta_stats(rejected)
         if bad.num_rows:
             stats["bad_file"] = f"{bad['_source'][0].as_py()}: {bad['_detail'][0].as_py()}"
-        stats |= {"rejected": json.dumps(Counter(rejects["_reject"].to_pylist())), **data_stats(good)}
+        stats |= {"rejected": json.dumps(Counter(rejects["_reject"].to_pylist()))}
+        stats |= data_stats(good if data is None or "parent_id" not in data.column_names else data)
         stats["oom_splits"] = int(pc.sum(piece[OOM_SPLITS]).as_py() or 0) if OOM_SPLITS in piece.column_names else 0
         footer = footer_entry(stats)  # each file describes itself: a re-run finds it without any record
         if data is not None:
@@ -141,6 +169,31 @@ class BlockWriter:
                 stats["rejects_file"], rejected.replace_schema_metadata(footer), self.compression
             )
         return stats
+
+
+def window_rows(documents: pa.Table, split: pa.ChunkedArray, passthrough: list[str]) -> pa.Table:
+    """One row per window of ``documents`` (``split``: their windows): id ``<id>#<k>``, the document's
+    content hash and passthrough columns, the window's vector, tokens and characters."""
+    split = split.combine_chunks()
+    counts = pc.list_value_length(split).to_numpy(zero_copy_only=False)
+    take = pa.array(np.repeat(np.arange(documents.num_rows), counts), pa.int64())
+    parent = documents.take(take)
+    items = pc.list_flatten(split)
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    window = pa.array(np.arange(len(take)) - starts, pa.int32())
+    ids = pc.binary_join_element_wise(parent["id"], pc.cast(window, pa.string()), "#")
+    columns = {
+        "id": ids,
+        "content_hash": parent["content_hash"],
+        "sparse": pc.struct_field(items, "sparse"),
+        "num_tokens": pc.struct_field(items, "num_tokens"),
+        "truncated": pa.array(np.zeros(len(take), bool)),
+        "parent_id": parent["id"],
+        "window": window,
+        "start_char": pc.struct_field(items, "start_char"),
+        "end_char": pc.struct_field(items, "end_char"),
+    }
+    return pa.table(columns | {c: parent[c] for c in passthrough})
 
 
 def copy_without(
@@ -178,12 +231,17 @@ def delta_stats(table: pa.Table) -> str:
 
 
 def data_stats(data: pa.Table) -> dict[str, Any]:
-    """The summary's statistics of encoded rows (``sparse``, ``num_tokens``, ``truncated`` columns)."""
+    """The summary's statistics of encoded rows (``sparse``, ``num_tokens``, ``truncated`` columns): with
+    ``parent_id`` (long_documents split), rows are windows, and documents are counted by parent."""
     nnz = pc.list_value_length(pc.struct_field(data["sparse"], "indices")).to_numpy()
+    split = "parent_id" in data.column_names
+    windows = data.num_rows
+    if WINDOWS in data.column_names:
+        windows = int(pc.sum(data[WINDOWS]).as_py() or 0)
     return {
-        "written": data.num_rows,
+        "written": int(pc.count_distinct(data["parent_id"]).as_py()) if split else data.num_rows,
         "tokens": int(pc.sum(data["num_tokens"]).as_py() or 0) if data.num_rows else 0,
-        "windows": int(pc.sum(data[WINDOWS]).as_py() or 0) if WINDOWS in data.column_names else data.num_rows,
+        "windows": windows,
         "truncated": int(pc.sum(pc.cast(data["truncated"], pa.int64())).as_py() or 0) if data.num_rows else 0,
         "nnz_hist": json.dumps({int(k): int(v) for k, v in zip(*np.unique(nnz, return_counts=True), strict=True)}),
     }

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psycopg
 import pytest
 
 from pipeline.config import JobConfig, SinkConfig, load_config
@@ -177,3 +178,18 @@ def assert_search_in_a_fresh_process(config: JobConfig, tmp_path: Path, fresh: d
         block = proc.stdout.split(f"{query!r}:\n", 1)[1].split("\n'", 1)[0]
         got = [line.split()[1] for line in block.strip().splitlines()]
         assert got == [i for i, _ in want], (query, proc.stdout)
+
+
+def store_vectors(postgres: Any, table: str) -> dict[str, np.ndarray]:
+    """The vectors a pgvector table holds, by id, dense."""
+    with psycopg.connect(postgres.dsn) as conn:
+        rows = conn.execute(f"SELECT id, embedding::text FROM {table}").fetchall()
+    out = {}
+    for doc_id, text in rows:
+        terms, dim = text.rsplit("/", 1)
+        dense = np.zeros(int(dim), np.float32)
+        for term in filter(None, terms.strip("{}").split(",")):
+            index, value = term.split(":")
+            dense[int(index) - 1] = float(value)
+        out[doc_id] = dense
+    return out
