@@ -332,7 +332,7 @@ def evaluate(
     report["outputs"] = [main[0].row()]
     if settings.compare:
         other_loc = OutputLocation(settings.compare, source.storage_options)
-        other = _evaluate_output(other_loc, settings, topics, [None], table_options, say)[0]
+        other = _evaluate_output(other_loc, settings, topics, [None], table_options, say, main=False)[0]
         report["outputs"].append(other.row())
         report["per_query_differences"] = _differences(main[0], other)
     if settings.prune_sweep:
@@ -366,21 +366,16 @@ def _evaluate_output(
     prunings: list[int | None],
     table_options: dict[str, str] | None,
     say: Callable[[str], None],
+    *,
+    main: bool = True,
 ) -> list[Evaluated]:
     from pipeline.job.load import committed_output
 
     committed, fingerprint = committed_output(loc, table_options or {})
     model, queries, encoded_s = _encoded_queries(settings, topics, fingerprint)
-    windows = "parent_id" in committed.snapshot.schema.names
-    if settings.group_by_parent and not windows:
-        raise SettingError(
-            f"evaluate --group-by-parent: {loc.url} holds one row per document (no parent_id column); it pools the "
-            "windows of an output encoded with encoder.long_documents: split"
-        )
-    if windows and not settings.group_by_parent:
-        say(f"  note: {loc.url} holds windows (<id>#<k>): judged as passages; --group-by-parent judges documents")
+    group = _grouped(loc, committed, settings, main=main, say=say)
     entries = committed.entries
-    counted = "windows" if windows else "written"
+    counted = "windows" if "parent_id" in committed.snapshot.schema.names else "written"
     total = None if entries is None else int(np.sum(entries[counted].to_numpy(zero_copy_only=False)))
     files = sorted(committed.snapshot.files)
     ids, rankings = retrieve(
@@ -392,7 +387,7 @@ def _evaluate_output(
         depth=settings.depth,
         total=total,
         say=say,
-        group_by_parent=settings.group_by_parent,
+        group_by_parent=group,
     )
     if len(set(ids)) != len(ids):
         raise SettingError(
@@ -409,6 +404,22 @@ def _evaluate_output(
             extra |= {"query_seconds": round(encoded_s, 3), "dtype": fingerprint.dtype, "top_k": fingerprint.top_k}
         out.append(Evaluated(name, metrics, per_query, len(ids), rankings[k].nonzeros, extra))
     return out
+
+
+def _grouped(
+    loc: OutputLocation, committed: Any, settings: EvalSettings, *, main: bool, say: Callable[[str], None]
+) -> bool:
+    """Whether the output's rows are pooled per document: with --group-by-parent, an output of
+    windows is; one of documents is as it is (a --compare output), or refused (the main one)."""
+    windows = "parent_id" in committed.snapshot.schema.names
+    if settings.group_by_parent and not windows and main:
+        raise SettingError(
+            f"evaluate --group-by-parent: {loc.url} holds one row per document (no parent_id column); it pools the "
+            "windows of an output encoded with encoder.long_documents: split"
+        )
+    if windows and not settings.group_by_parent:
+        say(f"  note: {loc.url} holds windows (<id>#<k>): judged as passages; --group-by-parent judges documents")
+    return settings.group_by_parent and windows
 
 
 def _encoded_queries(settings: EvalSettings, topics: Topics, fingerprint: Any) -> tuple[str, pa.StructArray, float]:
@@ -441,15 +452,16 @@ def _evaluate_store(
     """The metrics of the store's own search (top ``depth`` per query) for the judged queries."""
     from pipeline.job.load import committed_output
     from pipeline.search import ranked
-    from pipeline.sinks import open_sink
+    from pipeline.sinks import open_sink, store_limits
 
     committed, fingerprint = committed_output(loc, table_options or {})
     model, queries, encoded_s = _encoded_queries(settings, topics, fingerprint)
+    group = _grouped(loc, committed, settings, main=True, say=say)
     store = open_sink(sink, fingerprint.vocab_size)
+    cap = store_limits(sink).max_search_k
     started = time.monotonic()
     try:
-        group = settings.group_by_parent
-        hits = [ranked(store, i, v, settings.depth, group_by_parent=group) for i, v in sparse_rows(queries)]
+        hits = [ranked(store, i, v, settings.depth, group_by_parent=group, cap=cap) for i, v in sparse_rows(queries)]
         held = store.count()
     finally:
         store.close()

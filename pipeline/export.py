@@ -165,7 +165,8 @@ def export_output(
             f"{fingerprint.vocab_size} dimensions; give the model the output was encoded with (--vocab-model)"
         )
     to = _empty_target(settings.to, storage_options)
-    total = int(pc.sum(committed.entries["written"]).as_py() or 0) if committed.entries is not None else None
+    rows = "windows" if "parent_id" in committed.snapshot.schema.names else "written"  # split: a row per window
+    total = int(pc.sum(committed.entries[rows]).as_py() or 0) if committed.entries is not None else None
     writer = ShardedWriter(to, settings.shard_docs, 1 if settings.format in ("anserini", "jsonl") else 2)
     started = time.monotonic()
     try:

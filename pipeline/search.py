@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pipeline.config import JobConfig
 from pipeline.encode.sparse import sparse_rows
+from pipeline.errors import SettingError
 from pipeline.output.layout import WINDOW_MARK
-from pipeline.sinks import open_sink
+from pipeline.sinks import open_sink, store_limits
 from pipeline.sinks.protocol import Sink
+
+log = logging.getLogger(__name__)
 
 
 def search(
@@ -18,33 +22,44 @@ def search(
 
     ``group_by_parent`` (a store loaded from a long_documents split output, whose vectors are windows
     ``<id>#<k>``): the top ``k`` documents, each scored by its best window. The store is asked for
-    more windows (twice as many each time, up to :data:`MAX_WINDOWS`) until they name ``k``
+    more windows (twice as many each time, up to the most one search returns) until they name ``k``
     documents or the store has no more: the best ``n`` windows hold the best window of each of the
     best documents they name, so that ranking is exact."""
     from pipeline.encode.encoder import SpladeEncoder
 
     encoder = SpladeEncoder.from_config(config.encoder)
     store = open_sink(config.sink, encoder.vocab_size)
+    cap = store_limits(config.sink).max_search_k
     try:
         vectors = sparse_rows(encoder.encode_queries(queries))
-        return [ranked(store, indices, values, k, group_by_parent=group_by_parent) for indices, values in vectors]
+        return [ranked(store, i, v, k, group_by_parent=group_by_parent, cap=cap) for i, v in vectors]
     finally:
         store.close()
 
 
-MAX_WINDOWS = 10_000  # windows asked of a store at most (Pinecone's top_k limit)
-
-
-def ranked(store: Sink, indices: Any, values: Any, k: int, *, group_by_parent: bool = False) -> list[tuple[str, float]]:
-    """One query's top ``k`` hits from ``store`` (documents by their best window: see :func:`search`)."""
+def ranked(
+    store: Sink, indices: Any, values: Any, k: int, *, group_by_parent: bool = False, cap: int = 10_000
+) -> list[tuple[str, float]]:
+    """One query's top ``k`` hits from ``store`` (documents by their best window: see :func:`search`;
+    ``cap``: the most hits one search of the store returns)."""
+    if k > cap:
+        raise SettingError(f"{store.name} returns at most {cap} hits per search; {k} were asked for")
     if not group_by_parent:
         return store.search(indices, values, k)
-    asked = min(k * 4, MAX_WINDOWS)
+    asked = min(k * 4, cap)
     while True:
         hits = store.search(indices, values, asked)
         best: dict[str, float] = {}
         for window, score in hits:  # best first: a document's first hit is its best window
             best.setdefault(window.rsplit(WINDOW_MARK, 1)[0], score)
-        if len(best) >= k or len(hits) < asked or asked >= MAX_WINDOWS:
+        if len(best) >= k or len(hits) < asked:
             return list(best.items())[:k]
-        asked = min(asked * 2, MAX_WINDOWS)
+        if asked >= cap:
+            log.warning(
+                "%s: its best %d windows (the most one search returns) name only %d documents; the ranking ends there",
+                store.name,
+                asked,
+                len(best),
+            )
+            return list(best.items())
+        asked = min(asked * 2, cap)

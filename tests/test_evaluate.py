@@ -188,6 +188,11 @@ def test_windows_pooled_per_document_equal_a_brute_force_computation(
     assert got["documents"] == 32 and got["nonzeros"] == sum(len(r["indices"]) for r in table["sparse"].to_pylist())
     with pytest.raises(SettingError, match="holds one row per document"):
         evaluate(OutputLocation(str(outputs["fp32"])), settings, say=lambda line: None)
+    # passages pooled per document against whole documents: the compared output is taken as it is
+    both = replace(settings, compare=str(outputs["fp32"]))
+    compared = evaluate(OutputLocation(str(outputs["split"])), both, say=lambda line: None)["outputs"][1]
+    want_whole = brute_force(outputs["fp32"], splade_tiny)
+    assert compared["documents"] == 32 and all(abs(compared[m] - want_whole[m]) <= 1e-4 for m in want_whole)
     lines: list[str] = []
     evaluate(OutputLocation(str(outputs["split"])), EvalSettings(queries=str(BEIR)), say=lines.append)
     assert any("--group-by-parent judges documents" in line for line in lines)

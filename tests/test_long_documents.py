@@ -192,6 +192,8 @@ def test_the_job_pools_long_documents_and_reindexes_them_per_document(ray_cluste
     again = run_reindex(config)
     counts = again["reindex"]
     assert (counts["new"], counts["changed"], counts["deleted"], counts["encoded_now"]) == (1, 1, 1, 2)
+    assert counts["rewritten_files"] >= 1  # files copied without their changed rows still count their windows
+    assert again["windows"] == int(enc.encode_batch(list(now.values())).windows.sum())
     _assert_table(config.output.path, now, enc)
 
     # another way of cutting long documents is another fingerprint: everything would be encoded again
@@ -261,7 +263,8 @@ def test_the_job_splits_long_documents_into_window_rows_and_reindexes_them_per_d
     docs["grows"] = "a short one"
     hostile = {"page#2": "an id that could name a window", "x": THREE}
     # a later copy of "grows" (another file) with more windows than the first: all of them are rejected
-    _put("long/split", docs | hostile, {"grows": THREE + " " + THREE, "tail": "the last one"})
+    later = {"grows": THREE + " " + THREE, "tail": "the last one", "page#2": "again: each row of it is refused"}
+    _put("long/split", docs | hostile, later)
     settings = {"encoder.max_length": 16, "encoder.long_documents": "split", "encoder.stride": 3, "encoder.top_k": 10}
     store = {"sink.type": "pgvector", "sink.dsn": postgres.dsn, "sink.collection": "split_windows"}
     extra = {"input.rows_per_block": 4, "reindex.max_delete_percent": 50, **store}
@@ -269,11 +272,11 @@ def test_the_job_splits_long_documents_into_window_rows_and_reindexes_them_per_d
     summary = run_job(config)
     first = docs | {"x": THREE, "tail": "the last one"}
     windows = _assert_windows(config.output.path, first, enc, postgres, "split_windows")
-    assert summary["rows_read"] == 19 and summary["rows_written"] == 17 and summary["rows_rejected"] == 2
-    assert summary["rejected_by_reason"] == {"duplicate_id": 1, "invalid_id": 1}
+    assert summary["rows_read"] == 20 and summary["rows_written"] == 17 and summary["rows_rejected"] == 3
+    assert summary["rejected_by_reason"] == {"duplicate_id": 1, "invalid_id": 2}
     assert summary["windows"] == windows > 17 + 8
     rejects = read_delta(config.output.path + "/_rejects")
-    assert sorted(rejects["id"].to_pylist()) == ["grows", "page#2"]
+    assert sorted(rejects["id"].to_pylist()) == ["grows", "page#2", "page#2"]
     assert "could take the name of another document's window" in " ".join(rejects["detail"].to_pylist())
     assert summary["sink"]["store_count"] == windows and not summary.get("errors")
 
@@ -313,14 +316,20 @@ def test_the_job_splits_long_documents_into_window_rows_and_reindexes_them_per_d
     assert asked_again  # the doubling was needed for one query at least
 
 
+@pytest.mark.parametrize("where", ["driver", "cluster"])
 def test_a_later_copy_of_a_split_document_leaves_with_all_its_windows_as_one_reject(
-    splade_tiny: Path, tmp_path: Path
+    splade_tiny: Path, tmp_path: Path, where: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Cross-file duplicates (the job's step after writing), run here without Ray: the later copy of
-    ``a`` has more windows than the first; none of them may stay, and it is one rejected row."""
+    """Cross-file duplicates (the job's step after writing; the ids grouped on the driver, or by Ray
+    past DRIVER_MAX_ROWS): the later copy of ``a`` has more windows than the first; none of them
+    may stay, and it is one rejected row."""
+    from pipeline.job import dedupe
+
+    if where == "cluster":
+        request.getfixturevalue("ray_cluster")
+        monkeypatch.setattr(dedupe, "DRIVER_MAX_ROWS", 0)
     from pipeline.config import EncoderConfig, InputConfig, OutputConfig
     from pipeline.encode.fingerprint import fingerprint
-    from pipeline.job.dedupe import drop_later_duplicates
     from pipeline.job.stages import EncodeBlocks
     from pipeline.output.layout import BlockWriter, fingerprint_metadata
     from pipeline.output.location import OutputLocation
@@ -341,7 +350,7 @@ def test_a_later_copy_of_a_split_document_leaves_with_all_its_windows_as_one_rej
             parts.append(writer.write(stage(block)))
     entries = pa.concat_tables(parts)
     assert int(pc.sum(entries["written"]).as_py()) == 4 and int(pc.sum(entries["windows"]).as_py()) == 1 + 3 + 6 + 1
-    out = drop_later_duplicates(loc, entries, urls, "t2", "zstd", fingerprint_metadata(fp), None, "parent_id")
+    out = dedupe.drop_later_duplicates(loc, entries, urls, "t2", "zstd", fingerprint_metadata(fp), None, "parent_id")
     data = pa.concat_tables([loc.read_parquet(f) for f in out["data_file"].to_pylist() if f])
     assert sorted(data["id"].to_pylist()) == ["a#0", "b#0", "b#1", "b#2", "c#0"]
     rejects = pa.concat_tables([loc.read_parquet(f) for f in out["rejects_file"].to_pylist() if f])
@@ -349,3 +358,26 @@ def test_a_later_copy_of_a_split_document_leaves_with_all_its_windows_as_one_rej
     assert str(path.parent / "part-0.jsonl") in rejects["detail"][0].as_py()
     rows, written = (int(pc.sum(out[c]).as_py()) for c in ("rows", "written"))
     assert rows == 4 == written + rejects.num_rows and int(pc.sum(out["windows"]).as_py()) == 5
+
+
+@pytest.mark.parametrize("windows", [False, True])
+def test_reindex_keeps_a_documents_windows_together_and_an_old_tables_second_row_goes(windows: bool) -> None:
+    """``compare`` on a state: with windows, every row of a kept document stays (its file's); without,
+    a table written before the duplicate rule that holds an id twice in one file keeps the first row."""
+    from pipeline.job.reindex import SCAN_SCHEMA, compare
+
+    rows = [("a", 1, "data/f1", 0), ("a", 1, "data/f1", 1), ("b", 2, "data/f1", 2), ("a", 1, "data/f2", 0)]
+    state = pa.Table.from_pylist(
+        [dict(zip(("id", "hash", "file", "pos"), r, strict=True)) for r in rows],
+        schema=pa.schema([("id", pa.string()), ("hash", pa.int64()), ("file", pa.string()), ("pos", pa.int32())]),
+    )
+    scanned = pa.Table.from_pylist(
+        [{"id": "a", "_hash": 1, "_shard": 0, "_line": 1}, {"id": "b", "_hash": 3, "_shard": 0, "_line": 2}],
+        schema=SCAN_SCHEMA,
+    )
+    diff = compare(scanned, state, False, ["corpus.jsonl"], windows=windows)
+    assert diff.counts["unchanged"] == 1 and diff.counts["changed"] == 1 and diff.counts["deleted"] == 0
+    assert diff.encode["id"].to_pylist() == ["b"]
+    dropped = {f: sorted(p.to_pylist()) for f, p in diff.rewrite.items()}
+    # a's rows in f1 are its windows (kept) or a first row and its old duplicate (the second goes)
+    assert dropped == ({"data/f1": [2], "data/f2": [0]} if windows else {"data/f1": [1, 2], "data/f2": [0]})

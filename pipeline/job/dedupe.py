@@ -73,19 +73,22 @@ def drop_later_duplicates(
     metadata: dict[bytes, bytes],
     compute: Any = None,
     key: str = "id",
+    pooled: int | None = None,
 ) -> pa.Table:
     """``entries`` with every later row of an id (order: ``urls``, then block) moved from its data
     file to its rejects file (copies written under ``attempt``); the entries of other files as they are.
 
     ``key``: the data files' column naming the document (``parent_id`` where rows are windows, in a
-    long_documents split output: a later document's windows all go, and count as one reject)."""
+    long_documents split output: a later document's windows all go, and count as one reject);
+    ``pooled``: the window length of a long_documents max output (see :func:`data_stats`)."""
     files = [f for f in entries["data_file"].to_pylist() if f]
     if not files:
         return entries
     for folder in (DATA_DIR, REJECTS_DIR):
         loc.refresh(folder)  # files Ray workers wrote since this client last listed the folder
     rejected = _encoder_rejects(loc, entries)
-    written = int(pc.sum(entries["written"]).as_py() or 0)
+    windows = key != "id"
+    written = int(pc.sum(entries["windows" if windows else "written"]).as_py() or 0)  # the rows read back
     if written <= DRIVER_MAX_ROWS:
         found = _positions_on_driver(loc, files, rejected, key)
     else:
@@ -93,7 +96,7 @@ def drop_later_duplicates(
     if not found.num_rows:
         return entries
     found = _in_corpus_order(found, entries, urls)
-    later = _later_rows(found)
+    later = _later_rows(found, windows)
     if not later.num_rows:
         return entries
     rows = entries.to_pylist()
@@ -103,7 +106,7 @@ def drop_later_duplicates(
     def replace(item: tuple[str, pa.Table]) -> tuple[int, dict[str, Any]]:
         rel, drop = item
         i = by_file[rel]
-        return i, _replaced(loc, rows[i], drop, first_of, attempt, compression_of(compression), metadata)
+        return i, _replaced(loc, rows[i], drop, first_of, attempt, compression_of(compression), metadata, pooled)
 
     groups = later.group_by("file").aggregate([("pos", "list"), ("id", "list")])
     items = [
@@ -142,14 +145,17 @@ def _positions_on_driver(loc: OutputLocation, files: list[str], rejected: pa.Tab
 
     with ThreadPoolExecutor(16) as pool:
         every = pa.concat_tables([POSITIONS.empty_table(), rejected, *pool.map(one, files)])
-    return _repeated(every)
+    return _repeated(every, key != "id")
 
 
-def _repeated(rows: pa.Table) -> pa.Table:
-    """The rows whose id is in more than one file (a file holds one row per id, or a split
-    document's windows)."""
-    counts = rows.group_by("id").aggregate([("file", "count_distinct")])
-    return rows.filter(pc.is_in(rows["id"], counts.filter(pc.greater(counts["file_count_distinct"], 1))["id"]))
+def _repeated(rows: pa.Table, windows: bool) -> pa.Table:
+    """The rows whose id occurs more than once (``windows``: in more than one file, a split
+    document's windows being rows of one file)."""
+    if windows:
+        counts = rows.group_by("id").aggregate([("file", "count_distinct")])
+        return rows.filter(pc.is_in(rows["id"], counts.filter(pc.greater(counts["file_count_distinct"], 1))["id"]))
+    counts = rows.group_by("id").aggregate([("id", "count")])
+    return rows.filter(pc.is_in(rows["id"], counts.filter(pc.greater(counts["id_count"], 1))["id"]))
 
 
 def _positions_on_cluster(
@@ -167,9 +173,14 @@ def _positions_on_cluster(
     filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(loc.fs))
     partitions = max(1, min(200, len(files) // 16))  # each is a task; the ids column is small
     io = placed(compute.io_resources) if compute is not None else {}
-    ids = ray.data.read_parquet([loc.path(f) for f in files], filesystem=filesystem, ray_remote_args=io)
-    ids = ids.select_columns([key])  # a split document's windows count too: over-fetched, then _repeated decides
-    counts = ids.groupby(key, num_partitions=partitions).count()
+    paths = [loc.path(f) for f in files]
+    if key == "id":
+        ids = ray.data.read_parquet(paths, filesystem=filesystem, ray_remote_args=io).select_columns([key])
+        counts = ids.groupby(key, num_partitions=partitions).count()
+    else:  # a split document's windows are rows of one file: count the files holding each document
+        ids = ray.data.read_parquet(paths, filesystem=filesystem, ray_remote_args=io, include_paths=True)
+        pairs = ids.select_columns([key, "path"]).groupby([key, "path"], num_partitions=partitions).count()
+        counts = pairs.select_columns([key]).groupby(key, num_partitions=partitions).count()
     repeated = [r[key] for r in counts.filter(expr=col("count()") > 1).select_columns([key]).take_all()]
     wanted_ids = sorted(set(repeated) | set(rejected["id"].to_pylist()))
     if not wanted_ids:
@@ -177,7 +188,7 @@ def _positions_on_cluster(
     wanted = ray.put(pa.array(wanted_ids, pa.string()))
     rows_of = ray.remote(num_cpus=0.5, **io)(_rows_of)
     tasks = [rows_of.remote(loc, files[i : i + 64], wanted, key) for i in range(0, len(files), 64)]
-    return _repeated(pa.concat_tables([POSITIONS.empty_table(), rejected, *ray.get(tasks)]))
+    return _repeated(pa.concat_tables([POSITIONS.empty_table(), rejected, *ray.get(tasks)]), key != "id")
 
 
 def _rows_of(loc: OutputLocation, files: list[str], wanted: pa.Array, key: str) -> pa.Table:
@@ -210,14 +221,19 @@ def _in_corpus_order(found: pa.Table, entries: pa.Table, urls: list[str]) -> pa.
     return found.append_column("url", pa.array([keys[i][2] for i in ranked], pa.string()))
 
 
-def _later_rows(found: pa.Table) -> pa.Table:
-    """The written rows of ``found`` (in corpus order) that are not in their id's first file."""
+def _later_rows(found: pa.Table, windows: bool) -> pa.Table:
+    """The written rows of ``found`` (in corpus order) that are not their id's first (``windows``: not
+    in the file of its first row, which holds all of that document's windows)."""
     found = found.append_column("i", pa.array(range(found.num_rows), pa.int64()))
     first = found.filter(pc.is_in(found["i"], found.group_by("id").aggregate([("i", "min")])["i_min"]))
-    firsts = first.select(["id", "file"]).append_column("first", pa.array(np.ones(first.num_rows, bool)))
-    marked = found.join(firsts, keys=["id", "file"], join_type="left outer").sort_by("i")
-    later = marked.filter(pc.is_null(marked["first"])).drop_columns(["i", "first"])
-    return later.filter(pc.starts_with(later["file"], DATA_DIR + "/")).select(found.column_names[:-1])
+    if windows:
+        firsts = first.select(["id", "file"]).append_column("first", pa.array(np.ones(first.num_rows, bool)))
+        marked = found.join(firsts, keys=["id", "file"], join_type="left outer").sort_by("i")
+        later = marked.filter(pc.is_null(marked["first"])).drop_columns(["first"])
+    else:
+        later = found.filter(pc.invert(pc.is_in(found["i"], first["i"])))
+    later = later.filter(pc.starts_with(later["file"], DATA_DIR + "/"))
+    return later.select([c for c in found.column_names if c != "i"])
 
 
 def _first_rows(found: pa.Table) -> dict[str, str]:
@@ -238,6 +254,7 @@ def _replaced(
     attempt: str,
     compression: str | None,
     metadata: dict[bytes, bytes],
+    pooled: int | None,
 ) -> dict[str, Any]:
     """``entry`` with the rows at ``drop['pos']`` moved from its data file to its rejects file."""
     old = entry["data_file"]
@@ -278,5 +295,5 @@ def _replaced(
     if kept is None:
         new |= {"written": 0, "tokens": 0, "windows": 0, "truncated": 0, "nnz_hist": "{}"}
     else:
-        new |= data_stats(kept[2])
+        new |= data_stats(kept[2], pooled)
     return new

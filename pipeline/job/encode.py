@@ -21,7 +21,7 @@ from pipeline.job.plan import check_output_reachable, make_plan
 from pipeline.job.resume import Resume, plan_resume
 from pipeline.job.steps import commit, finish, store_errors, write_work
 from pipeline.job.summary import Pace, render, summarize
-from pipeline.output.layout import document_column, fingerprint_metadata, write_summary
+from pipeline.output.layout import document_column, fingerprint_metadata, pooled_length, write_summary
 from pipeline.output.location import OutputLocation
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,9 @@ def run_job(config: JobConfig) -> dict[str, Any]:
     urls = [s.url for s in plan.shards]
     metadata = fingerprint_metadata(plan.fingerprint)
     key = document_column(config.encoder.long_documents == "split")
+    pooled = pooled_length(plan.fingerprint)
     entries = drop_later_duplicates(
-        loc, entries, urls, resume.attempt, config.output.compression, metadata, config.compute, key
+        loc, entries, urls, resume.attempt, config.output.compression, metadata, config.compute, key, pooled
     )
     version = commit(config, plan, resume.base, entries, resume.meta, resume.attempt)  # no change: no version
     summary = summarize(

@@ -57,6 +57,7 @@ from pipeline.output.layout import (
     delta_stats,
     document_column,
     fingerprint_metadata,
+    pooled_length,
     rejects_table,
 )
 from pipeline.output.location import OutputError, OutputLocation
@@ -212,7 +213,8 @@ def _compare_now(
     scanned = scan(config, plan, local=local)
     if config.encoder.long_documents == "split":
         scanned = refuse_window_marks(scanned, urls)
-    diff = compare(scanned, state, full, urls, sources)
+    windows = base is not None and not base.problem and "parent_id" in base.snapshot.schema.names
+    diff = compare(scanned, state, full, urls, sources, windows=windows)
     return diff, full, reason, base
 
 
@@ -327,9 +329,11 @@ def read_state(loc: OutputLocation, base: Committed | None) -> pa.Table:
         return pa.concat_tables([schema.empty_table(), *pool.map(one, files)])
 
 
-def _whole_documents(state: pa.Table, first: pa.Array) -> pa.Table:
-    """The rows of ``state`` in the file of each document's row at ``first`` (``oi``): one row per
-    document, or its windows (long_documents split)."""
+def _first_rows(state: pa.Table, first: pa.Array, windows: bool) -> pa.Table:
+    """The rows of ``state`` at ``first`` (``oi``), or with ``windows`` every row in the file of each
+    of those that names the same document: a long_documents split document's windows."""
+    if not windows:
+        return state.filter(pc.is_in(state["oi"], first))
     pairs = state.filter(pc.is_in(state["oi"], first)).select(["id", "file"])
     return state.join(pairs, keys=["id", "file"], join_type="inner")
 
@@ -339,10 +343,17 @@ def _documents(rows: pa.Table) -> int:
 
 
 def compare(
-    scanned: pa.Table, state: pa.Table, full: bool, urls: list[str], sources: dict[str, str] | None = None
+    scanned: pa.Table,
+    state: pa.Table,
+    full: bool,
+    urls: list[str],
+    sources: dict[str, str] | None = None,
+    *,
+    windows: bool = False,
 ) -> Diff:
     """The per-document difference between the corpus now and the committed state (``urls``: the
-    input files in order; ``sources``: committed data file -> its input file).
+    input files in order; ``sources``: committed data file -> its input file; ``windows``: the
+    state's rows are the windows of long_documents split, a document's all in one file).
 
     The indexed documents of an input file that could not be read this time (skipped with
     ``on_bad_file: skip``) stay as they are, unless the corpus holds their id elsewhere: an
@@ -365,8 +376,8 @@ def compare(
         matched = state.join(
             good.select(["id", "_hash"]), keys=["id", "hash"], right_keys=["id", "_hash"], join_type="inner"
         )
-        keep_rows = _whole_documents(state, matched.group_by("id").aggregate([("oi", "min")])["oi_min"])["oi"]
-    held = _rows_of_unreadable(state, good, sources or {}, unreadable) if not full else state.slice(0, 0)
+        keep_rows = _first_rows(state, matched.group_by("id").aggregate([("oi", "min")])["oi_min"], windows)["oi"]
+    held = _rows_of_unreadable(state, good, sources or {}, unreadable, windows) if not full else state.slice(0, 0)
     keep_rows = pa.chunked_array([keep_rows, held["oi"]], pa.int64()).combine_chunks()
     is_kept = pc.is_in(state["oi"], keep_rows)
     kept, removed = state.filter(is_kept), state.filter(pc.invert(is_kept))
@@ -397,12 +408,14 @@ def compare(
     )
 
 
-def _rows_of_unreadable(state: pa.Table, good: pa.Table, sources: dict[str, str], unreadable: set[str]) -> pa.Table:
+def _rows_of_unreadable(
+    state: pa.Table, good: pa.Table, sources: dict[str, str], unreadable: set[str], windows: bool
+) -> pa.Table:
     """State rows from input files that could not be read now, whose id the corpus holds nowhere else."""
     files = [f for f, url in sources.items() if url in unreadable]
     rows = state.filter(pc.is_in(state["file"], pa.array(files, pa.string())))
     rows = rows.filter(pc.invert(pc.is_in(rows["id"], good["id"])))
-    return _whole_documents(rows, rows.group_by("id").aggregate([("oi", "min")])["oi_min"])
+    return _first_rows(rows, rows.group_by("id").aggregate([("oi", "min")])["oi_min"], windows)
 
 
 def _first_of_each_id(good: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -516,7 +529,7 @@ def rewrite_files(
         if copied is None:
             return None
         new, size, table = copied
-        stats = data_stats(table)  # documents, not rows, where rows are a split document's windows
+        stats = data_stats(table, pooled_length(fp))  # documents (not a split document's windows), windows
         return {
             "unit": unit,
             "url": urls.get(old),

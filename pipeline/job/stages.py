@@ -203,13 +203,17 @@ class EncodeBlocks:
         texts = good["text"].to_pylist()
         key = block_key(block, "block")
         result = Encoded()
+        ids = good
+        if self.split:  # an id with the window mark is refused first, each row of it (as reindex does)
+            marked = pc.match_substring(good["id"], WINDOW_MARK)
+            for pos in np.flatnonzero(marked.to_numpy(zero_copy_only=False)).tolist():
+                result.failed[pos] = ("invalid_id", SPLIT_ID_DETAIL)
+            ids = good.set_column(
+                good.schema.get_field_index("id"), "id", pc.if_else(marked, pa.scalar(None, pa.string()), good["id"])
+            )
         # a later row of an id in this call is a duplicate: rejected here, where lines are known
-        for pos, first in later_in_block(good).items():
+        for pos, first in later_in_block(ids).items():
             result.failed[pos] = (DUPLICATE, f"an earlier row of the corpus has this id (in {first})")
-        if self.split:
-            for pos, doc in enumerate(good["id"].to_pylist()):
-                if pos not in result.failed and WINDOW_MARK in doc:
-                    result.failed[pos] = ("invalid_id", SPLIT_ID_DETAIL)
         todo = np.array([i for i in range(len(texts)) if i not in result.failed], np.int64)
         if self._begin(key) < self.isolate_after:
             self._encode_rows(texts, todo, result)

@@ -87,6 +87,11 @@ def write_summary(loc: OutputLocation, summary: dict[str, Any]) -> None:
     loc.overwrite(SUMMARY_FILE, scrub(json.dumps(summary, indent=2)).encode())
 
 
+def pooled_length(fingerprint: Fingerprint) -> int | None:
+    """The window length of an output whose vectors pool windows (long_documents max), else None."""
+    return fingerprint.max_length if fingerprint.long_documents == "max" else None
+
+
 def fingerprint_metadata(fingerprint: Fingerprint) -> dict[bytes, bytes]:
     """The key-value metadata of every data file: the fingerprint of its vectors."""
     return {FINGERPRINT_KEY: json.dumps(fingerprint.to_dict()).encode()}
@@ -230,14 +235,20 @@ def delta_stats(table: pa.Table) -> str:
     )
 
 
-def data_stats(data: pa.Table) -> dict[str, Any]:
+def data_stats(data: pa.Table, pooled: int | None = None) -> dict[str, Any]:
     """The summary's statistics of encoded rows (``sparse``, ``num_tokens``, ``truncated`` columns): with
-    ``parent_id`` (long_documents split), rows are windows, and documents are counted by parent."""
+    ``parent_id`` (long_documents split), rows are windows, and documents are counted by parent.
+
+    ``pooled``: the max_length of a long_documents max output read back from its files (no
+    ``_windows`` column there): every window but a document's last holds max_length tokens, so its
+    windows are ``ceil(num_tokens / max_length)``."""
     nnz = pc.list_value_length(pc.struct_field(data["sparse"], "indices")).to_numpy()
     split = "parent_id" in data.column_names
     windows = data.num_rows
     if WINDOWS in data.column_names:
         windows = int(pc.sum(data[WINDOWS]).as_py() or 0)
+    elif pooled and data.num_rows:
+        windows = int(np.sum(-(-data["num_tokens"].to_numpy(zero_copy_only=False).astype(np.int64) // pooled)))
     return {
         "written": int(pc.count_distinct(data["parent_id"]).as_py()) if split else data.num_rows,
         "tokens": int(pc.sum(data["num_tokens"]).as_py() or 0) if data.num_rows else 0,

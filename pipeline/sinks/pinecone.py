@@ -30,6 +30,7 @@ MAX_ID_LENGTH = 512
 
 HASHED_PREFIX = "sha256-"
 LIST_PAGE = 100  # the most ids a list request returns
+MAX_SEARCH_K = 1000  # a query's top_k with include_metadata (10,000 without; we need the doc_id metadata)
 FETCH_URL_CHARS = 6000  # ids travel in a fetch request's URL: kept well under common URL limits (8 KB)
 
 
@@ -77,6 +78,7 @@ class PineconeSink:
             nonzeros_reason="Pinecone",
             max_vectors_per_request=MAX_VECTORS_PER_REQUEST,
             max_request_bytes=MAX_REQUEST_BYTES,
+            max_search_k=MAX_SEARCH_K,
         )
 
     def _call(self, what: str, action: Any) -> Any:

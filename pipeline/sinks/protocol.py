@@ -70,6 +70,7 @@ class StoreLimits:
     max_vectors_per_request: int | None = None
     max_request_bytes: int | None = None
     count_settle_s: float = 0.0  # how long its count may lag an upsert or delete that returned
+    max_search_k: int = 10_000  # hits one search returns at most
 
 
 class Sink(Protocol):
