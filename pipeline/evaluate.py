@@ -450,13 +450,21 @@ def _evaluate_store(
     say: Callable[[str], None],
 ) -> Evaluated:
     """The metrics of the store's own search (top ``depth`` per query) for the judged queries."""
-    from pipeline.job.load import committed_output
+    from pipeline.job.load import committed_output, store_record
     from pipeline.search import ranked
     from pipeline.sinks import open_sink, store_limits
 
     committed, fingerprint = committed_output(loc, table_options or {})
     model, queries, encoded_s = _encoded_queries(settings, topics, fingerprint)
     group = _grouped(loc, committed, settings, main=True, say=say)
+    record = store_record(loc, sink) or {}
+    if record.get("table_version") != committed.version or record.get("pending") is not None:
+        raise SettingError(
+            f"evaluate --through-store: {sink.type} was not loaded from table version {committed.version} of "
+            f"{loc.url} (its record: {record.get('table_version', 'never loaded')}"
+            f"{', a load unfinished' if record.get('pending') is not None else ''}); load it first: "
+            f"splade-pipeline upsert --from {loc.url} --config <this config>"
+        )
     store = open_sink(sink, fingerprint.vocab_size)
     cap = store_limits(sink).max_search_k
     started = time.monotonic()

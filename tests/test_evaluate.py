@@ -214,6 +214,10 @@ def test_the_store_ranks_as_the_exact_evaluation_does(outputs: dict[str, Path], 
         assert all(abs(store[m] - exact[m]) <= 1e-4 for m in METRICS), (name, store, exact)
         assert store["store_vectors"] == read_delta(str(outputs[name])).num_rows and store["index_mib"] is None
         assert "the store's search (pgvector)" in evaluation.render(report)
+    through = EvalSettings(queries=str(BEIR), through_store=True)
+    unloaded = load_config(None, {"sink.type": "pgvector", "sink.dsn": postgres.dsn, "sink.collection": "never"})
+    with pytest.raises(SettingError, match="was not loaded from table version 0 .*never loaded"):
+        evaluate(OutputLocation(str(outputs["fp32"])), through, say=lambda line: None, sink=unloaded.sink)
     with pytest.raises(SettingError, match="no vector store configured"):
         evaluate(OutputLocation(str(outputs["fp32"])), through, say=lambda line: None)
     with pytest.raises(SettingError, match="a store's search cannot"):

@@ -124,7 +124,7 @@ def sync_store(config: JobConfig, loc: OutputLocation, *, full: bool = False, li
     """
     options = config.output.table_options
     committed, fingerprint = committed_output(loc, options)
-    record = _store_record(loc, config.sink) or {}
+    record = store_record(loc, config.sink) or {}
     held = [v for v in (record.get("table_version"), record.get("pending")) if v is not None]
     if not full and record.get("pending") is None and held == [committed.version]:
         loaded = _checked(config, committed, fingerprint, _count_only(config, fingerprint))
@@ -214,7 +214,9 @@ def _store_key(sink: SinkConfig) -> str:
     return f"{STORES_DIR}/{sink.type}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json"
 
 
-def _store_record(loc: OutputLocation, sink: SinkConfig) -> dict[str, Any] | None:
+def store_record(loc: OutputLocation, sink: SinkConfig) -> dict[str, Any] | None:
+    """What the output records of ``sink``: the table version it was loaded from (``table_version``),
+    a load under way (``pending``); None when it was never loaded from this output."""
     try:
         return dict(json.loads(loc.read_bytes(_store_key(sink))))
     except FileNotFoundError:
