@@ -124,6 +124,7 @@ def _add_job_commands(sub: Any, flags: dict[str, dict[str, str]]) -> None:
     encode.add_argument(
         "--show-config", action="store_true", help="print the resolved config (secrets masked) and exit"
     )
+    _engine_flags(encode)
 
     reindex = _job_command(
         sub,
@@ -137,6 +138,7 @@ def _add_job_commands(sub: Any, flags: dict[str, dict[str, str]]) -> None:
     reindex.add_argument(
         "--dry-run", action="store_true", help="print new / changed / unchanged / deleted counts; change nothing"
     )
+    _engine_flags(reindex)
     reindex.add_argument(
         "--allow-mass-delete",
         action="store_true",
@@ -302,6 +304,26 @@ def _job_command(
     return command
 
 
+def _engine_flags(command: Any) -> None:
+    command.add_argument(
+        "--engine",
+        choices=["ray", "spark"],
+        default="ray",
+        help="what runs the tasks: ray (default) or spark (the active SparkSession, or spark-submit's)",
+    )
+    command.add_argument("--spark-master", help="with --engine spark and no session yet: e.g. local[4]")
+
+
+def _engine(args: argparse.Namespace) -> Any:
+    from pipeline.job.engine import RAY
+
+    if args.engine == "ray":
+        return RAY
+    from pipeline.spark.job import session, spark_engine
+
+    return spark_engine(session(args.spark_master))
+
+
 def _dispatch(args: argparse.Namespace, flags: dict[str, str]) -> int:
     overrides = {dotted: getattr(args, dest) for dest, dotted in flags.items() if getattr(args, dest) is not None}
     overrides.setdefault("compute.stop_on_sigterm", True)  # a command-line run stops on SIGTERM as on Ctrl-C
@@ -320,13 +342,15 @@ def _encode(args: argparse.Namespace, config: JobConfig) -> int:
         return 0
     from pipeline.job.encode import run_job
 
-    return 1 if run_job(config).get("errors") else 0  # the table is committed; the store is not what it says
+    engine = _engine(args)
+    return 1 if run_job(config, engine=engine).get("errors") else 0  # the table is committed, the store is wrong
 
 
 def _reindex(args: argparse.Namespace, config: JobConfig) -> int:
     from pipeline.job.reindex import run_reindex
 
-    return 1 if run_reindex(config, dry_run=args.dry_run, allow_mass_delete=args.allow_mass_delete).get("errors") else 0
+    options = {"dry_run": args.dry_run, "allow_mass_delete": args.allow_mass_delete, "engine": _engine(args)}
+    return 1 if run_reindex(config, **options).get("errors") else 0
 
 
 def _upsert(args: argparse.Namespace, config: JobConfig) -> int:

@@ -39,15 +39,25 @@ def actor_start_error(err: BaseException) -> ActorStartError | None:
     creation task"), with the traceback: its last ``pipeline....Error: message`` line is found
     there, and kept if that class is one of ours."""
     for e in causes(err):
-        if not getattr(e, "actor_init_failed", False):
+        if getattr(e, "actor_init_failed", False) and (found := raised_in_text(str(e))) is not None:
+            return ActorStartError(str(found))
+    return None
+
+
+def raised_in_text(text: str) -> PipelineError | None:
+    """Our error, rebuilt from the text of a traceback that an engine passes on as text only (Ray's
+    actor start, Spark's ``PythonException``): its last ``pipeline....Error: message`` line, where
+    that class is one of ours."""
+    for module, name, message in reversed(_RAISED.findall(text)):
+        try:
+            kind = getattr(importlib.import_module(module), name, None)
+        except ImportError:
             continue
-        for module, name, message in reversed(_RAISED.findall(str(e))):
+        if isinstance(kind, type) and issubclass(kind, PipelineError):
             try:
-                kind = getattr(importlib.import_module(module), name, None)
-            except ImportError:
-                continue
-            if isinstance(kind, type) and issubclass(kind, PipelineError):
-                return ActorStartError(message)
+                return kind(message)
+            except TypeError:  # a class whose constructor takes more than the message
+                return PipelineError(message)
     return None
 
 

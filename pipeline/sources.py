@@ -212,7 +212,7 @@ class _BlockBuilder:
         """Append one row; return a finished block when this row fills one."""
         row = {"id": None, "text": None, **{c: None for c in self.cfg.passthrough_columns}}
         if reject is None:
-            reject, detail = _map_record(record, self.cfg, row)
+            reject, detail = map_record(record, self.cfg, row)
         if self.shard.format != "parquet":
             for name in self.cfg.passthrough_columns:
                 value = row[name]
@@ -268,7 +268,7 @@ def content_hash(text: str, passthrough: list[Any] | None = None) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
 
 
-def _map_record(record: dict[str, Any], cfg: InputConfig, row: dict[str, Any]) -> tuple[str | None, str | None]:
+def map_record(record: dict[str, Any], cfg: InputConfig, row: dict[str, Any]) -> tuple[str | None, str | None]:
     """Fill ``row`` from ``record``; return (reason, detail) when the row must be rejected."""
     broken = _field_with_lone_surrogate(record, cfg)
     if broken is not None:

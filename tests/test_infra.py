@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import tomllib
@@ -114,3 +115,46 @@ def test_the_store_key_reaches_the_ray_processes_not_just_the_submitter() -> Non
     assert "EnvironmentFile=/etc/splade-pipeline.env" in unit and "ray start --head" in unit
     runtime_env = yaml.safe_load((ROOT / "infra/runtime_env.yaml").read_text())
     assert not any("KEY" in k or "TOKEN" in k for k in runtime_env.get("env_vars", {}))  # the dashboard shows these
+
+
+def _spark_args(args: list[str]) -> tuple[dict[str, str], Path, Path]:
+    """The --conf settings, the script and the --config of a spark-submit argument list."""
+    confs = dict(args[i + 1].split("=", 1) for i, a in enumerate(args) if a == "--conf")
+    script = next(a for a in args if a.endswith(".py"))
+    return confs, ROOT / script, ROOT / args[args.index("--config") + 1]
+
+
+def _one_gpu_per_task(confs: dict[str, str]) -> None:
+    """Each executor has one GPU and each task takes it: one encoder per GPU, one task per executor."""
+    assert confs["spark.executor.resource.gpu.amount"] == confs["spark.task.resource.gpu.amount"] == "1"
+    assert confs["spark.python.worker.reuse"] == "true"  # the model loads once per worker, not per task
+
+
+def test_spark_manifests_submit_the_spark_entrypoint_with_one_gpu_per_task() -> None:
+    text = (ROOT / "infra/spark/spark-submit.sh").read_text().replace("\\\n", " ")
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("spark-submit"))
+    words = shlex.split(line.replace('"$@"', ""))
+    confs, script, config = _spark_args(words)
+    _one_gpu_per_task(confs)
+    assert script == ROOT / "jobs/spark_encode.py" and script.is_file()
+    load_config(config)
+
+    job = json.loads((ROOT / "infra/spark/databricks-job.json").read_text())
+    cluster = job["job_clusters"][0]["new_cluster"]
+    _one_gpu_per_task(cluster["spark_conf"])
+    task = job["tasks"][0]
+    assert task["job_cluster_key"] == job["job_clusters"][0]["job_cluster_key"]
+    python = task["spark_python_task"]
+    assert (ROOT / python["python_file"]).is_file()
+    load_config(ROOT / python["parameters"][python["parameters"].index("--config") + 1])
+    # the dependencies; the code itself the script ships from the checkout (the runtime brings pyspark)
+    assert task["libraries"][0]["pypi"]["package"] == f"splade-pipeline=={_version()}"
+    assert all(v.startswith("{{secrets/") for k, v in cluster["spark_env_vars"].items() if "KEY" in k)
+
+    steps = json.loads((ROOT / "infra/spark/emr-step.json").read_text())
+    args = steps[0]["Args"]
+    assert args[0] == "spark-submit"
+    confs, script, config = _spark_args(args)
+    _one_gpu_per_task(confs)
+    assert script == ROOT / "jobs/spark_encode.py"
+    load_config(config)

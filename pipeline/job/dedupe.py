@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -74,13 +75,16 @@ def drop_later_duplicates(
     compute: Any = None,
     key: str = "id",
     pooled: int | None = None,
+    positions: Callable[..., pa.Table] | None = None,
 ) -> pa.Table:
     """``entries`` with every later row of an id (order: ``urls``, then block) moved from its data
     file to its rejects file (copies written under ``attempt``); the entries of other files as they are.
 
     ``key``: the data files' column naming the document (``parent_id`` where rows are windows, in a
     long_documents split output: a later document's windows all go, and count as one reject);
-    ``pooled``: the window length of a long_documents max output (see :func:`data_stats`)."""
+    ``pooled``: the window length of a long_documents max output (see :func:`data_stats`);
+    ``positions``: who groups the ids past :data:`DRIVER_MAX_ROWS` (default: Ray; the Spark runner
+    passes Spark), called as ``(loc, files, rejected, compute, key)``."""
     files = [f for f in entries["data_file"].to_pylist() if f]
     if not files:
         return entries
@@ -92,7 +96,7 @@ def drop_later_duplicates(
     if written <= DRIVER_MAX_ROWS:
         found = _positions_on_driver(loc, files, rejected, key)
     else:
-        found = _positions_on_cluster(loc, files, rejected, compute, key)
+        found = (positions or _positions_on_cluster)(loc, files, rejected, compute, key)
     if not found.num_rows:
         return entries
     found = _in_corpus_order(found, entries, urls)
@@ -145,10 +149,10 @@ def _positions_on_driver(loc: OutputLocation, files: list[str], rejected: pa.Tab
 
     with ThreadPoolExecutor(16) as pool:
         every = pa.concat_tables([POSITIONS.empty_table(), rejected, *pool.map(one, files)])
-    return _repeated(every, key != "id")
+    return repeated(every, key != "id")
 
 
-def _repeated(rows: pa.Table, windows: bool) -> pa.Table:
+def repeated(rows: pa.Table, windows: bool) -> pa.Table:
     """The rows whose id occurs more than once (``windows``: in more than one file, a split
     document's windows being rows of one file)."""
     if windows:
@@ -181,17 +185,17 @@ def _positions_on_cluster(
         ids = ray.data.read_parquet(paths, filesystem=filesystem, ray_remote_args=io, include_paths=True)
         pairs = ids.select_columns([key, "path"]).groupby([key, "path"], num_partitions=partitions).count()
         counts = pairs.select_columns([key]).groupby(key, num_partitions=partitions).count()
-    repeated = [r[key] for r in counts.filter(expr=col("count()") > 1).select_columns([key]).take_all()]
-    wanted_ids = sorted(set(repeated) | set(rejected["id"].to_pylist()))
+    twice = [r[key] for r in counts.filter(expr=col("count()") > 1).select_columns([key]).take_all()]
+    wanted_ids = sorted(set(twice) | set(rejected["id"].to_pylist()))
     if not wanted_ids:
         return POSITIONS.empty_table()
     wanted = ray.put(pa.array(wanted_ids, pa.string()))
-    rows_of = ray.remote(num_cpus=0.5, **io)(_rows_of)
-    tasks = [rows_of.remote(loc, files[i : i + 64], wanted, key) for i in range(0, len(files), 64)]
-    return _repeated(pa.concat_tables([POSITIONS.empty_table(), rejected, *ray.get(tasks)]), key != "id")
+    remote = ray.remote(num_cpus=0.5, **io)(rows_of)
+    tasks = [remote.remote(loc, files[i : i + 64], wanted, key) for i in range(0, len(files), 64)]
+    return repeated(pa.concat_tables([POSITIONS.empty_table(), rejected, *ray.get(tasks)]), key != "id")
 
 
-def _rows_of(loc: OutputLocation, files: list[str], wanted: pa.Array, key: str) -> pa.Table:
+def rows_of(loc: OutputLocation, files: list[str], wanted: pa.Array, key: str) -> pa.Table:
     out = [POSITIONS.empty_table()]
     for rel in files:
         ids = loc.read_parquet(rel, columns=[key])[key]

@@ -17,9 +17,10 @@ import pyarrow as pa
 
 from pipeline.config import JobConfig, redacted
 from pipeline.job.dedupe import drop_later_duplicates
-from pipeline.job.plan import check_output_reachable, make_plan
+from pipeline.job.engine import RAY, Engine
+from pipeline.job.plan import make_plan
 from pipeline.job.resume import Resume, plan_resume
-from pipeline.job.steps import commit, finish, store_errors, write_work
+from pipeline.job.steps import commit, finish, store_errors
 from pipeline.job.summary import Pace, render, summarize
 from pipeline.output.layout import document_column, fingerprint_metadata, pooled_length, write_summary
 from pipeline.output.location import OutputLocation
@@ -27,24 +28,34 @@ from pipeline.output.location import OutputLocation
 log = logging.getLogger(__name__)
 
 
-def run_job(config: JobConfig) -> dict[str, Any]:
+def run_job(config: JobConfig, *, engine: Engine = RAY) -> dict[str, Any]:
     """Run the whole job (or finish an interrupted one); write ``_SUMMARY.json`` beside the output
-    and return the summary."""
+    and return the summary. ``engine``: what runs the tasks (Ray; Spark in :mod:`pipeline.spark`)."""
+    config = engine.configure(config)
     start, pace = time.perf_counter(), Pace()
     log.info("config: %s", json.dumps(redacted(config)))
     plan = make_plan(config)
     loc = plan.output
-    check_output_reachable(config, loc)
+    engine.check_output(config, loc)
     resume = plan_resume(config, plan.shards, plan.fingerprint, loc)
     _announce(resume, config)
-    new, faults = write_work(config, plan, resume.work, resume.attempt, pace)
+    new, faults = engine.write(config, plan, resume.work, resume.attempt, pace)
     entries = pa.concat_tables([resume.reused, new])
     urls = [s.url for s in plan.shards]
     metadata = fingerprint_metadata(plan.fingerprint)
     key = document_column(config.encoder.long_documents == "split")
     pooled = pooled_length(plan.fingerprint)
     entries = drop_later_duplicates(
-        loc, entries, urls, resume.attempt, config.output.compression, metadata, config.compute, key, pooled
+        loc,
+        entries,
+        urls,
+        resume.attempt,
+        config.output.compression,
+        metadata,
+        config.compute,
+        key,
+        pooled,
+        engine.positions,
     )
     version = commit(config, plan, resume.base, entries, resume.meta, resume.attempt)  # no change: no version
     summary = summarize(
@@ -56,10 +67,11 @@ def run_job(config: JobConfig) -> dict[str, Any]:
     )
     summary["faults"] |= faults
     summary["pace"] = pace.summary()
+    summary["engine"] = engine.name
     finish(summary, config, loc, version)
     print(render(summary, config.output.path), flush=True)
     if config.sink.type:
-        _load_sink(summary, config, loc)
+        _load_sink(summary, config, loc, engine)
     return summary
 
 
@@ -72,13 +84,13 @@ def _announce(resume: Resume, config: JobConfig) -> None:
         )
 
 
-def _load_sink(summary: dict[str, Any], config: JobConfig, loc: OutputLocation) -> None:
+def _load_sink(summary: dict[str, Any], config: JobConfig, loc: OutputLocation, engine: Engine) -> None:
     from pipeline.errors import find_cause
     from pipeline.job.load import sync_store
     from pipeline.sinks import SinkError
 
     try:
-        summary["sink"] = sync_store(config, loc)
+        summary["sink"] = sync_store(config, loc, loader=engine.loader)
     except Exception as raised:
         err = find_cause(raised, SinkError)  # the store's error, inside Ray's wrappers
         if err is None:

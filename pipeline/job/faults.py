@@ -20,6 +20,9 @@ raises ``torch.OutOfMemoryError``, as a GPU too small for the token budget would
 ``SPLADE_PIPELINE_LOAD_DIES=1``: every encoder actor dies (SIGKILL) while it starts, before the
 model is loaded, as one whose node has too little memory for the model would.
 
+``SPLADE_PIPELINE_TASK_DIES=<n>``: a Spark task's first attempt dies (SIGKILL) once it has written
+``<n>`` blocks (see :func:`task_point`).
+
 ``SPLADE_PIPELINE_RAY_START_FAILS=<n>``: the first ``n`` starts of a local Ray in this process
 fail as a start that timed out does ("Timed out waiting for file .../gcs_server_port").
 
@@ -39,6 +42,7 @@ POISON = "SPLADE_PIPELINE_POISON"
 OOM_ABOVE = "SPLADE_PIPELINE_OOM_ABOVE"
 RAY_START_FAILS = "SPLADE_PIPELINE_RAY_START_FAILS"
 LOAD_DIES = "SPLADE_PIPELINE_LOAD_DIES"
+TASK_DIES = "SPLADE_PIPELINE_TASK_DIES"
 _passed: Counter[str] = Counter()
 
 
@@ -92,6 +96,18 @@ def out_of_memory_point(padded_tokens: int) -> None:
         raise torch.OutOfMemoryError(f"[{OOM_ABOVE}] injected: {padded_tokens} padded tokens > {limit}")
 
 
+FORWARDED = (POISON, OOM_ABOVE, LOAD_DIES, TASK_DIES)  # the variables the workers' hooks read
+
+
 def forwarded() -> dict[str, str]:
     """The fault variables set in this (driver) process, for the workers' runtime environment."""
-    return {name: os.environ[name] for name in (POISON, OOM_ABOVE, LOAD_DIES) if os.environ.get(name)}
+    return {name: os.environ[name] for name in FORWARDED if os.environ.get(name)}
+
+
+def task_point(attempt_number: int, blocks_written: int) -> None:
+    """``SPLADE_PIPELINE_TASK_DIES=<n>``: a Spark task's first attempt kills its Python worker
+    (SIGKILL) once it has written ``<n>`` blocks, as a lost executor would; the retry goes on."""
+    after = os.environ.get(TASK_DIES)
+    if after and attempt_number == 0 and blocks_written == int(after):
+        print(f"[{TASK_DIES}] a Spark task dies after {blocks_written} blocks (pid {os.getpid()})", file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGKILL)

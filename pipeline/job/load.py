@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,9 +113,12 @@ def upsert_output(config: JobConfig, output: str | None = None) -> dict[str, Any
     return sync_store(config, loc, full=True)
 
 
-def sync_store(config: JobConfig, loc: OutputLocation, *, full: bool = False, listed: bool = False) -> dict[str, Any]:
+def sync_store(
+    config: JobConfig, loc: OutputLocation, *, full: bool = False, listed: bool = False, loader: Loader | None = None
+) -> dict[str, Any]:
     """Bring ``config.sink`` from the table version it was last loaded from to the latest one
-    (``full``: upsert every vector of the latest one).
+    (``full``: upsert every vector of the latest one; ``loader``: who sends a server store its
+    vectors, see :func:`upsert_files`).
 
     Before the store is touched its record says which versions it may hold pieces of (``pending``):
     a load that fails or is killed half-way is redone by the next one from both, sending every
@@ -153,9 +157,9 @@ def sync_store(config: JobConfig, loc: OutputLocation, *, full: bool = False, li
     if len(stay):
         # A table written before duplicate ids were rejected lost a later row of an id that a
         # kept file holds first: the store may hold the later row's vector. Send the first's.
-        upsert_files(config, loc, sorted(now - set(added)), fingerprint, only=stay)
+        upsert_files(config, loc, sorted(now - set(added)), fingerprint, only=stay, loader=loader)
     if added and (resend or len(moved) < new.num_rows):
-        loaded = upsert_files(config, loc, added, fingerprint, skip=moved)
+        loaded = upsert_files(config, loc, added, fingerprint, skip=moved, loader=loader)
     else:
         loaded = _count_only(config, fingerprint)
     _record_store(loc, config.sink, committed.version, fingerprint, store=loaded["store"])
@@ -280,12 +284,14 @@ def upsert_files(
     fingerprint: Fingerprint,
     skip: pa.Array | None = None,
     only: pa.Array | None = None,
+    loader: Loader | None = None,
 ) -> dict[str, Any]:
     """Upsert the vectors of the data ``files`` (relative to ``loc``) into ``config.sink``, but
     those of the ids in ``skip`` (``only``: just those of these ids).
 
-    A server store is loaded by a pool of Ray actors; an embedded store (one process's files) by
-    this process alone, reading the files itself: no Ray is started for it.
+    A server store is loaded by ``loader`` (default: a pool of Ray actors; the Spark runner passes
+    Spark tasks); an embedded store (one process's files) by this process alone, reading the files
+    itself: no engine is started for it.
     """
     start = time.perf_counter()
     check_sink(config.sink, fingerprint)
@@ -294,7 +300,7 @@ def upsert_files(
     embedded = store_limits(config.sink).embedded
     skipped = skip if skip is not None else pa.array([], pa.string())
     rows = Rows(skipped, only)
-    results = [] if embedded else _load_in_actors(loc, files, config, fingerprint.vocab_size, rows)
+    results = [] if embedded else (loader or _load_in_actors)(loc, files, config, fingerprint.vocab_size, rows)
     store = open_sink(config.sink, fingerprint.vocab_size)
     try:
         if embedded:
@@ -347,6 +353,19 @@ class Rows:
         return table.filter(pc.invert(pc.is_in(table["id"], self.skip))) if len(self.skip) else table
 
 
+# Sends a server store the vectors of some files: (output, files, config, dimension, rows) -> one
+# {"upserted", "empty", "error"} per batch; a store failure comes back as "error", not raised.
+Loader = Callable[[OutputLocation, list[str], JobConfig, int, "Rows"], list[dict[str, Any]]]
+
+
+def raise_load_errors(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``results``, or the first batch's store error (a :class:`SinkError` with how many failed)."""
+    errors = [r["error"] for r in results if r.get("error")]
+    if errors:
+        raise SinkError(f"{errors[0]} ({len(errors)} of {len(results)} batches not loaded)")
+    return results
+
+
 def _load_in_actors(
     loc: OutputLocation, files: list[str], config: JobConfig, dimension: int, rows: Rows
 ) -> list[dict[str, Any]]:
@@ -373,7 +392,4 @@ def _load_in_actors(
     for row in loaded.iter_rows():
         results.append(row)
         crash_point("upsert")
-    errors = [r["error"] for r in results if r.get("error")]
-    if errors:
-        raise SinkError(f"{errors[0]} ({len(errors)} of {len(results)} batches not loaded)")
-    return results
+    return raise_load_errors(results)

@@ -40,10 +40,11 @@ import pyarrow.compute as pc
 from pipeline.config import JobConfig
 from pipeline.encode.fingerprint import Fingerprint
 from pipeline.errors import PipelineError
-from pipeline.job.plan import Plan, check_output_reachable, make_plan, read_dataset
+from pipeline.job.engine import RAY, Engine
+from pipeline.job.plan import Plan, make_plan, read_dataset
 from pipeline.job.resume import differences, refuse_foreign, reusable, run_meta
 from pipeline.job.stages import read_shards
-from pipeline.job.steps import commit, finish, store_errors, write_work
+from pipeline.job.steps import commit, finish, store_errors
 from pipeline.job.summary import Pace, render, summarize
 from pipeline.output.layout import (
     DATA_DIR,
@@ -97,30 +98,34 @@ class Diff:
     counts: dict[str, int]
 
 
-def run_reindex(config: JobConfig, *, dry_run: bool = False, allow_mass_delete: bool = False) -> dict[str, Any]:
-    """Bring the output (and the store) up to date with the corpus; return the summary."""
+def run_reindex(
+    config: JobConfig, *, dry_run: bool = False, allow_mass_delete: bool = False, engine: Engine = RAY
+) -> dict[str, Any]:
+    """Bring the output (and the store) up to date with the corpus; return the summary. ``engine``:
+    what runs the tasks (Ray; Spark in :mod:`pipeline.spark`)."""
+    config = engine.configure(config)
     start, pace = time.perf_counter(), Pace()
     plan = make_plan(config)
     loc = plan.output
     meta = run_meta("reindex", config, plan.fingerprint)
     if dry_run:  # a small corpus is scanned in this process: no Ray is started to count
         local = _small(plan.shards)
-        diff, full, reason, _ = _compare_now(config, plan, meta, local=local)
+        diff, full, reason, _ = _compare_now(config, plan, meta, engine, local=local)
         print(_render_plan(diff, full, reason, dry_run=True), flush=True)
         return {"dry_run": True, "full": full, "reason": reason, **diff.counts}
-    check_output_reachable(config, loc)
-    diff, full, reason, base = _compare_now(config, plan, meta)
+    engine.check_output(config, loc)
+    diff, full, reason, base = _compare_now(config, plan, meta, engine)
     print(_render_plan(diff, full, reason, dry_run=False), flush=True)
     _guard(diff, config, allow_mass_delete)
     if base is not None and base.entries is not None and _nothing_to_do(diff, full, base):
-        return _nothing_changed(config, plan, diff, base, start)
+        return _nothing_changed(config, plan, diff, base, start, engine)
     attempt = new_attempt()
     work = _work(diff, plan, meta)
     committed = listed_files(base.entries) if base is not None and base.entries is not None else set()
     with loc.failures_named("list the files of the"):
         left = entries_on_disk(loc, (DATA_DIR, REJECTS_DIR), committed, {s.unit for s in work})
     reused, work = reusable(work, left)
-    fresh, faults = write_work(config, plan, work, attempt, pace)
+    fresh, faults = engine.write(config, plan, work, attempt, pace)
     encoded = pa.concat_tables([reused, fresh])
     entries = pa.concat_tables(
         [
@@ -134,18 +139,21 @@ def run_reindex(config: JobConfig, *, dry_run: bool = False, allow_mass_delete: 
     summary = _summary(entries, plan, diff, full, reason, reused, fresh, start)
     summary["faults"] |= faults
     summary["pace"] = pace.summary()
+    summary["engine"] = engine.name
     finish(summary, config, loc, version)
     print(render(summary, config.output.path), flush=True)
-    return _store_step(summary, config, loc, version)
+    return _store_step(summary, config, loc, version, engine)
 
 
-def _store_step(summary: dict[str, Any], config: JobConfig, loc: OutputLocation, version: int) -> dict[str, Any]:
+def _store_step(
+    summary: dict[str, Any], config: JobConfig, loc: OutputLocation, version: int, engine: Engine
+) -> dict[str, Any]:
     """Bring the store (when one is configured) to table version ``version``; report it."""
     if not config.sink.type:
         return summary
     from pipeline.job.load import sync_store
 
-    store = sync_store(config, loc)
+    store = sync_store(config, loc, loader=engine.loader)
     keys = ("store", "upserted", "rejected_empty_vectors", "deleted", "store_count", "expected_count", "count_error")
     summary["sink"] = {k: store[k] for k in keys}
     summary["sink"]["table_version"] = version
@@ -194,7 +202,7 @@ def _small(shards: list[Shard]) -> bool:
 
 
 def _compare_now(
-    config: JobConfig, plan: Plan, meta: dict[str, Any], *, local: bool = False
+    config: JobConfig, plan: Plan, meta: dict[str, Any], engine: Engine, *, local: bool = False
 ) -> tuple[Diff, bool, str, Committed | None]:
     """The difference between the corpus now and the table's latest version."""
     base = read_committed(plan.output, config.output.table_options)
@@ -210,7 +218,7 @@ def _compare_now(
     full, reason = _needs_full(base, meta, config.output.overwrite)
     sources = _sources(base)
     urls = [s.url for s in plan.shards]
-    scanned = scan(config, plan, local=local)
+    scanned = engine.scan(config, plan) if engine.scan and not local else scan(config, plan, local=local)
     if config.encoder.long_documents == "split":
         scanned = refuse_window_marks(scanned, urls)
     windows = base is not None and not base.problem and "parent_id" in base.snapshot.schema.names
@@ -226,7 +234,9 @@ def _sources(base: Committed | None) -> dict[str, str]:
     return {p["data_file"]: p["url"] for p in pairs if p["data_file"] and p["url"]}
 
 
-def _nothing_changed(config: JobConfig, plan: Plan, diff: Diff, base: Committed, start: float) -> dict[str, Any]:
+def _nothing_changed(
+    config: JobConfig, plan: Plan, diff: Diff, base: Committed, start: float, engine: Engine
+) -> dict[str, Any]:
     assert base.entries is not None
     # a run killed between its two commits left the rejects table behind: bring it up (else a no-op)
     sync_rejects(plan.output, config.output.table_options, base.version, base.entries, new_attempt())
@@ -236,7 +246,7 @@ def _nothing_changed(config: JobConfig, plan: Plan, diff: Diff, base: Committed,
     summary["docs_per_s"] = 0.0
     finish(summary, config, plan.output, base.version)
     print(f"  nothing changed since table version {base.version}: nothing encoded, no version written", flush=True)
-    return _store_step(summary, config, plan.output, base.version)
+    return _store_step(summary, config, plan.output, base.version, engine)
 
 
 def _nothing_to_do(diff: Diff, full: bool, base: Committed) -> bool:
@@ -277,9 +287,9 @@ def scan(config: JobConfig, plan: Plan, *, local: bool = False) -> pa.Table:
     (``local``: read in this process, one file after another; else by Ray tasks)."""
     if local:
         shards = pa.Table.from_pylist([asdict(s) for s in plan.shards])
-        tables = list(_read_for_scan(shards, config.input)) if plan.shards else []
+        tables = list(read_for_scan(shards, config.input)) if plan.shards else []
     else:
-        ds = read_dataset(config, plan.shards, _read_for_scan)
+        ds = read_dataset(config, plan.shards, read_for_scan)
         tables = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     return pa.concat_tables([SCAN_SCHEMA.empty_table(), *(t.select(SCAN_COLUMNS).cast(SCAN_SCHEMA) for t in tables)])
 
@@ -303,7 +313,7 @@ def refuse_window_marks(scanned: pa.Table, urls: list[str]) -> pa.Table:
     return scanned
 
 
-def _read_for_scan(batch: pa.Table, cfg: Any) -> Any:
+def read_for_scan(batch: pa.Table, cfg: Any) -> Any:
     for block in read_shards(batch, cfg):
         # The file URL only where a reject needs it: good rows carry the shard's position.
         source = pc.if_else(pc.is_valid(block["_reject"]), block["_source"], pa.scalar(None, pa.string()))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -242,23 +243,10 @@ class EncodeBlocks:
     def _encode_rows(self, texts: list[str], rows: np.ndarray, result: Encoded) -> None:
         """Encode ``texts[rows]`` into ``result``; a failure splits the rows in halves until the failing
         documents are alone, and those are rejected."""
-        from pipeline.encode.encoder import is_out_of_memory
+        encode_or_isolate(self.encoder, texts, rows, result.failed, partial(self._keep, result=result))
 
-        if not len(rows):
-            return
-        subset = [texts[i] for i in rows]
-        poison_point(subset)  # test-only fault injection; a no-op unless configured
-        try:
-            batch = self.encoder.encode_batch(subset)
-        except Exception as err:
-            if len(rows) == 1:
-                what = "out of memory even alone" if is_out_of_memory(err) else "encoding raised"
-                result.failed[int(rows[0])] = ("encoder_error", f"{what}: {type(err).__name__}: {str(err)[:300]}")
-                return
-            half = len(rows) // 2
-            self._encode_rows(texts, rows[:half], result)
-            self._encode_rows(texts, rows[half:], result)
-            return
+    def _keep(self, batch: Any, rows: np.ndarray, result: Encoded) -> None:
+        """The encoded ``batch`` of ``texts[rows]`` into ``result`` (non-finite vectors rejected)."""
         if batch.parent is None:
             windows = np.ones(len(rows), np.int32) if batch.windows is None else batch.windows
             columns = {"sparse": batch.sparse, "num_tokens": batch.num_tokens, "truncated": batch.truncated}
@@ -313,6 +301,36 @@ class Encoded:
     pieces: list[pa.Table] = field(default_factory=list)
     failed: dict[int, tuple[str, str]] = field(default_factory=dict)
     oom_splits: int = 0
+
+
+def encode_or_isolate(
+    encoder: Any,
+    texts: list[str],
+    rows: np.ndarray,
+    failed: dict[int, tuple[str, str]],
+    keep: Callable[..., None],
+) -> None:
+    """``keep(batch, rows=rows)`` with ``texts[rows]`` encoded by ``encoder``; where encoding raises,
+    the rows are split in halves until the failing documents are alone, and those go to ``failed``
+    (``encoder_error``, with what was raised): one bad document never fails the others."""
+    from pipeline.encode.encoder import is_out_of_memory
+
+    if not len(rows):
+        return
+    subset = [texts[i] for i in rows]
+    poison_point(subset)  # test-only fault injection; a no-op unless configured
+    try:
+        batch = encoder.encode_batch(subset)
+    except Exception as err:
+        if len(rows) == 1:
+            what = "out of memory even alone" if is_out_of_memory(err) else "encoding raised"
+            failed[int(rows[0])] = ("encoder_error", f"{what}: {type(err).__name__}: {str(err)[:300]}")
+            return
+        half = len(rows) // 2
+        encode_or_isolate(encoder, texts, rows[:half], failed, keep)
+        encode_or_isolate(encoder, texts, rows[half:], failed, keep)
+        return
+    keep(batch, rows=rows)
 
 
 def non_finite_counts(sparse: pa.StructArray) -> tuple[np.ndarray, np.ndarray]:
