@@ -1,9 +1,10 @@
 """splade-pipeline: SPLADE sparse vectors for large corpora.
 
 Public API: :class:`SpladeEncoder` (texts -> Arrow sparse vectors), the job
-(:func:`run_job`, :func:`encoded_dataset`, :func:`run_reindex`) and the typed config
-(:func:`load_config`). Names are imported on first use, so that Ray reader and writer workers,
-which import ``pipeline.job.stages`` (sources, output), do not pay for torch and transformers.
+(:func:`run_job`, :func:`encoded_dataset`, :func:`run_reindex`; progress through ``on_progress``,
+e.g. :func:`notebook_bar`; :func:`output_status`) and the typed config (:func:`load_config`).
+Names are imported on first use, so that Ray reader and writer workers, which import
+``pipeline.job.stages`` (sources, output), do not pay for torch and transformers.
 
 The package, by responsibility:
 
@@ -29,7 +30,9 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time the names l
     from pipeline.errors import PipelineError
     from pipeline.job.encode import run_job
     from pipeline.job.plan import encoded_dataset
+    from pipeline.job.progress import Progress, notebook_bar
     from pipeline.job.reindex import run_reindex
+    from pipeline.status import output_status
 
 _EXPORTS = {
     "SPARSE_TYPE": "pipeline.encode.sparse",
@@ -42,6 +45,9 @@ _EXPORTS = {
     "encoded_dataset": "pipeline.job.plan",
     "fetch_splade_tiny": "pipeline.encode.bundled",
     "load_config": "pipeline.config",
+    "notebook_bar": "pipeline.job.progress",
+    "output_status": "pipeline.status",
+    "Progress": "pipeline.job.progress",
     "run_job": "pipeline.job.encode",
     "run_reindex": "pipeline.job.reindex",
 }

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 from pydantic import BaseModel
 
+from pipeline import terminal
 from pipeline.config import JobConfig, load_config, redacted
 from pipeline.encode.bundled import SPLADE_TINY
 from pipeline.errors import PipelineError, SettingError, find_cause
@@ -37,11 +38,11 @@ def run(argv: list[str] | None = None) -> NoReturn:
     and logging are shut down, output flushed, and the process ends with ``os._exit``.
     """
     try:
-        code = main(argv)
+        code = main(argv, ending=True)
     except SystemExit as stop:  # argparse's usage errors and --help
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
     except BaseException:  # noqa: BLE001 - a bug: its traceback, then the same exit as Python's
-        print(scrub(traceback.format_exc()), file=sys.stderr)  # no secret in a traceback either
+        print(scrub(traceback.format_exc()), file=terminal.err())  # no secret in a traceback either
         code = 1
     _exit(code)
 
@@ -66,9 +67,23 @@ def _exit(code: int) -> NoReturn:
     os._exit(code)
 
 
-def main(argv: list[str] | None = None) -> int:
+QUIET_COMMANDS = {"encode", "reindex", "demo", "upsert", "verify", "repair", "rollback"}  # they start Ray or Spark
+
+
+def main(argv: list[str] | None = None, *, ending: bool = False) -> int:
+    """The command line (``ending``: the process ends after it, see :func:`run`)."""
     parser, flags = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv  # before or after the command
+    args = parser.parse_args([a for a in argv if a != "--verbose"])
+    quiet = args.command in QUIET_COMMANDS and not verbose and not getattr(args, "show_config", False)
+    with terminal.quiet(args.command, enabled=quiet, keep=ending) as log_file:
+        if log_file is not None:
+            print(f"splade-pipeline {args.command}: logs in {log_file} (--verbose shows them here)", flush=True)
+        return _command(args, flags)
+
+
+def _command(args: argparse.Namespace, flags: dict[str, dict[str, str]]) -> int:
     from pipeline.job.cluster import stop_on_sigterm
 
     stop_on_sigterm()  # before Ray starts too; compute.stop_on_sigterm keeps it once Ray has started
@@ -78,13 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"splade-pipeline {args.command}: interrupted. Files already written are kept (each describes itself); "
             "run the same command again to resume.",
-            file=sys.stderr,
+            file=terminal.err(),
             flush=True,
         )
         return 130
     except Exception as err:  # noqa: BLE001 - users get one clear message, not a traceback
         message, user_error = explain(err)
-        print(f"splade-pipeline {args.command}: error: {scrub(message)}", file=sys.stderr)
+        print(f"splade-pipeline {args.command}: error: {scrub(message)}", file=terminal.err())
         if not user_error:
             raise
         return 2
@@ -95,11 +110,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, dict[str, str]]]:
     parser = argparse.ArgumentParser(
         prog="splade-pipeline", description="SPLADE sparse vectors for large corpora, on Ray."
     )
+    parser.add_argument(
+        "--verbose", action="store_true", help="show Ray's and the libraries' logs here instead of in a log file"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     flags: dict[str, dict[str, str]] = {}
     _add_job_commands(sub, flags)
     _add_store_commands(sub, flags)
     _add_table_commands(sub, flags)
+    _add_output_commands(sub)
     _add_reading_commands(sub)
     demo = sub.add_parser("demo", help="the built-in default: encode the shipped sample corpus with SPLADE-tiny")
     demo.add_argument("--output", default="out/demo", help="output folder (default: out/demo)")
@@ -224,6 +243,29 @@ def _add_table_commands(sub: Any, flags: dict[str, dict[str, str]]) -> None:
         "YAML job config (its output section)",
     )
     vacuum.add_argument("--dry-run", action="store_true", help="list the files that would be deleted; delete nothing")
+
+
+def _add_output_commands(sub: Any) -> None:
+    """Commands that tell what an output holds: status, the run report."""
+    status = sub.add_parser(
+        "status",
+        help="what an output holds and what is happening to it: last version, documents, fingerprint, runs, stores",
+        description="Read an output and say: its last committed version and time, documents and rejects, the "
+        "fingerprint of its vectors, a run in progress (who, since when, how far) or one that stopped without "
+        "committing, files written and not committed, and each store loaded from it (up to date, or a load that did "
+        "not finish).",
+    )
+    status.add_argument("--output", dest="source", help="the output (default: --config's output.path)")
+    status.add_argument("--config", type=Path, help="YAML job config (its output section: how to reach it)")
+    status.add_argument("--json", dest="as_json", action="store_true", help="print the status as JSON")
+    report = sub.add_parser(
+        "report",
+        help="build the run report (_REPORT.html: throughput, lengths, non-zeros, top terms, rejects) again",
+        description="Build _REPORT.html beside _SUMMARY.json again from the output's summary and latest table "
+        "version (every run writes it at its end).",
+    )
+    report.add_argument("--from", dest="source", help="the output (default: --config's output.path)")
+    report.add_argument("--config", type=Path, help="YAML job config (its output section: how to reach it)")
 
 
 def _add_reading_commands(sub: Any) -> None:
@@ -467,6 +509,23 @@ def _reading(args: argparse.Namespace) -> tuple[JobConfig, Any]:
     return config, OutputLocation(args.source or config.output.path, config.output.storage_options)
 
 
+def _status(args: argparse.Namespace, config: None) -> int:
+    from pipeline.status import output_status, render_status
+
+    config, source = _reading(args)
+    status = output_status(source, config.output.table_options)
+    print(scrub(json.dumps(status, indent=2) if args.as_json else render_status(status)))
+    return 0
+
+
+def _report(args: argparse.Namespace, config: None) -> int:
+    from pipeline.report import rebuild_report
+
+    config, source = _reading(args)
+    print(f"report: {rebuild_report(source, config.output.table_options)}")
+    return 0
+
+
 def _export(args: argparse.Namespace, config: None) -> int:
     from pipeline.export import ExportSettings, export_output
 
@@ -530,6 +589,8 @@ def _fetch_model(args: argparse.Namespace, config: None) -> None:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Any], int | None]] = {
     "encode": _encode,
+    "status": _status,
+    "report": _report,
     "reindex": _reindex,
     "upsert": _upsert,
     "verify": _verify,

@@ -46,19 +46,32 @@ def actor_start_error(err: BaseException) -> ActorStartError | None:
 
 def raised_in_text(text: str) -> PipelineError | None:
     """Our error, rebuilt from the text of a traceback that an engine passes on as text only (Ray's
-    actor start, Spark's ``PythonException``): its last ``pipeline....Error: message`` line, where
-    that class is one of ours."""
-    for module, name, message in reversed(_RAISED.findall(text)):
-        try:
-            kind = getattr(importlib.import_module(module), name, None)
-        except ImportError:
-            continue
-        if isinstance(kind, type) and issubclass(kind, PipelineError):
-            try:
-                return kind(message)
-            except TypeError:  # a class whose constructor takes more than the message
-                return PipelineError(message)
-    return None
+    actor start, Spark's ``PythonException``): its last ``pipeline....Error: message`` line (with
+    the indented lines that continue the message), where that class is one of ours and no other
+    exception followed it (one raised while handling it, or because of it, is the real failure)."""
+    found = list(_RAISED.finditer(text))
+    if not found:
+        return None
+    match = found[-1]  # the last exception line of ours; an earlier one was handled or wrapped
+    module, name, message = match.groups()
+    after = text[match.end() :]
+    if _LATER.search(after):
+        return None  # another exception ended the task: not ours to name
+    try:
+        kind = getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+    if not (isinstance(kind, type) and issubclass(kind, PipelineError)):
+        return None
+    message = (message + _CONTINUED.match(after).group(0)).rstrip()
+    try:
+        return kind(message)
+    except TypeError:  # a class whose constructor takes more than the message
+        return PipelineError(message)
+
+
+_LATER = re.compile(r"^(During handling of the above exception|The above exception was the direct cause)", re.M)
+_CONTINUED = re.compile(r"(?:\n[ \t]+(?!File \")[^\n]*)*")  # indented lines under the message, not frames
 
 
 def causes(err: BaseException) -> Iterator[BaseException]:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Tests never reach a model hub: everything loads from folders on disk.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# The quiet terminal's log files (pipeline.terminal): under the tests' temp folder, not the user's cache.
+os.environ.setdefault("SPLADE_PIPELINE_LOG_DIR", os.path.join(tempfile.mkdtemp(), "logs"))
 
 import shutil  # noqa: E402
 import socket  # noqa: E402
@@ -122,6 +125,7 @@ def ray_cluster(s3_endpoint: str, splade_tiny: Path, tmp_path_factory: pytest.Te
         "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_num_workers_soft_limit": "8",
+        "RAY_metrics_report_interval_ms": "1000",  # the encoders' metrics reach the node's endpoint within a second
     }  # idle task workers kept, as pipeline.job.encode.start_local_ray does
     # Submitted jobs run `python ...`: make that this interpreter, venv or not.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import re
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -69,3 +74,50 @@ def test_terms_and_errors(tmp_path: Path, splade_tiny: Path) -> None:
     assert bad.returncode == 2
     assert "splade-pipeline terms: error: model:" in bad.stderr and "no such folder" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def _in_a_terminal(args: list[str], cwd: Path) -> tuple[int, str]:
+    """Run the CLI in a pseudo-terminal, as a person at a terminal does; its exit code and what it showed."""
+    master, child = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh user's machine: its own Ray
+    env |= {"SPLADE_PIPELINE_LOG_DIR": str(cwd / "logs"), "COLUMNS": "160"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *args], stdin=child, stdout=child, stderr=child, cwd=cwd, env=env
+    )
+    os.close(child)
+    shown = bytearray()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the terminal's other side closed
+                break
+            if not data:
+                break
+            shown += data
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    return proc.wait(timeout=60), shown.decode(errors="replace")
+
+
+def test_the_demo_in_a_terminal_shows_the_plan_one_progress_line_and_the_summary(tmp_path: Path) -> None:
+    """Quiet by default: no Ray or library log line and no warning, the progress line redrawn in place
+    up to 100%, the summary; the logs are in the file it names. With --verbose, Ray's lines are back."""
+    code, shown = _in_a_terminal(["demo", "--output", str(tmp_path / "out")], tmp_path)
+    assert code == 0, shown[-3000:]
+    noise = re.compile(r"\b(INFO|WARNING|ERROR|Warning)\b|core_worker|Traceback|\(MapWorker|pid=|dashboard")
+    assert not [line for line in shown.splitlines() if noise.search(line)], shown
+    assert re.search(r"splade-pipeline: 1 input file, 32 documents; model bundled:splade-tiny; 1 encoder actor", shown)
+    redrawn = [part for part in shown.split("\r\x1b[2K") if part.strip()][1:]
+    assert redrawn and redrawn[-1].startswith("  32 / 32 docs (100%)") and "done · 0 rejected" in redrawn[-1]
+    assert "32 rows read = 32 written + 0 rejected" in shown and "report: file://" in shown
+    log = Path(re.search(r"logs in (\S+\.log)", shown).group(1))
+    assert log.parent == tmp_path / "logs" and "Started a local Ray instance" in log.read_text()
+
+    code, loud = _in_a_terminal(["demo", "--verbose", "--output", str(tmp_path / "again")], tmp_path)
+    assert code == 0, loud[-3000:]
+    assert "Started a local Ray instance" in loud and "logs in" not in loud
+    assert "32 rows read = 32 written + 0 rejected" in loud

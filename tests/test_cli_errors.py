@@ -61,3 +61,26 @@ def test_an_output_url_no_filesystem_knows(tmp_path: Path, capsys: pytest.Captur
 def test_upsert_from_an_output_with_no_commit(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     err = _run(["upsert", "--from", str(tmp_path), "--sink-type", "qdrant", "--sink-path", str(tmp_path / "q")], capsys)
     assert "no Delta table here (no _delta_log/); run or finish the encode job first" in err
+
+
+def test_an_error_of_ours_is_rebuilt_from_an_engines_text_only_when_it_ended_the_task() -> None:
+    """Spark and Ray pass a task's error on as text: ours is rebuilt with its whole message (the
+    indented lines under it too), never an earlier one that another exception replaced."""
+    from pipeline.errors import raised_in_text
+    from pipeline.sinks.protocol import SinkError
+    from pipeline.sources import InputError
+
+    frames = 'Traceback (most recent call last):\n  File "/x/tasks.py", line 9, in upsert\n    store(batch)\n'
+    store = (
+        frames + "pipeline.sinks.protocol.SinkError: connection refused\n\tIs the server running?\n\nJVM stacktrace:\n"
+    )
+    found = raised_in_text(store)
+    assert isinstance(found, SinkError) and str(found) == "connection refused\n\tIs the server running?"
+    replaced = frames + "pipeline.sources.InputError: a.jsonl: bad\n\nDuring handling of the above exception, another "
+    assert raised_in_text(replaced + "exception occurred:\n\n" + frames + "OSError: disk gone\n") is None
+    caused = frames + "pipeline.sources.InputError: a.jsonl: bad\n\nThe above exception was the direct cause of"
+    assert raised_in_text(caused + " the following exception:\n\n" + frames + "RuntimeError: x\n") is None
+    last = frames + "pipeline.sources.InputError: a.jsonl: line 3 bad\n"
+    assert isinstance(raised_in_text(last), InputError) and str(raised_in_text(last)) == "a.jsonl: line 3 bad"
+    assert raised_in_text(frames + "pipeline.job.summary.RowsLostError: lost\n") is None  # a bug, not a user error
+    assert raised_in_text(frames + "pipeline.nowhere.Error: x\n") is None

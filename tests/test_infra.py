@@ -125,19 +125,27 @@ def _spark_args(args: list[str]) -> tuple[dict[str, str], Path, Path]:
 
 
 def _one_gpu_per_task(confs: dict[str, str]) -> None:
-    """Each executor has one GPU and each task takes it: one encoder per GPU, one task per executor."""
+    """Each executor has one GPU and each task takes it: one encoder per GPU, one task per executor;
+    a store key the executors hold is redacted from the Spark UI and event logs."""
     assert confs["spark.executor.resource.gpu.amount"] == confs["spark.task.resource.gpu.amount"] == "1"
     assert confs["spark.python.worker.reuse"] == "true"  # the model loads once per worker, not per task
+    redact = re.compile(confs["spark.redaction.regex"])
+    for name in ("QDRANT_API_KEY", "PINECONE_API_KEY", "MILVUS_TOKEN", "PGPASSWORD", "AWS_SECRET_ACCESS_KEY"):
+        assert redact.search(f"spark.executorEnv.{name}"), name
+    assert not [k for k in confs if k.startswith("spark.executorEnv.") and redact.search(k)]  # no key on argv
 
 
 def test_spark_manifests_submit_the_spark_entrypoint_with_one_gpu_per_task() -> None:
     text = (ROOT / "infra/spark/spark-submit.sh").read_text().replace("\\\n", " ")
     line = next(ln for ln in text.splitlines() if ln.strip().startswith("spark-submit"))
-    words = shlex.split(line.replace('"$@"', ""))
+    words = shlex.split(line.replace('"$@"', "").replace('"${SECRETS[@]}"', ""))
     confs, script, config = _spark_args(words)
     _one_gpu_per_task(confs)
     assert script == ROOT / "jobs/spark_encode.py" and script.is_file()
     load_config(config)
+    # on Kubernetes the store key comes from a Secret, to the driver and the executors alike
+    refs = re.findall(r"spark\.kubernetes\.(driver|executor)\.secretKeyRef\.QDRANT_API_KEY=\S+", text)
+    assert sorted(refs) == ["driver", "executor"]
 
     job = json.loads((ROOT / "infra/spark/databricks-job.json").read_text())
     cluster = job["job_clusters"][0]["new_cluster"]

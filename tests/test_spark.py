@@ -214,8 +214,10 @@ def test_encode_dataframe_equals_the_bare_encoder_and_keeps_bad_rows(
     spark: Any, splade_tiny: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pipeline.config import EncoderConfig
+    from pipeline.errors import SettingError
     from pipeline.job.faults import OOM_ABOVE
     from pipeline.spark import encode_dataframe
+    from pipeline.spark.tasks import on_task_device
 
     rows = [
         {"doc": "a", "body": "The moon pulls the tides.", "lang": "en"},
@@ -242,6 +244,21 @@ def test_encode_dataframe_equals_the_bare_encoder_and_keeps_bad_rows(
     assert again["c"]["reject"] == "encoder_error" and "out of memory even alone" in again["c"]["detail"]
     assert again["c"]["sparse"] is None and again["c"]["content_hash"] is None and again["c"]["lang"] == "en"
     assert again["a"]["sparse"] == got["a"]["sparse"] and again["a"]["reject"] is None
+
+    # every document failing alone is a broken device, not bad data: the task fails (Spark retries it)
+    monkeypatch.setenv(OOM_ABOVE, "1")
+    broken = encode_dataframe(frame.coalesce(1), encoder, id_column="doc", text_column="body")
+    with pytest.raises(Exception, match="every document of the batch failed to encode"):
+        broken.toArrow()
+    monkeypatch.delenv(OOM_ABOVE)
+
+    # settings are validated; a task with no GPU from Spark encodes on the CPU, whatever the node has
+    with pytest.raises(SettingError, match="text_colum"):
+        encode_dataframe(frame, encoder, id_column="doc", text_colum="body")
+    with pytest.raises(SettingError, match="'detail' is a column it writes itself"):
+        encode_dataframe(frame, encoder, id_column="doc", text_column="body", passthrough_columns=["detail"])
+    chosen, gpu = on_task_device(encoder.model_copy(update={"device": "auto"}))
+    assert (chosen.device, gpu) == ("cpu", None)
 
 
 def test_spark_submit_runs_the_job_and_a_killed_driver_resumes(

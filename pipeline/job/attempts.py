@@ -26,6 +26,7 @@ killing its writer fail the run with a message saying so, instead of being resta
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -55,6 +56,8 @@ class AttemptLog:
         self.nodes: set[str] = set()
         self.actors: set[str] = set()
         self.writer_nodes: set[str] = set()
+        self.encoded: Counter[int] = Counter()  # rows of blocks encoded, per second (time.time())
+        self.started: set[str] = set()  # encoder actors that began loading at least once
 
     def begin(self, key: Any, node: str = "") -> int:
         """Announce an attempt at ``key`` on ``node``; returns how many attempts at it died before
@@ -79,7 +82,10 @@ class AttemptLog:
         self.begun[key] += 1
         return died
 
-    def end(self, key: Any, node: str = "") -> None:
+    def end(self, key: Any, node: str = "", rows: int = 0) -> None:
+        """``key`` done on ``node`` (``rows``: the rows of a block, for the run's timeline)."""
+        if rows:
+            self.encoded[int(time.time())] += rows
         unfinished = self.open.get(key, [])
         if node in unfinished:
             unfinished.remove(node)
@@ -91,8 +97,13 @@ class AttemptLog:
         self.open.pop(key, None)
         self.forgiven.pop(key, None)
 
-    def loading(self, actor: str, node: str = "") -> int:
-        """An actor starts loading (its constructor); returns how many times it died loading before."""
+    def loading(self, actor: str, node: str = "", role: str = "") -> int:
+        """An actor starts loading (its constructor); returns how many times it died loading before.
+        An encoder whose id started before is one Ray restarted (the id stays): counted."""
+        if role == "encoder":
+            if actor in self.started:
+                self.restarts += 1
+            self.started.add(actor)
         return self.begin(("load", actor), node)
 
     def ready(self, at: float, node: str = "", actor: str = "") -> None:
@@ -110,8 +121,14 @@ class AttemptLog:
     def encoders_ready(self) -> float | None:
         return self.first_ready
 
-    def restarted(self) -> None:
-        self.restarts += 1
+    def live(self) -> tuple[int, int]:
+        """Encoder actors that finished loading (a restarted one keeps its id), and the rows of the
+        blocks encoded so far (a retried block's counted again: the progress line's, not the summary's)."""
+        return len(self.actors), sum(self.encoded.values())
+
+    def encoded_per_second(self, started: float) -> dict[int, int]:
+        """Rows whose block finished encoding, per second since ``started`` (``time.time()``)."""
+        return {int(second - started): rows for second, rows in sorted(self.encoded.items())}
 
     def placement(self) -> dict[str, list[str]]:
         """The nodes that hosted encoder and writer actors during the run."""

@@ -40,7 +40,12 @@ def ensure_ray(compute: ComputeConfig) -> None:
 
     if not ray.is_initialized():
         env = forwarded()  # test-only fault injection reaches the workers; empty in production
-        options: dict[str, Any] = {"log_to_driver": True, **({"runtime_env": {"env_vars": env}} if env else {})}
+        from pipeline.terminal import forwards_worker_logs
+
+        options: dict[str, Any] = {
+            "log_to_driver": forwards_worker_logs(),  # quiet: the workers' output stays in Ray's logs
+            **({"runtime_env": {"env_vars": env}} if env else {}),
+        }
         if compute.ray_address is None and not os.environ.get("RAY_ADDRESS"):
             start_local_ray(**options)
         else:
@@ -82,7 +87,9 @@ def start_local_ray(**options: Any) -> None:
     for attempt in range(1, START_TRIES + 1):
         try:
             ray_start_point()
-            ray.init(**options, _system_config=system)
+            # address "local": a new cluster, never one a `ray start` left on this machine (joined
+            # only when asked: compute.ray_address, RAY_ADDRESS)
+            ray.init(address="local", **options, _system_config=system)
             return
         except Exception as err:  # noqa: BLE001 - only a start that timed out is tried again
             if not _start_timed_out(err):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -19,8 +20,10 @@ from pipeline.config import JobConfig, redacted
 from pipeline.job.dedupe import drop_later_duplicates
 from pipeline.job.engine import RAY, Engine
 from pipeline.job.plan import make_plan
+from pipeline.job.progress import Progress
 from pipeline.job.resume import Resume, plan_resume
-from pipeline.job.steps import commit, finish, store_errors
+from pipeline.job.runs import RunRecord
+from pipeline.job.steps import commit, finish, store_errors, track
 from pipeline.job.summary import Pace, render, summarize
 from pipeline.output.layout import document_column, fingerprint_metadata, pooled_length, write_summary
 from pipeline.output.location import OutputLocation
@@ -28,9 +31,13 @@ from pipeline.output.location import OutputLocation
 log = logging.getLogger(__name__)
 
 
-def run_job(config: JobConfig, *, engine: Engine = RAY) -> dict[str, Any]:
-    """Run the whole job (or finish an interrupted one); write ``_SUMMARY.json`` beside the output
-    and return the summary. ``engine``: what runs the tasks (Ray; Spark in :mod:`pipeline.spark`)."""
+def run_job(
+    config: JobConfig, *, engine: Engine = RAY, on_progress: Callable[[Progress], None] | None = None
+) -> dict[str, Any]:
+    """Run the whole job (or finish an interrupted one); write ``_SUMMARY.json`` and ``_REPORT.html``
+    beside the output and return the summary. ``engine``: what runs the tasks (Ray; Spark in
+    :mod:`pipeline.spark`); ``on_progress``: called with a :class:`Progress` as blocks are written
+    (default: a live line on stdout; :func:`pipeline.job.progress.notebook_bar` for a notebook)."""
     config = engine.configure(config)
     start, pace = time.perf_counter(), Pace()
     log.info("config: %s", json.dumps(redacted(config)))
@@ -39,7 +46,10 @@ def run_job(config: JobConfig, *, engine: Engine = RAY) -> dict[str, Any]:
     engine.check_output(config, loc)
     resume = plan_resume(config, plan.shards, plan.fingerprint, loc)
     _announce(resume, config)
+    record = RunRecord(loc, resume.attempt, "encode", engine.name)
+    track(pace, plan.shards, config, resume.reused, on_progress, record)
     new, faults = engine.write(config, plan, resume.work, resume.attempt, pace)
+    pace.progress.finish()
     entries = pa.concat_tables([resume.reused, new])
     urls = [s.url for s in plan.shards]
     metadata = fingerprint_metadata(plan.fingerprint)
@@ -58,6 +68,7 @@ def run_job(config: JobConfig, *, engine: Engine = RAY) -> dict[str, Any]:
         engine.positions,
     )
     version = commit(config, plan, resume.base, entries, resume.meta, resume.attempt)  # no change: no version
+    record.committed(version)
     summary = summarize(
         entries,
         files=len(plan.shards),

@@ -123,7 +123,11 @@ def limit_object_store(compute: ComputeConfig) -> None:
 
 
 def encoded_dataset(
-    config: JobConfig, plan: Plan | None = None, work: list[Shard] | None = None, attempts: Any = None
+    config: JobConfig,
+    plan: Plan | None = None,
+    work: list[Shard] | None = None,
+    attempts: Any = None,
+    attempt: str = "",
 ) -> Any:
     """The lazy ``ray.data.Dataset`` of encoded rows, for custom use (notebooks).
 
@@ -160,6 +164,7 @@ def encoded_dataset(
                 "expected": plan.fingerprint,
                 "threads": compute.torch_threads or max(1, int(compute.num_cpus_per_actor)),
                 "attempts": attempts,
+                "run": attempt,
                 "isolate_after": compute.isolate_after,
                 "max_deaths": compute.max_startup_deaths,
             },

@@ -30,6 +30,7 @@ import hashlib
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -43,8 +44,9 @@ from pipeline.errors import PipelineError
 from pipeline.job.engine import RAY, Engine
 from pipeline.job.plan import Plan, make_plan, read_dataset
 from pipeline.job.resume import differences, refuse_foreign, reusable, run_meta
+from pipeline.job.runs import RunRecord
 from pipeline.job.stages import read_shards
-from pipeline.job.steps import commit, finish, store_errors
+from pipeline.job.steps import commit, finish, store_errors, track
 from pipeline.job.summary import Pace, render, summarize
 from pipeline.output.layout import (
     DATA_DIR,
@@ -99,10 +101,16 @@ class Diff:
 
 
 def run_reindex(
-    config: JobConfig, *, dry_run: bool = False, allow_mass_delete: bool = False, engine: Engine = RAY
+    config: JobConfig,
+    *,
+    dry_run: bool = False,
+    allow_mass_delete: bool = False,
+    engine: Engine = RAY,
+    on_progress: Callable[..., None] | None = None,
 ) -> dict[str, Any]:
     """Bring the output (and the store) up to date with the corpus; return the summary. ``engine``:
-    what runs the tasks (Ray; Spark in :mod:`pipeline.spark`)."""
+    what runs the tasks (Ray; Spark in :mod:`pipeline.spark`); ``on_progress``: as for
+    :func:`pipeline.job.encode.run_job`."""
     config = engine.configure(config)
     start, pace = time.perf_counter(), Pace()
     plan = make_plan(config)
@@ -120,12 +128,15 @@ def run_reindex(
     if base is not None and base.entries is not None and _nothing_to_do(diff, full, base):
         return _nothing_changed(config, plan, diff, base, start, engine)
     attempt = new_attempt()
-    work = _work(diff, plan, meta)
+    todo = _work(diff, plan, meta)
     committed = listed_files(base.entries) if base is not None and base.entries is not None else set()
     with loc.failures_named("list the files of the"):
-        left = entries_on_disk(loc, (DATA_DIR, REJECTS_DIR), committed, {s.unit for s in work})
-    reused, work = reusable(work, left)
+        left = entries_on_disk(loc, (DATA_DIR, REJECTS_DIR), committed, {s.unit for s in todo})
+    reused, work = reusable(todo, left)
+    record = RunRecord(loc, attempt, "reindex", engine.name)
+    track(pace, todo, config, reused, on_progress, record)
     fresh, faults = engine.write(config, plan, work, attempt, pace)
+    pace.progress.finish()
     encoded = pa.concat_tables([reused, fresh])
     entries = pa.concat_tables(
         [
@@ -136,6 +147,7 @@ def run_reindex(
         ]
     )
     version = commit(config, plan, base, entries, meta, attempt)
+    record.committed(version)
     summary = _summary(entries, plan, diff, full, reason, reused, fresh, start)
     summary["faults"] |= faults
     summary["pace"] = pace.summary()

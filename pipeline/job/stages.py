@@ -20,6 +20,7 @@ from pipeline.errors import ActorStartError
 from pipeline.job.attempts import CHUNK_ROWS
 from pipeline.job.dedupe import DUPLICATE, later_in_block
 from pipeline.job.faults import load_point, out_of_memory_point, poison_point
+from pipeline.job.metrics import EncoderMetrics
 from pipeline.output.layout import OOM_SPLITS, SPLIT, SPLIT_ID_DETAIL, SPLIT_TYPE, WINDOW_MARK, WINDOWS, BlockWriter
 from pipeline.output.location import OutputLocation
 from pipeline.sinks import open_sink, store_limits
@@ -104,15 +105,13 @@ class Deaths:
 
         context = ray.get_runtime_context()
         self.node, self.actor = context.get_node_id(), context.get_actor_id() or ""
-        died = self._call("loading", self.actor, self.node) or 0
+        died = self._call("loading", self.actor, self.node, role) or 0
         if died >= limit:
             raise ActorDeathsError(
                 f"the {role} actor died {died} times while starting (loading the model or opening the output) on "
                 f"nodes that stayed up: out of memory on its node? (compute.max_startup_deaths = {limit}). The run "
                 "stops rather than restart it forever; the files written so far are kept for the re-run"
             )
-        if role == "encoder" and self.attempts is not None and context.was_current_actor_reconstructed:
-            self.attempts.restarted.remote()
 
     def ready(self) -> None:
         if self.attempts is None:
@@ -127,9 +126,9 @@ class Deaths:
             return 0
         return int(self._call("begin", key, self.node) or 0)
 
-    def end(self, key: tuple | None) -> None:
+    def end(self, key: tuple | None, rows: int = 0) -> None:
         if self.attempts is not None and key is not None:
-            self.attempts.end.remote(key, self.node)
+            self.attempts.end.remote(key, self.node, rows)
 
     def _call(self, method: str, *args: Any) -> Any:
         if self.attempts is None:
@@ -170,8 +169,10 @@ class EncodeBlocks:
         attempts: Any = None,
         isolate_after: int = 2,
         max_deaths: int = 3,
+        run: str = "",
     ) -> None:
         self.deaths = Deaths(attempts, max_deaths, "encoder")
+        self.metrics = EncoderMetrics(run) if attempts is not None else None  # Ray's metrics: in a Ray job
         load_point()  # test-only fault injection; a no-op unless configured
         import torch
 
@@ -198,6 +199,7 @@ class EncodeBlocks:
         self.deaths.ready()
 
     def __call__(self, block: pa.Table) -> pa.Table:
+        started = time.monotonic()
         good_mask = pc.is_null(block["_reject"])
         good = block.filter(good_mask)
         rest = block.filter(pc.invert(good_mask)).drop_columns(["text"])
@@ -220,7 +222,7 @@ class EncodeBlocks:
             self._encode_rows(texts, todo, result)
         else:
             self._isolate(key, texts, todo, result)
-        self._end(key)
+        self.deaths.end(key, block.num_rows)
         failed = result.failed
         if len(todo) > 1 and all(failed.get(int(i), ("",))[0] == "encoder_error" for i in todo):
             # Every document failing alone is the encoder's problem (a broken device), not the data's.
@@ -234,6 +236,8 @@ class EncodeBlocks:
         for name, kind in _ENCODED_COLUMNS:
             rest = rest.append_column(name, pa.nulls(rest.num_rows, kind))
         table = pa.concat_tables([out, rest], promote_options="permissive")
+        if self.metrics is not None:
+            self.metrics.block(table, time.monotonic() - started, result.oom_splits)
         # Counted once per block, on its first row: a block Ray splits between writers still sums right.
         splits = np.zeros(table.num_rows, np.int32)
         if table.num_rows:

@@ -4,10 +4,13 @@ commit the resulting table state as one Delta version, and finish with the summa
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import pyarrow as pa
@@ -18,6 +21,8 @@ from pipeline.errors import actor_start_error
 from pipeline.job.cluster import ensure_ray
 from pipeline.job.faults import crash_point, pause_point
 from pipeline.job.plan import Plan, encoded_dataset, written_dataset
+from pipeline.job.progress import Printer, Progress, expected_rows
+from pipeline.job.runs import RunRecord
 from pipeline.job.summary import Pace, check_rows
 from pipeline.job.watch import ClusterWatch
 from pipeline.output.layout import DATA_COLUMNS, WINDOW_COLUMNS, write_summary
@@ -27,7 +32,7 @@ from pipeline.output.state import Committed, commit_state, sync_rejects
 from pipeline.sources import Shard
 
 log = logging.getLogger(__name__)
-PROGRESS_EVERY_S = 10.0
+LIVE_EVERY_S = 2.0  # how often the progress line asks the attempt log (encoders up, rows encoded)
 RESULTS_THREAD = "splade-pipeline-results"  # the CLI looks for it before shutting Ray down
 WATCH_EVERY_S = 5.0  # how often the cluster is looked at while no block finishes
 
@@ -51,39 +56,116 @@ def write_work(
     ensure_ray(config.compute)  # before the first Ray call, which would otherwise start Ray its own way
     attempts = start_log()
     watch = ClusterWatch(config.compute)
-    encoded = encoded_dataset(config, plan, work, attempts)
-    entries = _collect(written_dataset(config, plan, encoded, attempt, attempts), pace, watch)
+    encoded = encoded_dataset(config, plan, work, attempts, attempt)
+    entries = _collect(written_dataset(config, plan, encoded, attempt, attempts), pace, watch, partial(_live, attempts))
+    pace.encoded = ray.get(attempts.encoded_per_second.remote(pace.started))
     pace.encoders_ready = ray.get(attempts.encoders_ready.remote())
     pace.nodes = ray.get(attempts.placement.remote())
     return entries, ray.get(attempts.report.remote()) | watch.report()
 
 
-def _collect(written: Any, pace: Pace, watch: ClusterWatch) -> pa.Table:
+def track(
+    pace: Pace,
+    shards: list[Shard],
+    config: JobConfig,
+    reused: pa.Table,
+    on_progress: Callable[[Progress], None] | None,
+    record: RunRecord,
+) -> None:
+    """Set up ``pace.progress`` before the work: the total of ``shards`` where cheap (see
+    :func:`pipeline.job.progress.expected_rows`), the rows ``reused`` from an earlier attempt as
+    done, and who is told: ``on_progress`` (default: a :class:`Printer` on stdout) and the run's
+    ``record`` in the output."""
+    progress = pace.progress
+    progress.total, progress.estimated = expected_rows(shards, config.input)
+    progress.reused = progress.done = int(pc.sum(reused["rows"]).as_py() or 0)
+    pace.reused_rejected = progress.rejected = rejected_rows(reused)
+    print(_plan_line(config, shards, progress, record.record["engine"]), flush=True)
+    show = on_progress if on_progress is not None else Printer()
+
+    def tell(p: Progress) -> None:
+        show(p)
+        record(p)
+
+    progress.on_update = tell
+
+
+def _plan_line(config: JobConfig, shards: list[Shard], progress: Progress, engine: str) -> str:
+    """What the run is about to do: files, documents (where counted), model, device, encoders, output."""
+    total, mark = progress.total, "~" if progress.estimated else ""
+    docs = f"{mark}{total:,} documents" if total is not None else "documents not counted ahead"
+    compute = config.compute
+    device = "GPU" if compute.num_gpus_per_actor > 0 else "CPU"
+    if engine == "ray":
+        pool = (
+            compute.min_actors
+            if compute.min_actors == compute.max_actors
+            else f"{compute.min_actors}-{compute.max_actors}"
+        )
+        workers = f"{pool} encoder actor{'s' if compute.max_actors > 1 else ''} on {device}"
+    else:
+        workers = f"{engine} tasks on {device}"
+    files = f"{len(shards)} input file{'s' if len(shards) != 1 else ''}"
+    return f"splade-pipeline: {files}, {docs}; model {config.encoder.model}; {workers} -> {config.output.path}"
+
+
+def rejected_rows(entries: pa.Table) -> int:
+    """The rows that ``entries`` (one per written block) say were rejected."""
+    return sum(sum(json.loads(r or "{}").values()) for r in entries["rejected"].to_pylist())
+
+
+def _collect(written: Any, pace: Pace, watch: ClusterWatch, live: Callable[[], tuple[int | None, int]]) -> pa.Table:
     """The entries of the written blocks, as they come. The dataset is driven from a thread, so
     that this one can say what the cluster does meanwhile (nodes lost, no node for an encoder:
-    see :class:`ClusterWatch`) and give up after the deadline instead of waiting without a word.
-    Whatever ends this loop early (the deadline, Ctrl-C, an error) stops the dataset's execution
-    too: a notebook's process goes on, and must not keep a pool of actors working for nobody."""
-    rows = blocks = 0
+    see :class:`ClusterWatch`), show progress (``live()``: encoders up and rows encoded so far,
+    asked every :data:`LIVE_EVERY_S`) and give up after the deadline instead of waiting without a
+    word. Whatever ends this loop early (the deadline, Ctrl-C, an error) stops the dataset's
+    execution too: a notebook's process goes on, and must not keep a pool of actors working for nobody."""
+    rows = rejected = encoded = 0
+    up: int | None = None
     parts = [empty_entries()]
-    started = last_report = time.monotonic()
+    asked = 0.0
+
+    def show() -> None:
+        nonlocal asked, up, encoded
+        if time.monotonic() - asked >= LIVE_EVERY_S:
+            asked = time.monotonic()
+            up, encoded = live()
+        pace.show(max(rows, encoded), rejected, up)  # encoded: ahead of the written blocks Ray Data hands over
+
+    def idle() -> None:
+        watch.check()
+        show()
+
     pump = _Pump(written)
     try:
-        for stats in pump.results(watch.check, WATCH_EVERY_S):
+        for stats in pump.results(idle, WATCH_EVERY_S):
             for _ in range(stats.num_rows):  # one entry per written block (piece): its files are durable
                 crash_point("written")
             parts.append(stats.cast(empty_entries().schema))
-            rows, blocks = rows + int(pc.sum(stats["rows"]).as_py() or 0), blocks + stats.num_rows
+            rows, rejected = rows + int(pc.sum(stats["rows"]).as_py() or 0), rejected + rejected_rows(stats)
             pace.block_written(rows)
+            show()
             watch.check()
-            if time.monotonic() - last_report >= PROGRESS_EVERY_S:
-                last_report = time.monotonic()
-                rate = rows / (last_report - started)
-                print(f"  ... {rows} rows in {blocks} blocks written ({rate:.1f} rows/s)", flush=True)
     except BaseException:
         pump.stop()
         raise
+    asked = 0.0
+    show()  # encoders up, asked once more
+    pace.show(rows, rejected, up)  # the written rows: exact, whatever was encoded twice
     return pa.concat_tables(parts)
+
+
+def _live(attempts: Any) -> tuple[int | None, int]:
+    """Encoder actors up and rows encoded so far, by the run's attempt log (``(None, 0)`` when it does
+    not answer within a second: the line shows what it knew)."""
+    import ray
+
+    try:
+        up, encoded = ray.get(attempts.live.remote(), timeout=1.0)
+        return int(up), int(encoded)
+    except Exception:  # noqa: BLE001 - a busy log
+        return None, 0
 
 
 class _Pump:
@@ -193,8 +275,12 @@ def empty_schema(config: JobConfig) -> pa.Schema:
 
 
 def finish(summary: dict[str, Any], config: JobConfig, loc: OutputLocation, version: int) -> dict[str, Any]:
-    """Add what every summary names (table version, output, the config with secrets masked) and write it."""
+    """Add what every summary names (table version, output, the config with secrets masked), write
+    the run report (:mod:`pipeline.report`) and the summary."""
+    from pipeline.report import write_report
+
     summary |= {"table_version": version, "output": config.output.path, "config": redacted(config)}
+    summary["report"] = write_report(loc, summary, config.output.table_options)
     write_summary(loc, summary)
     return summary
 

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.encode.fingerprint import Fingerprint
+from pipeline.job.progress import MAX_TIMELINE, Progress
 
 
 class RowsLostError(RuntimeError):
@@ -77,11 +78,27 @@ class Pace:
     last_block: float | None = None
     rows: int = 0
     nodes: dict[str, list[str]] = field(default_factory=dict)  # the nodes that hosted encoders and writers
+    progress: Progress = field(default_factory=Progress)  # the live line, a notebook's bar, the report's timeline
+    encoded: dict[int, int] = field(default_factory=dict)  # rows encoded per second since the start (Ray)
+    reused_rejected: int = 0  # rejects in the blocks reused from an earlier attempt
+    written: list[tuple[float, int]] = field(default_factory=list)  # (seconds since the start, rows written)
 
     def block_written(self, rows_so_far: int) -> None:
+        """This run's written blocks so far hold ``rows_so_far`` rows read."""
         now = time.time()
         self.first_block = self.first_block or now
         self.last_block, self.rows = now, rows_so_far
+        self.written.append((round(now - self.started, 3), rows_so_far))
+        if len(self.written) > MAX_TIMELINE:
+            self.written = self.written[::2] + ([self.written[-1]] if len(self.written) % 2 == 0 else [])
+
+    def show(self, rows_so_far: int, rejected_so_far: int, actors: int | None = None) -> None:
+        """Progress: this run has done ``rows_so_far`` rows, ``rejected_so_far`` of them rejected."""
+        p = self.progress
+        done = p.reused + rows_so_far
+        if p.total is not None and not p.estimated:
+            done = min(done, p.total)  # a retried block's rows encoded twice never pass an exact total
+        p.update(done, self.reused_rejected + rejected_so_far, actors)
 
     def summary(self) -> dict[str, Any]:
         since = lambda t: round(t - self.started, 3) if t is not None else None  # noqa: E731
@@ -93,6 +110,11 @@ class Pace:
             "first_block_s": since(self.first_block),
             "docs_per_s_encoders_up": rate,
             "nodes": self.nodes,
+            "timeline": {
+                "progress": self.progress.to_dict(),
+                "written": {"seconds": [t for t, _ in self.written], "rows": [r for _, r in self.written]},
+                "encoded": {"seconds": sorted(self.encoded), "rows": [self.encoded[k] for k in sorted(self.encoded)]},
+            },
         }
 
 
@@ -150,6 +172,8 @@ def render(summary: dict[str, Any], output: str) -> str:
         f"  {summary['wall_seconds']} s, {summary['docs_per_s']} docs/s" + _render_pace(summary.get("pace")),
         f"  output: {output}",
     ]
+    if summary.get("report"):
+        lines.append(f"  report: {summary['report']}")
     lines += [f"  skipped: {s}" for s in summary["skipped_files"]]
     return "\n".join(lines)
 

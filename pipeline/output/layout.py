@@ -35,6 +35,7 @@ from pipeline.sources import BAD_FILE
 DATA_DIR = "data"
 REJECTS_DIR = "_rejects"
 SUMMARY_FILE = "_SUMMARY.json"
+REPORT_FILE = "_REPORT.html"  # the run report (pipeline.report), beside the summary
 FINGERPRINT_KEY = b"splade_pipeline.fingerprint"
 WINDOWS = "_windows"  # per encoded row: the windows its vector pools (long_documents max), else 1
 OOM_SPLITS = "_oom_splits"  # per encoded block, on its first row: micro-batches halved after running out of memory
@@ -80,7 +81,9 @@ OWN_FOLDERS = (DATA_DIR, REJECTS_DIR, "_splade", "_delta_log")
 def foreign_files(loc: OutputLocation) -> list[str]:
     """Files under the output that are not splade-pipeline's (its folders and summary aside)."""
     with loc.failures_named():
-        return [p for p in loc.files() if p.split("/", 1)[0] not in OWN_FOLDERS and p != SUMMARY_FILE]
+        return [
+            p for p in loc.files() if p.split("/", 1)[0] not in OWN_FOLDERS and p not in (SUMMARY_FILE, REPORT_FILE)
+        ]
 
 
 def write_summary(loc: OutputLocation, summary: dict[str, Any]) -> None:

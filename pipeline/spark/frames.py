@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from pydantic import ValidationError
 
 from pipeline.config import EncoderConfig, InputConfig, JobConfig
 from pipeline.encode.sparse import SPARSE_TYPE
@@ -38,10 +39,16 @@ def encode_dataframe(df: Any, config: JobConfig | EncoderConfig | None = None, *
     from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_type
 
     if isinstance(config, JobConfig):
-        encoder, cfg = config.encoder, config.input.model_copy(update=input_settings)
+        encoder, base = config.encoder, config.input.model_dump()
     else:
-        encoder = config or EncoderConfig(model="bundled:splade-tiny")
-        cfg = InputConfig(**input_settings)
+        encoder, base = config or EncoderConfig(model="bundled:splade-tiny"), {}
+    try:
+        cfg = InputConfig.model_validate(base | input_settings)  # validated: a misspelt setting is an error
+    except ValidationError as err:
+        raise SettingError(f"encode_dataframe: {err}") from None
+    taken = [c for c in cfg.passthrough_columns if c in ("reject", "detail")]
+    if taken:
+        raise SettingError(f"encode_dataframe: passthrough column {taken[0]!r} is a column it writes itself")
     if encoder.long_documents == "split":
         raise SettingError(
             "encode_dataframe gives one row per input row: encoder.long_documents 'split' (a row per window) is "
@@ -117,6 +124,10 @@ def _encoded(model: Any, texts: list[str], where: list[int | None], columns: dic
     pieces: list[tuple[np.ndarray, Any]] = []
     failed: dict[int, tuple[str, str]] = {}
     encode_or_isolate(model, texts, np.arange(len(texts)), failed, lambda batch, rows: pieces.append((rows, batch)))
+    if len(texts) > 1 and len(failed) == len(texts) and all(f[0] == "encoder_error" for f in failed.values()):
+        # every document failing alone is the encoder's problem (a broken device), not the data's: the
+        # task fails, and Spark retries it elsewhere
+        raise RuntimeError(f"every document of the batch failed to encode, e.g.: {next(iter(failed.values()))[1]}")
     at: dict[int, int] = {}  # a text's position in the concatenated pieces
     for rows, batch in pieces:
         infinite, nan = non_finite_counts(batch.sparse)
@@ -142,19 +153,18 @@ def _encoded(model: Any, texts: list[str], where: list[int | None], columns: dic
 
 
 def _encoder(config: EncoderConfig) -> Any:
-    """This worker's encoder for ``config`` on the task's GPU (loaded on first use, then kept)."""
-    from pipeline.encode.encoder import SpladeEncoder
-    from pipeline.spark.tasks import task_gpu
+    """This worker's encoder for ``config`` on the task's device (loaded on first use, then kept)."""
+    import torch
 
-    gpu = task_gpu()
-    key = (config.model_dump_json(), gpu)
+    from pipeline.encode.encoder import SpladeEncoder
+    from pipeline.spark.tasks import on_task_device, task_threads
+
+    encoder_cfg, gpu = on_task_device(config)
+    key = (encoder_cfg.model_dump_json(), gpu)
     if key not in _ENCODERS:
         _ENCODERS.clear()
-        if gpu is not None:
-            import torch
-
-            torch.cuda.set_device(gpu)
-        encoder = SpladeEncoder.from_config(config)
+        torch.set_num_threads(task_threads())
+        encoder = SpladeEncoder.from_config(encoder_cfg)
         encoder.before_forward = out_of_memory_point  # test-only fault injection; a no-op unless configured
         _ENCODERS[key] = encoder
     return _ENCODERS[key]

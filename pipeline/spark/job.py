@@ -12,6 +12,7 @@ that succeeded reach the driver (see :mod:`pipeline.spark.tasks`).
 
 from __future__ import annotations
 
+import logging
 import time
 from functools import partial
 from typing import Any
@@ -23,6 +24,7 @@ from pipeline.config import JobConfig
 from pipeline.errors import SettingError, raised_in_text
 from pipeline.job.engine import Engine
 from pipeline.job.faults import forwarded
+from pipeline.job.steps import rejected_rows
 from pipeline.job.summary import Pace
 from pipeline.output.location import OutputLocation
 from pipeline.output.records import ENTRY_SCHEMA, empty_entries
@@ -38,6 +40,7 @@ from pipeline.spark.tasks import (
 )
 
 APP_NAME = "splade-pipeline"
+log = logging.getLogger(__name__)
 
 
 def session(master: str | None = None) -> Any:
@@ -121,7 +124,8 @@ def _write(
     written = _collect(frame, WRITTEN_SCHEMA)
     rows = int(pc.sum(written["rows"]).as_py() or 0)
     pace.block_written(rows)
-    print(f"  ... {rows} rows in {written.num_rows} blocks written by Spark in {time.monotonic() - started:.1f} s")
+    pace.show(rows, rejected_rows(written))
+    log.info("%d rows in %d blocks written by Spark in %.1f s", rows, written.num_rows, time.monotonic() - started)
     # a task's attempt number counts its failed (or speculative) attempts before the one kept
     attempts = written.group_by("url").aggregate([(TASK_ATTEMPT, "max")])[f"{TASK_ATTEMPT}_max"]
     return written.select(ENTRY_SCHEMA.names), {"task_retries": int(pc.sum(attempts).as_py() or 0)}
@@ -141,7 +145,7 @@ def _check_output(spark: Any, config: JobConfig, output: OutputLocation) -> None
     if output.is_local and not master.startswith("local"):
         raise SettingError(
             f"output.path {output.url} is a local path, and Spark runs on {master}: each executor would write its "
-            "own disk. Use shared storage (s3://, gs://, abfs://, or a shared filesystem as an fsspec URL)"
+            "own disk. Use object storage every executor reaches (s3://, gs://, abfs://, dbfs:/)"
         )
 
 

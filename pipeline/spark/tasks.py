@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config import JobConfig
+from pipeline.config import EncoderConfig, JobConfig
 from pipeline.encode.fingerprint import Fingerprint
 from pipeline.job.faults import FORWARDED, task_point
 from pipeline.job.stages import EncodeBlocks, UpsertBlocks
@@ -39,28 +39,43 @@ def _context() -> Any:
     return TaskContext.get()
 
 
-def task_gpu() -> int | None:
-    """The GPU Spark gave this task (``spark.task.resource.gpu.amount``), or None."""
+def task_gpu() -> str | None:
+    """The address of the GPU Spark gave this task (``spark.task.resource.gpu.amount``), or None."""
     ctx = _context()
     resources = ctx.resources() if ctx is not None else {}
     gpu = resources.get("gpu")
-    return int(gpu.addresses[0]) if gpu is not None and gpu.addresses else None
+    return str(gpu.addresses[0]) if gpu is not None and gpu.addresses else None
+
+
+def on_task_device(encoder: EncoderConfig) -> tuple[EncoderConfig, str | None]:
+    """``encoder`` for this task's device, and the GPU's address: the GPU Spark gave the task (made
+    the current CUDA device), or, given none, the CPU where ``device`` is ``auto``: a worker never
+    takes a GPU Spark did not give it (the driver recorded CPU precision, and Spark's other tasks
+    on that node would share the GPU unscheduled)."""
+    gpu = task_gpu()
+    if gpu is None:
+        return (encoder.model_copy(update={"device": "cpu"}) if encoder.device == "auto" else encoder), None
+    if gpu.isdigit():  # an index; a MIG or UUID address is the only device the executor sees
+        import torch
+
+        torch.cuda.set_device(int(gpu))
+    return encoder, gpu
+
+
+def task_threads(configured: int | None = None) -> int:
+    """Torch threads for this task: ``configured``, else the CPUs Spark gave the task (``spark.task.cpus``)."""
+    ctx = _context()
+    return max(1, int(configured or (ctx.cpus() if ctx is not None else 1)))
 
 
 def encoder_stage(config: JobConfig, expected: Fingerprint) -> EncodeBlocks:
-    """This worker's encoder stage for ``config`` on the task's GPU (loaded on first use, then kept)."""
-    gpu = task_gpu()
-    key = (expected.id + config.encoder.model_dump_json(), gpu)
+    """This worker's encoder stage for ``config`` on the task's device (loaded on first use, then kept)."""
+    encoder, gpu = on_task_device(config.encoder)
+    key = (expected.id + encoder.model_dump_json(), gpu)
     stage = _STAGES.get(key)
     if stage is None:
         _STAGES.clear()  # one model per worker: a new config replaces the old one
-        if gpu is not None:
-            import torch
-
-            torch.cuda.set_device(gpu)
-        ctx = _context()
-        threads = config.compute.torch_threads or (ctx.cpus() if ctx is not None else 1)
-        stage = _STAGES[key] = EncodeBlocks(config.encoder, expected, threads=max(1, int(threads)))
+        stage = _STAGES[key] = EncodeBlocks(encoder, expected, threads=task_threads(config.compute.torch_threads))
     return stage
 
 

@@ -1,0 +1,216 @@
+"""The progress line: rate over the last minute, ETA, totals from Parquet footers and file sizes,
+redrawn on a terminal and printed every so often in a log; run records and what status makes of them."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import InputConfig
+from pipeline.job import progress as progress_module
+from pipeline.job.progress import Printer, Progress, expected_rows
+from pipeline.sources import Shard
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    c = Clock()
+    monkeypatch.setattr(progress_module.time, "monotonic", c)
+    return c
+
+
+def test_rate_is_over_the_last_minute_and_eta_follows_it(clock: Clock) -> None:
+    p = Progress(total=10_000)
+    for _ in range(10):  # 100 docs/s for 100 s
+        clock.now += 10
+        p.update(p.done + 1000, 0)
+    assert p.rate() == pytest.approx(100.0)
+    clock.now += 60
+    p.update(p.done, 0)  # a minute with nothing done: the rate falls to the last minute's
+    assert p.rate() == 0.0 and p.eta_s() is None  # stalled: no ETA
+    assert "0.0 docs/s" in p.line() and "ETA" not in p.line()
+    q = Progress(total=1000)
+    clock.now += 10
+    q.update(100, 3, actors=2)
+    assert q.eta_s() == pytest.approx(90.0)
+    assert q.line() == "100 / 1,000 docs (10%) · 10.0 docs/s · ETA 1 min 30 s · 3 rejected · 2 encoders up"
+
+
+def test_without_a_total_or_past_an_estimate_the_line_shows_done_and_rate(clock: Clock) -> None:
+    p = Progress()
+    assert p.line().startswith("0 docs · starting")
+    clock.now += 4
+    p.update(40, 0)
+    assert p.line() == "40 docs · 10.0 docs/s · 0 rejected"
+    est = Progress(total=30, estimated=True)
+    clock.now += 1
+    est.update(20, 0)
+    assert est.line().startswith("20 / ~30 docs (67%)")
+    est.update(45, 1)  # the estimate was short: no percentage above 100, no ETA
+    assert est.line().startswith("45 docs · ") and "ETA" not in est.line()
+
+
+def test_reused_rows_count_as_done_but_not_in_the_rate(clock: Clock) -> None:
+    p = Progress(total=1000, reused=600, done=600)
+    clock.now += 10
+    p.update(700, 0)
+    assert p.rate() == pytest.approx(10.0) and p.fraction() == 0.7
+
+
+def test_the_timeline_is_thinned_not_grown_without_bound(clock: Clock) -> None:
+    p = Progress()
+    for i in range(progress_module.MAX_TIMELINE * 3):
+        clock.now += 1
+        p.update(i + 1, 0)
+    d = p.to_dict()
+    assert len(d["seconds"]) <= progress_module.MAX_TIMELINE
+    assert d["done"][-1] == progress_module.MAX_TIMELINE * 3  # the last point is kept
+    assert d["seconds"] == sorted(d["seconds"]) and d["seconds"][0] <= 2
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_gets_one_line_redrawn_a_log_gets_a_line_every_few_seconds(clock: Clock) -> None:
+    tty = Terminal()
+    log = io.StringIO()
+    shows = [Printer(tty), Printer(log)]
+    p = Progress(total=100, on_update=lambda pr: [s(pr) for s in shows])
+    for _ in range(40):  # every 0.5 s for 20 s
+        clock.now += 0.5
+        p.update(p.done + 2, 0)
+    p.finish()
+    drawn = tty.getvalue()
+    assert "\n" not in drawn[:-1] and drawn.endswith("done · 0 rejected\n")  # one line, ended when done
+    assert drawn.count("\r\x1b[2K") == 41  # every update at REDRAW_EVERY_S apart, and the last
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 3 and all(line.startswith("  ... ") for line in lines)  # at 0.5 s, 10.5 s, done
+    assert lines[-1].startswith("  ... 80 / 100 docs (80%)") and "done" in lines[-1]
+
+
+def test_totals_from_parquet_footers_and_text_sizes(tmp_path: Path) -> None:
+    cfg = InputConfig(paths=[str(tmp_path)])
+    for i in range(3):
+        pq.write_table(
+            pa.table({"id": [f"{i}-{k}" for k in range(7 + i)], "text": ["x"] * (7 + i)}), tmp_path / f"{i}.parquet"
+        )
+    shards = [Shard(i, str(tmp_path / f"{i}.parquet"), "parquet") for i in range(3)]
+    assert expected_rows(shards, cfg) == (24, False)
+
+    line = json.dumps({"id": "d", "text": "a passage of some length " * 4}) + "\n"
+    one = tmp_path / "one.jsonl"
+    one.write_text(line * 50)
+    assert expected_rows([Shard(0, str(one), "jsonl", size=one.stat().st_size)], cfg) == (50, False)  # read whole
+    big = tmp_path / "big.jsonl"
+    big.write_text(line * 20_000)  # past the sample: estimated from the size
+    shards = [Shard(i, str(p), "jsonl", size=p.stat().st_size) for i, p in enumerate([big, one])]
+    total, estimated = expected_rows(shards, cfg)
+    assert estimated and abs(total - 20_050) <= 20_050 * 0.02
+
+    packed = tmp_path / "z.jsonl.gz"
+    packed.write_bytes(gzip.compress((line * 10).encode()))
+    assert expected_rows([Shard(0, str(packed), "jsonl", size=1)], cfg) == (None, False)  # no cheap total
+    restricted = [Shard(0, str(big), "jsonl", lines=(1, 5, 9)), Shard(1, str(one), "jsonl", lines=(2,))]
+    assert expected_rows(restricted, cfg) == (4, False)  # a reindex counts the rows it encodes
+    missing = [Shard(0, str(tmp_path / "gone.parquet"), "parquet")]
+    assert expected_rows(missing, cfg) == (None, False)  # a total is a nicety, never an error
+
+
+def test_run_records_say_running_committed_or_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.job import runs
+    from pipeline.job.runs import RunRecord, read_runs
+    from pipeline.output.location import OutputLocation
+    from pipeline.status import render_status
+
+    loc = OutputLocation(str(tmp_path / "out"))
+    done = RunRecord(loc, "20261201T000000-aaaaaaaa", "encode", "ray")
+    p = Progress(total=10)
+    p.update(10, 1)
+    done(p)
+    done.committed(3)
+    live = RunRecord(loc, "20261203T000000-bbbbbbbb", "reindex", "spark")
+    q = Progress(total=100)
+    q.update(40, 0)
+    live.last = 0.0
+    live(q)
+    found = {r["attempt"]: r for r in read_runs(loc)}
+    assert found["20261201T000000-aaaaaaaa"]["state"] == "committed"
+    assert found["20261201T000000-aaaaaaaa"]["table_version"] == 3
+    assert found["20261203T000000-bbbbbbbb"] | {"updated": None} == found["20261203T000000-bbbbbbbb"] | {
+        "state": "running",
+        "done": 40,
+        "total": 100,
+        "updated": None,
+    }
+    later = time.time() + runs.STALE_S + 5
+    monkeypatch.setattr(runs.time, "time", lambda: later)  # nothing heard for longer than STALE_S
+    stopped = read_runs(loc)[0]
+    assert stopped["state"] == "stopped" and stopped["stale_s"] >= runs.STALE_S
+    text = render_status({"output": loc.url, "table": None, "runs": read_runs(loc), "stores": []})
+    assert "STOPPED without committing" in text and "40 / 100 docs" in text and "committed version 3" in text
+
+
+def test_hostile_text_cannot_break_out_of_the_report(tmp_path: Path) -> None:
+    """An output path, a reject reason or a term with markup stays text: escaped in the page, and
+    the figures' JSON cannot close its script element."""
+    import re
+
+    import plotly.graph_objects as go
+
+    from pipeline.report import _page
+
+    evil = "</script><script>alert(1)</script><b>x"
+    summary = {"output": evil, "rows_read": 1, "rows_written": 1, "rows_rejected": 0, "fingerprint": {"model": evil}}
+    fig = go.Figure(go.Bar(x=[evil], y=[1]))
+    page = _page(summary, 0, {"rejects": fig})
+    assert "<script>alert(1)" not in page and "<b>x" not in page
+    data = re.search(r'<script type="application/json" id="fig-rejects">(.*?)</script>', page, re.S).group(1)
+    assert json.loads(data)["data"][0]["x"] == [evil]  # the text itself, intact once parsed
+
+
+def test_a_report_that_cannot_be_built_never_fails_the_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from pipeline.output.location import OutputLocation
+    from pipeline.report import REPORT_FILE, write_report
+
+    loc = OutputLocation(str(tmp_path / "no-table"))
+    assert write_report(loc, {"rows_read": 0}) is None  # no table here: said, not raised
+    assert "the run report was not written" in caplog.text and not (tmp_path / "no-table" / REPORT_FILE).exists()
+
+
+def test_status_names_a_store_load_that_did_not_finish_and_old_run_records_are_pruned(tmp_path: Path) -> None:
+    from pipeline.job import runs
+    from pipeline.job.runs import RunRecord, read_runs
+    from pipeline.output.location import OutputLocation
+    from pipeline.status import render_status
+
+    table = {"version": 5, "committed_at": "2026-12-03T00:00:00Z", "documents": 10, "rejected": 0, "data_files": 1}
+    stores = [
+        {"record": "qdrant-1.json", "store": "qdrant docs", "table_version": 4, "pending": 5, "at": "t"},
+        {"record": "pgvector-2.json", "store": "pgvector t", "table_version": 5, "pending": None, "at": "t"},
+    ]
+    text = render_status({"output": "o", "table": table, "runs": [], "stores": stores, "uncommitted_files": 2})
+    assert "store qdrant docs: a load toward version 5 did not finish" in text
+    assert "store pgvector t: up to date" in text and "2 data files written and not committed" in text
+
+    loc = OutputLocation(str(tmp_path / "out"))
+    for i in range(runs.KEEP + 5):
+        RunRecord(loc, f"20261201T{i:06d}-aaaaaaaa", "encode", "ray").committed(i)
+    kept = read_runs(loc)
+    assert len(kept) == runs.KEEP and kept[0]["table_version"] == runs.KEEP + 4  # the newest kept, newest first
