@@ -138,7 +138,7 @@ def _one_gpu_per_task(confs: dict[str, str]) -> None:
 def test_spark_manifests_submit_the_spark_entrypoint_with_one_gpu_per_task() -> None:
     text = (ROOT / "infra/spark/spark-submit.sh").read_text().replace("\\\n", " ")
     line = next(ln for ln in text.splitlines() if ln.strip().startswith("spark-submit"))
-    words = shlex.split(line.replace('"$@"', "").replace('"${SECRETS[@]}"', ""))
+    words = shlex.split(line.replace('"$@"', "").replace('${SECRETS[@]+"${SECRETS[@]}"}', ""))
     confs, script, config = _spark_args(words)
     _one_gpu_per_task(confs)
     assert script == ROOT / "jobs/spark_encode.py" and script.is_file()

@@ -34,5 +34,5 @@ spark-submit \
     --conf spark.speculation=true \
     --conf spark.executorEnv.PYSPARK_PYTHON=/opt/venv/bin/python \
     --conf 'spark.redaction.regex=(?i)secret|password|token|access[.]?key|api[_.]?key' \
-    "${SECRETS[@]}" \
+    ${SECRETS[@]+"${SECRETS[@]}"} \
     jobs/spark_encode.py --config jobs/configs/s3-gpu.yaml "$@"

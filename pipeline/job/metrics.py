@@ -44,12 +44,20 @@ class EncoderMetrics:
             return
         import pyarrow.compute as pc
 
-        rejected = int(table["num_tokens"].null_count)
-        self.documents.inc(table.num_rows - rejected, {**self.tags, "outcome": "encoded"})
-        if rejected:
-            self.documents.inc(rejected, {**self.tags, "outcome": "rejected"})
-        self.tokens.inc(int(pc.sum(table["num_tokens"]).as_py() or 0), self.tags)
-        if oom_splits:
-            self.oom_splits.inc(oom_splits, self.tags)
-        self.sizes.observe(table.num_rows, self.tags)
-        self.seconds.observe(seconds, self.tags)
+        try:  # metrics never fail a block (Ray's Counter.inc refuses 0)
+            rejected = int(table["num_tokens"].null_count)
+            for value, tags in (
+                (table.num_rows - rejected, {**self.tags, "outcome": "encoded"}),
+                (rejected, {**self.tags, "outcome": "rejected"}),
+            ):
+                if value > 0:
+                    self.documents.inc(value, tags)
+            tokens = int(pc.sum(table["num_tokens"]).as_py() or 0)
+            if tokens > 0:
+                self.tokens.inc(tokens, self.tags)
+            if oom_splits > 0:
+                self.oom_splits.inc(oom_splits, self.tags)
+            self.sizes.observe(table.num_rows, self.tags)
+            self.seconds.observe(seconds, self.tags)
+        except Exception:  # noqa: BLE001 - a metric is a view of the work, never a reason to fail it
+            pass
