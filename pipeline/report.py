@@ -237,7 +237,7 @@ def _page(summary: dict[str, Any], version: int, figures: dict[str, Any]) -> str
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
     blocks = []
     for name, fig in figures.items():
-        data = fig.to_json().replace("</", "<\\/")  # no text of the data can close the script element
+        data = fig.to_json().replace("<", "\\u003c")  # no text of the data can close or open a script element
         blocks.append(
             f'<section><div id="plot-{name}" class="plot"></div>'
             f'<script type="application/json" id="fig-{name}">{data}</script></section>'
