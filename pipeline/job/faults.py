@@ -35,6 +35,7 @@ import os
 import signal
 import sys
 from collections import Counter
+from typing import IO
 
 VARIABLE = "SPLADE_PIPELINE_CRASH_AT"
 PAUSE = "SPLADE_PIPELINE_PAUSE_AT"
@@ -55,8 +56,15 @@ def crash_point(point: str) -> None:
         return
     _passed[point] += 1
     if _passed[point] == int(nth or 1):
-        print(f"[{VARIABLE}] killing the driver at {point} #{_passed[point]}", file=sys.stderr, flush=True)
+        print(f"[{VARIABLE}] killing the driver at {point} #{_passed[point]}", file=_terminal(), flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _terminal() -> IO[str]:
+    """The driver's terminal, also while the command line is quiet (standard error to a log file)."""
+    from pipeline.terminal import err
+
+    return err()
 
 
 def ray_start_point() -> None:
@@ -71,7 +79,7 @@ def pause_point(point: str) -> None:
     if name == point:
         import time
 
-        print(f"[{PAUSE}] pausing at {point} for {seconds or 1} s", file=sys.stderr, flush=True)
+        print(f"[{PAUSE}] pausing at {point} for {seconds or 1} s", file=_terminal(), flush=True)
         time.sleep(float(seconds or 1))
 
 
