@@ -232,7 +232,9 @@ class ComputeConfig(StrictModel):
     """How the Ray cluster runs the encoders."""
 
     ray_address: str | None = Field(
-        None, description="Ray cluster to join ('auto', 'ray://host:10001'); None starts or joins a local one."
+        None,
+        description="Ray cluster to join ('auto': the one `ray start` began on this machine; 'ray://host:10001'); "
+        "None: $RAY_ADDRESS when set (as `ray job submit` sets it), else a new local Ray for this run alone.",
     )
     stop_on_sigterm: bool = Field(
         False,

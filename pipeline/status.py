@@ -120,7 +120,17 @@ def _render_run(run: dict[str, Any]) -> str:
     head = f"  run {run['attempt']} ({run.get('kind')}, {run.get('engine')}"
     if state == "committed":
         return f"{head}): committed version {run.get('table_version')} at {run.get('finished')}{far}"
+    if state == "failed":
+        return (
+            f"{head}, {who}): FAILED at {run.get('finished')}{far}: {run.get('error')}; the same command resumes "
+            "it once the cause is fixed"
+        )
     if state == "stopped":
+        if run.get("superseded_by"):
+            return (
+                f"{head}, {who}): STOPPED without committing{far}: its process is gone; run "
+                f"{run['superseded_by']} committed since"
+            )
         return (
             f"{head}, {who}): STOPPED without committing: last heard {run.get('updated')} ({run.get('stale_s')} s "
             f"ago){far}; the same command resumes it"

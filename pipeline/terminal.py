@@ -14,18 +14,39 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
 LOG_DIR_VARIABLE = "SPLADE_PIPELINE_LOG_DIR"
+NO_BARS = "RAY_DATA_DISABLE_PROGRESS_BARS"
+KEEP_LOGS = 100  # the newest log files kept in the folder
 _state: dict[str, object] = {"err": None, "quiet": False}
+_live_line: list[Callable[[], None]] = []  # ends a progress line drawn in place
+
+
+def live_line(clear: Callable[[], None] | None) -> None:
+    """Register (None: forget) how to end the progress line drawn in place on the terminal, so that
+    whatever is printed next (:func:`err`, our warnings, :func:`clear_line`) starts a line of its own."""
+    _live_line[:] = [clear] if clear is not None else []
+
+
+def clear_line() -> None:
+    """End the progress line drawn in place, if one is (before printing something else)."""
+    for clear in list(_live_line):
+        try:
+            clear()
+        except Exception:  # noqa: BLE001 - a closed stream: nothing to end
+            pass
 
 
 def err() -> IO[str]:
-    """Where our own warnings and errors go: the terminal's standard error, also when quiet."""
+    """Where our own warnings and errors go: the terminal's standard error, also when quiet (a
+    progress line drawn in place is ended first)."""
+    clear_line()
     stream = _state["err"]
     return stream if stream is not None else sys.stderr  # type: ignore[return-value]
 
@@ -53,25 +74,60 @@ def quiet(command: str, enabled: bool = True, keep: bool = False) -> Iterator[Pa
     if not enabled:
         yield None
         return
-    folder = log_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}-{command}.log"
+    opened = _open_log(command)
+    if opened is None:
+        print(
+            f"splade-pipeline {command}: no log file can be written ({LOG_DIR_VARIABLE}, ~/.cache, the temp "
+            "folder); the libraries' logs stay on the terminal",
+            file=sys.stderr,
+        )
+        yield None
+        return
+    path, fd = opened
     sys.stderr.flush()
     saved = os.dup(2)
     terminal = _terminal_stream(saved)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(fd, 2)  # C++ log lines, Python warnings, library handlers bound to sys.stderr: the file
     os.close(fd)
     level = logging.getLogger().level
     handlers = _log_handlers(path, terminal)
     before = {k: _state[k] for k in ("err", "quiet")}
     _state.update(err=terminal, quiet=True)
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ours = NO_BARS not in os.environ  # set here, taken back after (a notebook's later Ray Data keeps its bars)
+    os.environ.setdefault(NO_BARS, "1")
     try:
         yield path
     finally:
         if not keep:
             _restore(before, handlers, level, saved, terminal)
+            if ours:
+                os.environ.pop(NO_BARS, None)
+
+
+def _open_log(command: str) -> tuple[Path, int] | None:
+    """A new log file (its path, an open descriptor) in :func:`log_dir`, else in the temp folder;
+    None when neither can be written (a read-only home, a full disk)."""
+    name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}-{command}.log"
+    for folder in (log_dir, lambda: Path(tempfile.gettempdir()) / "splade-pipeline-logs"):
+        try:
+            where = folder()
+            where.mkdir(parents=True, exist_ok=True)
+            fd = os.open(where / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except (OSError, RuntimeError):  # RuntimeError: Path.home() with no home to find
+            continue
+        _prune_logs(where, keep=name)
+        return where / name, fd
+    return None
+
+
+def _prune_logs(where: Path, keep: str) -> None:
+    """Only the newest :data:`KEEP_LOGS` log files stay (their names begin with their start time)."""
+    try:
+        logs = sorted(p for p in where.glob("*.log") if p.name != keep)
+        for old in logs[: max(0, len(logs) - (KEEP_LOGS - 1))]:
+            old.unlink(missing_ok=True)
+    except OSError:  # another process pruning too, a read-only file: housekeeping only
+        pass
 
 
 def _restore(
@@ -106,13 +162,25 @@ def _terminal_stream(saved_fd: int) -> IO[str]:
     return os.fdopen(os.dup(saved_fd), "w", buffering=1, encoding="utf-8", errors="replace")
 
 
+class _Shown(logging.StreamHandler):
+    """Our warnings on the terminal, each on a line of its own (a progress line drawn in place ended)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        clear_line()
+        super().emit(record)
+
+
 class _Scrub(logging.Filter):
     """No secret in the log file: every record's text masked (:func:`pipeline.redaction.scrub`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from pipeline.redaction import scrub
 
-        record.msg, record.args = scrub(record.getMessage()), ()
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a library's record whose arguments do not fit its format
+            text = f"{record.msg!r} % {record.args!r}"
+        record.msg, record.args = scrub(text), ()
         return True
 
 
@@ -124,7 +192,7 @@ def _log_handlers(path: Path, terminal: IO[str]) -> list[tuple[logging.Logger, l
     root.addHandler(to_file)
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
-    shown = logging.StreamHandler(terminal)
+    shown = _Shown(terminal)
     shown.setLevel(logging.WARNING)
     shown.setFormatter(logging.Formatter("  %(levelname)s: %(message)s"))
     shown.addFilter(_Scrub())

@@ -214,3 +214,156 @@ def test_status_names_a_store_load_that_did_not_finish_and_old_run_records_are_p
         RunRecord(loc, f"20261201T{i:06d}-aaaaaaaa", "encode", "ray").committed(i)
     kept = read_runs(loc)
     assert len(kept) == runs.KEEP and kept[0]["table_version"] == runs.KEEP + 4  # the newest kept, newest first
+
+
+def test_done_never_goes_back_and_the_rate_is_never_negative(clock: Clock) -> None:
+    """An engine's count that lags behind the last one shown (the attempt log did not answer in time)
+    cannot move the line back; the run's exact final count may, and the rate stays >= 0."""
+    p = Progress(total=100)
+    clock.now += 10
+    p.update(50, 2)
+    clock.now += 10
+    p.update(30, 1)
+    assert (p.done, p.rejected) == (50, 2) and p.rate() is not None and p.rate() >= 0
+    clock.now += 1
+    p.update(45, 2, exact=True)  # encoded twice before: the written rows are the truth
+    assert p.done == 45 and p.rate() == 0.0 and p.eta_s() is None and "-" not in p.line()
+
+
+def test_a_line_drawn_in_place_is_ended_before_anything_else_is_printed(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import logging
+
+    from pipeline import terminal
+    from pipeline.job.watch import _say
+
+    monkeypatch.setattr(terminal, "_live_line", [])
+    tty = Terminal()
+    p = Progress(total=10, on_update=Printer(tty))
+    clock.now += 1
+    p.update(3, 0)
+    assert not tty.getvalue().endswith("\n")
+    terminal.err()  # an error is about to be printed
+    assert tty.getvalue().endswith("\n") and tty.getvalue().count("\n") == 1
+    for say in (
+        lambda: _say("  a node was lost"),  # the cluster watch
+        lambda: terminal._Shown(io.StringIO()).emit(logging.makeLogRecord({"msg": "ours", "levelno": 30})),
+    ):
+        clock.now += 1
+        p.update(p.done + 1, 0)
+        assert not tty.getvalue().endswith("\n")
+        say()
+        assert tty.getvalue().endswith("\n")
+    assert tty.getvalue().count("\n") == 3 and "a node was lost" in capsys.readouterr().out
+
+
+def test_notebook_bar_ends_at_100_percent_whatever_the_estimate(clock: Clock) -> None:
+    from pipeline.job.progress import notebook_bar
+
+    for done in (45, 20):  # past an estimate of 30, and short of it
+        show = notebook_bar()
+        p = Progress(total=30, estimated=True, on_update=show)
+        clock.now += 1
+        p.update(done, 0)
+        assert show.bar.n <= show.bar.total  # type: ignore[attr-defined]
+        p.finish()
+        assert show.bar.n == show.bar.total == done  # type: ignore[attr-defined]
+
+
+def test_quiet_falls_back_to_the_temp_folder_then_to_verbose_and_leaks_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import tempfile
+
+    from pipeline import terminal
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(terminal.LOG_DIR_VARIABLE, str(blocker / "logs"))  # under a file: cannot be made
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.delenv(terminal.NO_BARS, raising=False)
+    fds = sorted(os.listdir("/proc/self/fd"))
+    with terminal.quiet("encode") as path:
+        assert path is not None and path.parent == tmp_path / "tmp" / "splade-pipeline-logs"
+        assert os.environ[terminal.NO_BARS] == "1"
+    assert terminal.NO_BARS not in os.environ  # put back: a notebook's own Ray Data keeps its bars
+    assert sorted(os.listdir("/proc/self/fd")) == fds
+    monkeypatch.setattr(tempfile, "tempdir", str(blocker / "tmp"))
+    with terminal.quiet("encode") as path:
+        assert path is None and terminal.forwards_worker_logs()  # nowhere to write: stays verbose
+    assert sorted(os.listdir("/proc/self/fd")) == fds
+
+
+def test_old_log_files_are_pruned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import terminal
+
+    monkeypatch.setenv(terminal.LOG_DIR_VARIABLE, str(tmp_path))
+    for i in range(terminal.KEEP_LOGS + 7):
+        (tmp_path / f"20260101T{i:06d}-1-encode.log").write_text("")
+    with terminal.quiet("encode") as path:
+        assert path is not None
+    logs = sorted(p.name for p in tmp_path.glob("*.log"))
+    assert (
+        len(logs) == terminal.KEEP_LOGS and path.name in logs and logs[0] == "20260101T000008-1-encode.log"
+    )  # 8 oldest gone
+
+
+def test_a_library_record_whose_arguments_do_not_fit_still_reaches_the_log() -> None:
+    import logging
+
+    from pipeline.terminal import _Scrub
+
+    record = logging.LogRecord("lib", logging.WARNING, "f.py", 1, "%d files at s3://k:secret@b", ("x",), None)
+    assert _Scrub().filter(record)
+    assert "files at" in record.getMessage() and "secret" not in record.getMessage()
+
+
+def test_a_run_record_beats_through_silent_steps_and_says_why_it_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.job import runs
+    from pipeline.job.runs import RunRecord, read_runs
+    from pipeline.output.location import OutputLocation
+    from pipeline.status import render_status
+
+    monkeypatch.setattr(runs, "EVERY_S", 0.05)
+    loc = OutputLocation(str(tmp_path / "out"))
+    writes: list[str] = []
+    with pytest.raises(ValueError), RunRecord(loc, "20261203T000000-cccccccc", "encode", "spark") as record:
+        real = record.loc.write_bytes
+        monkeypatch.setattr(record.loc, "write_bytes", lambda rel, data: (writes.append(rel), real(rel, data)))
+        time.sleep(0.5)  # a Spark stage: no progress call, the heartbeat writes on
+        assert len(writes) >= 3
+        raise ValueError("the store at postgresql://u:hunter2@db/x refused")
+    assert not record.heart.is_alive()  # type: ignore[union-attr]
+    failed = read_runs(loc)[0]
+    assert failed["state"] == "failed" and "refused" in failed["error"] and "hunter2" not in failed["error"]
+    text = render_status({"output": loc.url, "table": None, "runs": [failed], "stores": []})
+    assert "FAILED" in text and "hunter2" not in text
+    count = len(writes)
+    time.sleep(0.2)
+    assert len(writes) == count  # no beat after the end
+
+
+def test_a_killed_run_on_this_host_is_marked_stopped_once_a_later_run_commits(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from pipeline.job.runs import RunRecord, read_runs
+    from pipeline.output.location import OutputLocation
+    from pipeline.status import render_status
+
+    loc = OutputLocation(str(tmp_path / "out"))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = RunRecord(loc, "20261203T000000-dddddddd", "encode", "ray")
+    dead._write({"pid": int(gone.stdout)})  # its process has exited (a kill -9)
+    alive = RunRecord(loc, "20261203T000001-eeeeeeee", "encode", "ray")  # this process: still running
+    RunRecord(loc, "20261203T000002-ffffffff", "encode", "ray").committed(1)
+    found = {r["attempt"]: r for r in read_runs(loc)}
+    assert found["20261203T000000-dddddddd"]["state"] == "stopped"
+    assert found["20261203T000000-dddddddd"]["superseded_by"] == "20261203T000002-ffffffff"
+    assert found[alive.record["attempt"]]["state"] == "running"  # a live process is never marked
+    text = render_status({"output": loc.url, "table": None, "runs": list(found.values()), "stores": []})
+    assert "its process is gone; run 20261203T000002-ffffffff committed since" in text

@@ -174,3 +174,28 @@ def test_a_started_actor_forgets_its_loading_deaths_and_an_unreadable_node_table
     assert log.loading("actor", "a") == 1  # the table could not be read: counted as a death
     log.ready(1.0, "a", "actor")
     assert log.loading("actor", "a") == 0  # deaths in a row only
+
+
+def test_encoders_up_drop_while_one_restarts_and_the_encoded_timeline_stays_small(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pipeline.job import attempts
+
+    log = AttemptLog(alive=lambda: {"a"})
+    for actor in ("e1", "e2"):
+        log.loading(actor, "a", role="encoder")
+        log.ready(1.0, "a", actor)
+    assert log.live() == (2, 0)
+    log.loading("e1", "a", role="encoder")  # died and Ray restarted it: loading again
+    assert log.live()[0] == 1 and log.report()["actor_restarts"] == 1
+    log.ready(2.0, "a", "e1")
+    assert log.live()[0] == 2
+
+    now = [1_000_000.0]
+    monkeypatch.setattr(attempts.time, "time", lambda: now[0])
+    for _ in range(3 * attempts.MAX_SECONDS):  # a long run: a block every second
+        now[0] += 1
+        log.end(("block", "u", now[0], 1), "a", rows=10)
+    seconds = log.encoded_per_second(1_000_000.0)
+    assert len(seconds) <= attempts.MAX_SECONDS and sum(seconds.values()) == 30 * attempts.MAX_SECONDS
+    assert list(seconds) == sorted(seconds) and min(seconds) >= 0

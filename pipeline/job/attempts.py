@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 CHUNK_ROWS = 32
+MAX_SECONDS = 2000  # points of the encoded-rows timeline handed to the report
 NODE_LOSSES_FORGIVEN = 8  # per block, chunk or row (never an actor start): node losses beyond these count as deaths
 
 
@@ -58,6 +59,7 @@ class AttemptLog:
         self.writer_nodes: set[str] = set()
         self.encoded: Counter[int] = Counter()  # rows of blocks encoded, per second (time.time())
         self.started: set[str] = set()  # encoder actors that began loading at least once
+        self.up: set[str] = set()  # encoder actors loaded and not seen starting again since (dead ones restart)
 
     def begin(self, key: Any, node: str = "") -> int:
         """Announce an attempt at ``key`` on ``node``; returns how many attempts at it died before
@@ -104,6 +106,7 @@ class AttemptLog:
             if actor in self.started:
                 self.restarts += 1
             self.started.add(actor)
+            self.up.discard(actor)
         return self.begin(("load", actor), node)
 
     def ready(self, at: float, node: str = "", actor: str = "") -> None:
@@ -113,6 +116,7 @@ class AttemptLog:
         self.first_ready = at if self.first_ready is None else min(self.first_ready, at)
         self.nodes.add(node)
         self.actors.add(actor)
+        self.up.add(actor)
 
     def writer_ready(self, node: str = "", actor: str = "") -> None:
         self._forget(("load", actor))
@@ -122,13 +126,23 @@ class AttemptLog:
         return self.first_ready
 
     def live(self) -> tuple[int, int]:
-        """Encoder actors that finished loading (a restarted one keeps its id), and the rows of the
-        blocks encoded so far (a retried block's counted again: the progress line's, not the summary's)."""
-        return len(self.actors), sum(self.encoded.values())
+        """Encoder actors up (loaded, and not restarting since: a restarted one keeps its id and loads
+        again), and the rows of the blocks encoded so far (a retried block's counted again: the
+        progress line's, not the summary's)."""
+        return len(self.up), sum(self.encoded.values())
 
     def encoded_per_second(self, started: float) -> dict[int, int]:
-        """Rows whose block finished encoding, per second since ``started`` (``time.time()``)."""
-        return {int(second - started): rows for second, rows in sorted(self.encoded.items())}
+        """Rows whose block finished encoding, per second since ``started`` (``time.time()``); past
+        :data:`MAX_SECONDS` seconds, summed over wider buckets (the report's plot, not a log)."""
+        seconds = {int(second - started): rows for second, rows in sorted(self.encoded.items())}
+        width = 1
+        while len(seconds) > MAX_SECONDS:
+            width *= 2
+            wider: Counter[int] = Counter()
+            for second, rows in seconds.items():
+                wider[second - second % width] += rows
+            seconds = dict(sorted(wider.items()))
+        return seconds
 
     def placement(self) -> dict[str, list[str]]:
         """The nodes that hosted encoder and writer actors during the run."""

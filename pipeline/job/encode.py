@@ -46,29 +46,29 @@ def run_job(
     engine.check_output(config, loc)
     resume = plan_resume(config, plan.shards, plan.fingerprint, loc)
     _announce(resume, config)
-    record = RunRecord(loc, resume.attempt, "encode", engine.name)
-    track(pace, plan.shards, config, resume.reused, on_progress, record)
-    new, faults = engine.write(config, plan, resume.work, resume.attempt, pace)
-    pace.progress.finish()
-    entries = pa.concat_tables([resume.reused, new])
-    urls = [s.url for s in plan.shards]
-    metadata = fingerprint_metadata(plan.fingerprint)
-    key = document_column(config.encoder.long_documents == "split")
-    pooled = pooled_length(plan.fingerprint)
-    entries = drop_later_duplicates(
-        loc,
-        entries,
-        urls,
-        resume.attempt,
-        config.output.compression,
-        metadata,
-        config.compute,
-        key,
-        pooled,
-        engine.positions,
-    )
-    version = commit(config, plan, resume.base, entries, resume.meta, resume.attempt)  # no change: no version
-    record.committed(version)
+    with RunRecord(loc, resume.attempt, "encode", engine.name) as record:
+        track(pace, plan.shards, config, resume.reused, on_progress, record)
+        new, faults = engine.write(config, plan, resume.work, resume.attempt, pace)
+        pace.progress.finish()
+        entries = pa.concat_tables([resume.reused, new])
+        urls = [s.url for s in plan.shards]
+        metadata = fingerprint_metadata(plan.fingerprint)
+        key = document_column(config.encoder.long_documents == "split")
+        pooled = pooled_length(plan.fingerprint)
+        entries = drop_later_duplicates(
+            loc,
+            entries,
+            urls,
+            resume.attempt,
+            config.output.compression,
+            metadata,
+            config.compute,
+            key,
+            pooled,
+            engine.positions,
+        )
+        version = commit(config, plan, resume.base, entries, resume.meta, resume.attempt)  # no change: no version
+        record.committed(version)
     summary = summarize(
         entries,
         files=len(plan.shards),

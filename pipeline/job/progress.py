@@ -42,8 +42,12 @@ class Progress:
     recent: deque[tuple[float, int]] = field(default_factory=deque)
     timeline: list[tuple[float, int, int]] = field(default_factory=list)  # (seconds, done, rejected)
 
-    def update(self, done: int, rejected: int, actors: int | None = None) -> None:
+    def update(self, done: int, rejected: int, actors: int | None = None, exact: bool = False) -> None:
+        """``done`` never goes back (an engine's count may lag behind the last one shown) unless
+        ``exact``: the run's final count of rows read, which replaces a count ahead of it."""
         now = time.monotonic()
+        if not exact:
+            done, rejected = max(done, self.done), max(rejected, self.rejected)
         self.done, self.rejected = done, rejected
         if actors is not None:
             self.actors = actors
@@ -69,8 +73,8 @@ class Progress:
         t1, d1 = self.recent[-1]
         if len(self.recent) == 1 or t1 <= t0:
             elapsed = t1 - self.started
-            return (d1 - self.reused) / elapsed if elapsed > 0 else None
-        return (d1 - d0) / (t1 - t0)
+            return max(0.0, (d1 - self.reused) / elapsed) if elapsed > 0 else None
+        return max(0.0, (d1 - d0) / (t1 - t0))
 
     def fraction(self) -> float | None:
         if not self.total or self.done > self.total:
@@ -132,6 +136,10 @@ class Printer:
         self.last = 0.0
         self.shown: int | None = None
         self.drawn = False
+        if self.tty:
+            from pipeline.terminal import live_line
+
+            live_line(self.clear)  # whatever else is printed starts a line of its own
 
     def __call__(self, progress: Progress) -> None:
         now = time.monotonic()
@@ -158,20 +166,29 @@ class Printer:
 def notebook_bar(total: int | None = None) -> Callable[[Progress], None]:
     """A progress bar for a notebook (``tqdm.auto``: a widget in Jupyter, text elsewhere), to pass as
     ``run_job(config, on_progress=notebook_bar())``."""
-    from tqdm.auto import tqdm
+    return NotebookBar(total)
 
-    bar = tqdm(total=total, unit="docs", dynamic_ncols=True)
 
-    def show(progress: Progress) -> None:
-        if progress.total and bar.total != progress.total:
-            bar.total = progress.total
+class NotebookBar:
+    """:func:`notebook_bar`'s callback; ``bar`` is the ``tqdm`` bar. It ends at 100% whatever the
+    total said (an estimate passed, or not reached)."""
+
+    def __init__(self, total: int | None = None) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, unit="docs", dynamic_ncols=True)
+
+    def __call__(self, progress: Progress) -> None:
+        bar, total = self.bar, progress.total
+        if total is not None and (progress.finished or progress.done > total):
+            total = progress.done
+        if total and bar.total != total:
+            bar.total = total
         bar.n = progress.done
         bar.set_postfix_str(f"{progress.rejected} rejected" + (f", {progress.actors} up" if progress.actors else ""))
         bar.refresh()
         if progress.finished:
             bar.close()
-
-    return show
 
 
 def expected_rows(shards: list[Any], input_cfg: Any) -> tuple[int | None, bool]:

@@ -133,21 +133,21 @@ def run_reindex(
     with loc.failures_named("list the files of the"):
         left = entries_on_disk(loc, (DATA_DIR, REJECTS_DIR), committed, {s.unit for s in todo})
     reused, work = reusable(todo, left)
-    record = RunRecord(loc, attempt, "reindex", engine.name)
-    track(pace, todo, config, reused, on_progress, record)
-    fresh, faults = engine.write(config, plan, work, attempt, pace)
-    pace.progress.finish()
-    encoded = pa.concat_tables([reused, fresh])
-    entries = pa.concat_tables(
-        [
-            _kept_entries(base, diff),
-            rewrite_files(loc, config.output.compression, diff.rewrite, attempt, base, plan.fingerprint),
-            encoded,
-            _rejects_entry(loc, diff, attempt),
-        ]
-    )
-    version = commit(config, plan, base, entries, meta, attempt)
-    record.committed(version)
+    with RunRecord(loc, attempt, "reindex", engine.name) as record:
+        track(pace, todo, config, reused, on_progress, record)
+        fresh, faults = engine.write(config, plan, work, attempt, pace)
+        pace.progress.finish()
+        encoded = pa.concat_tables([reused, fresh])
+        entries = pa.concat_tables(
+            [
+                _kept_entries(base, diff),
+                rewrite_files(loc, config.output.compression, diff.rewrite, attempt, base, plan.fingerprint),
+                encoded,
+                _rejects_entry(loc, diff, attempt),
+            ]
+        )
+        version = commit(config, plan, base, entries, meta, attempt)
+        record.committed(version)
     summary = _summary(entries, plan, diff, full, reason, reused, fresh, start)
     summary["faults"] |= faults
     summary["pace"] = pace.summary()
@@ -158,9 +158,10 @@ def run_reindex(
 
 
 def _store_step(
-    summary: dict[str, Any], config: JobConfig, loc: OutputLocation, version: int, engine: Engine
+    summary: dict[str, Any], config: JobConfig, loc: OutputLocation, version: int, engine: Engine, report: bool = True
 ) -> dict[str, Any]:
-    """Bring the store (when one is configured) to table version ``version``; report it."""
+    """Bring the store (when one is configured) to table version ``version``; report it (``report``:
+    the run report rebuilt too, see :func:`finish`)."""
     if not config.sink.type:
         return summary
     from pipeline.job.load import sync_store
@@ -175,7 +176,7 @@ def _store_step(
         flush=True,
     )
     store_errors(summary, store)
-    finish(summary, config, loc, version)
+    finish(summary, config, loc, version, report)
     return summary
 
 
@@ -256,9 +257,9 @@ def _nothing_changed(
     summary = summarize(base.entries, files=len(plan.shards), seconds=seconds, fingerprint=plan.fingerprint)
     summary["reindex"] = {"full": False, "reason": "", **diff.counts, "rewritten_files": 0, "encoded_now": 0}
     summary["docs_per_s"] = 0.0
-    finish(summary, config, plan.output, base.version)
+    finish(summary, config, plan.output, base.version, report=False)  # the report of the version's run stays
     print(f"  nothing changed since table version {base.version}: nothing encoded, no version written", flush=True)
-    return _store_step(summary, config, plan.output, base.version, engine)
+    return _store_step(summary, config, plan.output, base.version, engine, report=False)
 
 
 def _nothing_to_do(diff: Diff, full: bool, base: Committed) -> bool:

@@ -1,6 +1,7 @@
 """Run records: ``_splade/runs/<attempt>.json`` in the output, written by the driver when a run
-starts, every :data:`EVERY_S` while it works, and when it has committed, so that
-``splade-pipeline status`` can tell who is running (host, process, user), since when, and how far.
+starts, every :data:`EVERY_S` while it works (a heartbeat thread), when it has committed and when
+it failed, so that ``splade-pipeline status`` can tell who is running (host, process, user), since
+when, and how far.
 
 A record is a view, not a lock: commits are safe without one (Delta's log). A record that says
 ``running`` and has not been updated for :data:`STALE_S` belongs to a run that was stopped (killed,
@@ -13,6 +14,7 @@ import getpass
 import json
 import os
 import socket
+import threading
 import time
 from typing import Any
 
@@ -30,7 +32,10 @@ def _now() -> str:
 
 
 class RunRecord:
-    """This run's record; call it with the :class:`Progress` (it writes at most every :data:`EVERY_S`)."""
+    """This run's record, kept up to date while it is entered (``with``): a heartbeat thread writes
+    it every :data:`EVERY_S` (also through long silent steps: a Spark stage, the commit, rewrites),
+    with the latest :class:`Progress` it was called with; an error that leaves the block marks it
+    ``failed`` (with the error's type and text, secrets masked)."""
 
     def __init__(self, loc: OutputLocation, attempt: str, kind: str, engine: str) -> None:
         self.loc, self.rel = loc, f"{RUNS_DIR}/{attempt}.json"
@@ -49,33 +54,65 @@ class RunRecord:
             "state": "running",
         }
         self.last = 0.0
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.heart: threading.Thread | None = None
         self._write()
 
+    def __enter__(self) -> RunRecord:
+        self.heart = threading.Thread(target=self._beat, name="splade-pipeline-run-record", daemon=True)
+        self.heart.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: Any) -> None:
+        self.stopping.set()
+        if err is not None and self.record["state"] == "running":
+            self.failed(err)
+        if self.heart is not None:
+            self.heart.join(timeout=5)
+
+    def _beat(self) -> None:
+        while not self.stopping.wait(EVERY_S):
+            if time.monotonic() - self.last >= EVERY_S / 2:
+                self._write()
+
     def __call__(self, progress: Progress) -> None:
-        if time.monotonic() - self.last < EVERY_S and not progress.finished:
-            return
         rate = progress.rate()
-        self.record |= {
+        counts = {
             "done": progress.done,
             "total": progress.total,
             "total_estimated": progress.estimated,
             "rejected": progress.rejected,
             "docs_per_s": round(rate, 1) if rate is not None else None,
         }
-        self._write()
+        self._write(counts, now=progress.finished or time.monotonic() - self.last >= EVERY_S)
 
     def committed(self, version: int) -> None:
-        self.record |= {"state": "committed", "table_version": version, "finished": _now()}
-        self._write()
+        self.stopping.set()
+        self._write({"state": "committed", "table_version": version, "finished": _now()})
+        _settle(self.loc, self.record["attempt"])
         _prune(self.loc)
 
-    def _write(self) -> None:
-        self.last = time.monotonic()
-        self.record["updated"] = _now()
-        try:
-            self.loc.write_bytes(self.rel, json.dumps(self.record).encode())
-        except Exception:  # noqa: BLE001 - a record is a view: a failed write never stops the run
-            pass
+    def failed(self, err: BaseException) -> None:
+        from pipeline.redaction import scrub
+
+        self.stopping.set()
+        text = scrub(f"{type(err).__name__}: {err}")
+        self._write({"state": "failed", "error": text[:2000], "finished": _now()})
+
+    def _write(self, changes: dict[str, Any] | None = None, now: bool = True) -> None:
+        """Apply ``changes``; write the record (unless not ``now``: the heartbeat will)."""
+        with self.lock:
+            self.record |= changes or {}
+            if not now:
+                return
+            self.last = time.monotonic()
+            self.record["updated"] = _now()
+            data = json.dumps(self.record).encode()
+            try:
+                self.loc.write_bytes(self.rel, data)
+            except Exception:  # noqa: BLE001 - a record is a view: a failed write never stops the run
+                pass
 
 
 def read_runs(loc: OutputLocation) -> list[dict[str, Any]]:
@@ -107,11 +144,41 @@ def _parse(stamp: str | None) -> float:
     return float(calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")))
 
 
-def _prune(loc: OutputLocation) -> None:
-    """Keep the newest :data:`KEEP` committed records (attempt names sort by their start time)."""
+def _settle(loc: OutputLocation, attempt: str) -> None:
+    """Once ``attempt`` has committed: the records of earlier runs on this host that still say
+    ``running`` but whose process is gone (killed: they never wrote again) say ``stopped``, and
+    which run took over. Records of other hosts are judged by their age (:func:`read_runs`)."""
     try:
-        names = [rel for rel in loc.files(RUNS_DIR) if rel.endswith(".json")]
-        done = [rel for rel in names if json.loads(loc.read_bytes(rel)).get("state") == "committed"]
+        host = socket.gethostname()
+        for rel in loc.files(RUNS_DIR):
+            if not rel.endswith(".json") or rel.rsplit("/", 1)[-1] == f"{attempt}.json":
+                continue
+            run = json.loads(loc.read_bytes(rel))
+            if run.get("state") == "running" and run.get("host") == host and not _alive(run.get("pid")):
+                run |= {"state": "stopped", "superseded_by": attempt}
+                loc.write_bytes(rel, json.dumps(run).encode())
+    except Exception:  # noqa: BLE001 - housekeeping of a view
+        pass
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: it exists
+        return True
+    return True
+
+
+def _prune(loc: OutputLocation) -> None:
+    """Keep the newest :data:`KEEP` records of finished runs (committed, failed, stopped; attempt
+    names sort by their start time)."""
+    try:
+        names = sorted(rel for rel in loc.files(RUNS_DIR) if rel.endswith(".json"))
+        done = [rel for rel in names if json.loads(loc.read_bytes(rel)).get("state") != "running"]
         for rel in done[:-KEEP]:
             loc.fs.rm_file(loc.path(rel))
     except Exception:  # noqa: BLE001 - pruning is housekeeping

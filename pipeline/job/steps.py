@@ -130,7 +130,9 @@ def _collect(written: Any, pace: Pace, watch: ClusterWatch, live: Callable[[], t
         nonlocal asked, up, encoded
         if time.monotonic() - asked >= LIVE_EVERY_S:
             asked = time.monotonic()
-            up, encoded = live()
+            now_up, now_encoded = live()
+            if now_up is not None:  # else the log did not answer in time: what it said last stands
+                up, encoded = now_up, max(encoded, now_encoded)
         pace.show(max(rows, encoded), rejected, up)  # encoded: ahead of the written blocks Ray Data hands over
 
     def idle() -> None:
@@ -152,7 +154,7 @@ def _collect(written: Any, pace: Pace, watch: ClusterWatch, live: Callable[[], t
         raise
     asked = 0.0
     show()  # encoders up, asked once more
-    pace.show(rows, rejected, up)  # the written rows: exact, whatever was encoded twice
+    pace.show(rows, rejected, up, exact=True)  # the written rows: exact, whatever was encoded twice
     return pa.concat_tables(parts)
 
 
@@ -274,13 +276,20 @@ def empty_schema(config: JobConfig) -> pa.Schema:
     )
 
 
-def finish(summary: dict[str, Any], config: JobConfig, loc: OutputLocation, version: int) -> dict[str, Any]:
+def finish(
+    summary: dict[str, Any], config: JobConfig, loc: OutputLocation, version: int, report: bool = True
+) -> dict[str, Any]:
     """Add what every summary names (table version, output, the config with secrets masked), write
-    the run report (:mod:`pipeline.report`) and the summary."""
+    the run report (:mod:`pipeline.report`; not ``report``: the one there is kept, that of the run
+    that wrote the table's version) and the summary."""
+    from pipeline.output.layout import REPORT_FILE
     from pipeline.report import write_report
 
     summary |= {"table_version": version, "output": config.output.path, "config": redacted(config)}
-    summary["report"] = write_report(loc, summary, config.output.table_options)
+    if report:
+        summary["report"] = write_report(loc, summary, config.output.table_options)
+    else:
+        summary["report"] = loc.url_of(REPORT_FILE) if loc.exists(REPORT_FILE) else None
     write_summary(loc, summary)
     return summary
 

@@ -92,13 +92,14 @@ class Pace:
         if len(self.written) > MAX_TIMELINE:
             self.written = self.written[::2] + ([self.written[-1]] if len(self.written) % 2 == 0 else [])
 
-    def show(self, rows_so_far: int, rejected_so_far: int, actors: int | None = None) -> None:
-        """Progress: this run has done ``rows_so_far`` rows, ``rejected_so_far`` of them rejected."""
+    def show(self, rows_so_far: int, rejected_so_far: int, actors: int | None = None, exact: bool = False) -> None:
+        """Progress: this run has done ``rows_so_far`` rows, ``rejected_so_far`` of them rejected
+        (``exact``: the final count, see :meth:`Progress.update`)."""
         p = self.progress
         done = p.reused + rows_so_far
         if p.total is not None and not p.estimated:
             done = min(done, p.total)  # a retried block's rows encoded twice never pass an exact total
-        p.update(done, self.reused_rejected + rejected_so_far, actors)
+        p.update(done, self.reused_rejected + rejected_so_far, actors, exact)
 
     def summary(self) -> dict[str, Any]:
         since = lambda t: round(t - self.started, 3) if t is not None else None  # noqa: E731

@@ -29,6 +29,13 @@ class NoEncoderNodeError(PipelineError, RuntimeError):
     """No node could host an encoder actor (or a reader/writer) for compute.wait_for_nodes_s."""
 
 
+def _say(text: str) -> None:
+    from pipeline.terminal import clear_line
+
+    clear_line()  # not on the end of a progress line drawn in place
+    print(text, flush=True)
+
+
 def _ray_nodes() -> list[dict[str, Any]]:
     import ray
 
@@ -46,7 +53,7 @@ class ClusterWatch:
         say: Callable[[str], None] | None = None,
     ) -> None:
         self.compute, self.clock, self.nodes = compute, clock, nodes
-        self.say = say or (lambda text: print(text, flush=True))
+        self.say = say or _say
         self.initial: set[str] | None = None
         self.alive: set[str] = set()
         self.lost: set[str] = set()
