@@ -24,6 +24,7 @@ def output_status(loc: OutputLocation, options: dict[str, str] | None = None) ->
     committed = read_committed(loc, options or {})
     status: dict[str, Any] = {"output": loc.url, "table": None, "runs": read_runs(loc), "stores": _stores(loc)}
     if committed is None:
+        status["uncommitted_files"] = _uncommitted(loc, set())  # a first run killed before its commit
         return status
     entries = committed.entries
     table: dict[str, Any] = {"version": committed.version, "committed_at": _commit_time(loc, committed.version)}
@@ -77,10 +78,12 @@ def render_status(status: dict[str, Any]) -> str:
     """The status as lines for a terminal."""
     lines = [f"output: {status['output']}"]
     table = status.get("table")
+    uncommitted = status.get("uncommitted_files", 0)
     if table is None:
         lines.append("  table: none yet (no committed version)")
+        lines += [_uncommitted_line(uncommitted)] if uncommitted else []
     else:
-        lines += _render_table(table, status.get("uncommitted_files", 0))
+        lines += _render_table(table, uncommitted)
     runs = status.get("runs") or []
     lines += [_render_run(run) for run in runs[:5]] or ["  runs: none recorded"]
     stores = status.get("stores") or []
@@ -101,10 +104,12 @@ def _render_table(table: dict[str, Any], uncommitted: int) -> list[str]:
     if table.get("problem"):
         lines.append(f"  note: {table['problem']}")
     if uncommitted:
-        lines.append(
-            f"  {uncommitted} data files written and not committed (a run in progress, or one a re-run resumes)"
-        )
+        lines.append(_uncommitted_line(uncommitted))
     return lines
+
+
+def _uncommitted_line(files: int) -> str:
+    return f"  {files} data files written and not committed (a run in progress, or one a re-run resumes)"
 
 
 def _render_run(run: dict[str, Any]) -> str:
@@ -131,9 +136,10 @@ def _render_run(run: dict[str, Any]) -> str:
                 f"{head}, {who}): STOPPED without committing{far}: its process is gone; run "
                 f"{run['superseded_by']} committed since"
             )
+        gone = "its process is gone, " if run.get("process_gone") else ""
         return (
-            f"{head}, {who}): STOPPED without committing: last heard {run.get('updated')} ({run.get('stale_s')} s "
-            f"ago){far}; the same command resumes it"
+            f"{head}, {who}): STOPPED without committing: {gone}last heard {run.get('updated')} "
+            f"({run.get('stale_s')} s ago){far}; the same command resumes it"
         )
     return f"{head}, {who}): RUNNING since {run.get('started')}, updated {run.get('updated')}{far}"
 

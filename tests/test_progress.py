@@ -367,3 +367,18 @@ def test_a_killed_run_on_this_host_is_marked_stopped_once_a_later_run_commits(tm
     assert found[alive.record["attempt"]]["state"] == "running"  # a live process is never marked
     text = render_status({"output": loc.url, "table": None, "runs": list(found.values()), "stores": []})
     assert "its process is gone; run 20261203T000002-ffffffff committed since" in text
+
+
+def test_status_of_an_empty_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.cli import main
+
+    assert main(["status", "--output", str(tmp_path / "nothing")]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"output: {tmp_path / 'nothing'}",
+        "  table: none yet (no committed version)",
+        "  runs: none recorded",
+        "  stores: none loaded from this output",
+    ]
+    assert main(["status", "--output", str(tmp_path / "nothing"), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["table"] is None and shown["runs"] == [] and shown["uncommitted_files"] == 0

@@ -228,3 +228,58 @@ def _stored(path: Path) -> dict[str, np.ndarray]:
         dense[sparse.indices] = sparse.values
         out[point.payload["doc_id"]] = dense
     return out
+
+
+def test_status_of_a_run_in_progress_then_killed_then_resumed(corpus: dict, splade_tiny: Path) -> None:
+    """``status`` while a run works (paused before its commit: every file written), once it is
+    killed (its process gone: stopped at once, its files not committed), and after the re-run."""
+    import sys
+    import threading
+    import time
+
+    from support.jobs import ROOT
+
+    from pipeline.job.faults import PAUSE
+
+    output = "s3://resume/out-status"
+
+    def status() -> dict:
+        shown = cli("status", "--output", output, "--json")
+        assert shown.returncode == 0, shown.stderr[-2000:]
+        return json.loads(shown.stdout)
+
+    env = os.environ | {PAUSE: "before_commit:300"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *encode_args(splade_tiny, output)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    said: list[str] = []
+    threading.Thread(target=lambda: said.extend(proc.stderr), daemon=True).start()  # type: ignore[arg-type]
+    deadline = time.monotonic() + 240
+    while not any("pausing at before_commit" in line for line in said):
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(said)[-2000:]
+        time.sleep(0.5)
+    try:
+        now = status()
+        run = now["runs"][0]
+        assert run["state"] == "running" and run["kind"] == "encode" and run["pid"] == proc.pid
+        assert run["done"] == len(corpus) and run["total"] == pytest.approx(len(corpus), rel=0.1)  # estimated
+        assert now["table"] is None and now["uncommitted_files"] >= FILES
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    killed = status()["runs"][0]
+    assert killed["state"] == "stopped" and killed["process_gone"] and killed["done"] == len(corpus)
+    text = cli("status", "--output", output).stdout
+    assert "STOPPED without committing: its process is gone" in text and "data files written and not committed" in text
+
+    again = cli(*encode_args(splade_tiny, output))
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = status()
+    assert [r["state"] for r in after["runs"]] == ["committed", "stopped"]
+    assert after["runs"][1]["superseded_by"] == after["runs"][0]["attempt"]
+    assert after["table"]["documents"] == len(corpus) and after["uncommitted_files"] == 0

@@ -116,8 +116,9 @@ class RunRecord:
 
 
 def read_runs(loc: OutputLocation) -> list[dict[str, Any]]:
-    """Every run record, newest first; a ``running`` one not updated for :data:`STALE_S` says
-    ``stopped`` (with ``"stale_s"``: how long since its last update)."""
+    """Every run record, newest first; a ``running`` one not updated for :data:`STALE_S`, or whose
+    driver ran on this host and is gone (``"process_gone"``), says ``stopped`` (with ``"stale_s"``:
+    how long since its last update)."""
     loc.refresh(RUNS_DIR)
     names = [rel.rsplit("/", 1)[-1] for rel in loc.files(RUNS_DIR)]
     runs = []
@@ -130,7 +131,9 @@ def read_runs(loc: OutputLocation) -> list[dict[str, Any]]:
             continue
         if run.get("state") == "running":
             age = time.time() - _parse(run.get("updated"))
-            if age > STALE_S:
+            if _gone_here(run):
+                run |= {"state": "stopped", "stale_s": round(age), "process_gone": True}
+            elif age > STALE_S:
                 run |= {"state": "stopped", "stale_s": round(age)}
         runs.append(run)
     return runs
@@ -150,15 +153,22 @@ def _settle(loc: OutputLocation, attempt: str) -> None:
     which run took over. Records of other hosts are judged by their age (:func:`read_runs`)."""
     try:
         host = socket.gethostname()
+        loc.refresh(RUNS_DIR)
         for rel in loc.files(RUNS_DIR):
             if not rel.endswith(".json") or rel.rsplit("/", 1)[-1] == f"{attempt}.json":
                 continue
             run = json.loads(loc.read_bytes(rel))
-            if run.get("state") == "running" and run.get("host") == host and not _alive(run.get("pid")):
+            if run.get("state") == "running" and _gone_here(run, host):
                 run |= {"state": "stopped", "superseded_by": attempt}
                 loc.write_bytes(rel, json.dumps(run).encode())
     except Exception:  # noqa: BLE001 - housekeeping of a view
         pass
+
+
+def _gone_here(run: dict[str, Any], host: str | None = None) -> bool:
+    """The run's driver ran on this host and its process is gone (a process of another container
+    with the same host name is not seen: its record ages instead)."""
+    return run.get("host") == (host or socket.gethostname()) and not _alive(run.get("pid"))
 
 
 def _alive(pid: Any) -> bool:
