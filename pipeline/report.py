@@ -126,15 +126,23 @@ def _sample(loc: OutputLocation, files: list[str]) -> dict[str, Any]:
     tokens: list[pa.Array] = [pa.array([], pa.int32())]
     sparse: list[pa.Array] = []
     rows, used = 0, 0
+    cut = False
     for rel in order:
         if rows >= SAMPLE_ROWS:
             break
         used += 1
         for table in batches(loc, [rel], ["num_tokens", "sparse"], batch_size=65536, who="report"):
+            if rows + table.num_rows > SAMPLE_ROWS:  # a file larger than the sample: its first rows
+                table, cut = table.slice(0, SAMPLE_ROWS - rows), True
             tokens.append(table["num_tokens"].combine_chunks())
             sparse.append(table["sparse"].combine_chunks())
             rows += table.num_rows
-    note = "every document" if used == len(files) else f"{rows:,} documents of {used} of the table's {len(files)} files"
+            if cut:
+                break
+    if used == len(files) and not cut:
+        note = "every document"
+    else:
+        note = f"{rows:,} documents from {used} of the table's {len(files)} files"
     return {"num_tokens": pa.concat_arrays(tokens), "sparse": sparse, "note": note}
 
 

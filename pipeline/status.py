@@ -52,10 +52,29 @@ def _commit_time(loc: OutputLocation, version: int) -> str | None:
 
 
 def _uncommitted(loc: OutputLocation, committed: set[str]) -> int:
+    """Data files neither in the latest version nor removed by a version (a reindex's rewritten and
+    deleted files stay until ``vacuum``): written and never committed."""
     from pipeline.output.layout import DATA_DIR
 
     loc.refresh(DATA_DIR)
-    return sum(1 for rel in loc.files(DATA_DIR) if rel.endswith(".parquet") and rel not in committed)
+    left = [rel for rel in loc.files(DATA_DIR) if rel.endswith(".parquet") and rel not in committed]
+    return len(set(left) - _ever_removed(loc)) if left else 0
+
+
+def _ever_removed(loc: OutputLocation) -> set[str]:
+    """The files the table's commits (those whose log files are still there) removed."""
+    from concurrent.futures import ThreadPoolExecutor
+    from urllib.parse import unquote
+
+    loc.refresh("_delta_log")
+    logs = [rel for rel in loc.files("_delta_log") if rel.endswith(".json") and "checkpoint" not in rel]
+
+    def removed(rel: str) -> list[str]:
+        actions = (json.loads(line) for line in loc.read_bytes(rel).splitlines() if b'"remove"' in line)
+        return [unquote(a["remove"]["path"]) for a in actions if "remove" in a]
+
+    with ThreadPoolExecutor(16) as pool:
+        return {path for paths in pool.map(removed, logs) for path in paths}
 
 
 def _stores(loc: OutputLocation) -> list[dict[str, Any]]:

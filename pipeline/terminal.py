@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import stat
 import sys
 import tempfile
 import time
@@ -93,37 +95,81 @@ def quiet(command: str, enabled: bool = True, keep: bool = False) -> Iterator[Pa
     handlers = _log_handlers(path, terminal)
     before = {k: _state[k] for k in ("err", "quiet")}
     _state.update(err=terminal, quiet=True)
-    ours = NO_BARS not in os.environ  # set here, taken back after (a notebook's later Ray Data keeps its bars)
-    os.environ.setdefault(NO_BARS, "1")
+    bars_back = _bars_off()
     try:
         yield path
     finally:
         if not keep:
             _restore(before, handlers, level, saved, terminal)
-            if ours:
-                os.environ.pop(NO_BARS, None)
+            bars_back()
+
+
+def _bars_off() -> Callable[[], None]:
+    """Turn Ray Data's progress bars off; returns what turns them back on. Ray Data reads
+    ``$RAY_DATA_DISABLE_PROGRESS_BARS`` once, for its default context, when it is imported: before
+    that the variable is set (and taken back after), after that the current context is changed."""
+    data = sys.modules.get("ray.data")
+    if data is not None:
+        context = data.DataContext.get_current()
+        was = context.enable_progress_bars
+        context.enable_progress_bars = False
+        return lambda: setattr(context, "enable_progress_bars", was)
+    if NO_BARS in os.environ:
+        return lambda: None
+
+    os.environ[NO_BARS] = "1"
+
+    def back() -> None:
+        os.environ.pop(NO_BARS, None)
+        imported = sys.modules.get("ray.data")
+        if imported is not None:  # imported meanwhile, its default read from the variable
+            imported.DataContext.get_current().enable_progress_bars = True
+
+    return back
 
 
 def _open_log(command: str) -> tuple[Path, int] | None:
-    """A new log file (its path, an open descriptor) in :func:`log_dir`, else in the temp folder;
-    None when neither can be written (a read-only home, a full disk)."""
-    name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}-{command}.log"
-    for folder in (log_dir, lambda: Path(tempfile.gettempdir()) / "splade-pipeline-logs"):
+    """A new log file (its path, an open descriptor) in :func:`log_dir`, else in a folder of this
+    user's own in the temp folder; None when neither can be written (a read-only home, a full disk)."""
+    stamp = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"
+    for folder in (log_dir, _temp_log_dir):
         try:
             where = folder()
-            where.mkdir(parents=True, exist_ok=True)
-            fd = os.open(where / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            where.mkdir(parents=True, exist_ok=True, mode=0o700)
         except (OSError, RuntimeError):  # RuntimeError: Path.home() with no home to find
             continue
-        _prune_logs(where, keep=name)
-        return where / name, fd
+        for n in range(100):  # a notebook may run two commands within a second
+            name = f"{stamp}-{command}.log" if n == 0 else f"{stamp}.{n}-{command}.log"
+            try:
+                fd = os.open(where / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            except FileExistsError:
+                continue
+            except OSError:
+                break
+            _prune_logs(where, keep=name)
+            return where / name, fd
     return None
 
 
+def _temp_log_dir() -> Path:
+    """``<temp>/splade-pipeline-logs-<uid>``, refused unless it is a folder this user owns (on a
+    shared machine another user could have made it, to read or redirect the logs)."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    where = Path(tempfile.gettempdir()) / f"splade-pipeline-logs-{uid}"
+    where.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.lstat(where)
+    if not stat.S_ISDIR(info.st_mode) or (hasattr(os, "getuid") and info.st_uid != uid):
+        raise PermissionError(f"{where} is not a folder of this user's")
+    return where
+
+
+LOG_NAME = re.compile(r"^\d{8}T\d{6}-\d+(\.\d+)?-[a-z-]+\.log$")  # ours: other files in the folder are left alone
+
+
 def _prune_logs(where: Path, keep: str) -> None:
-    """Only the newest :data:`KEEP_LOGS` log files stay (their names begin with their start time)."""
+    """Only the newest :data:`KEEP_LOGS` of our log files stay (their names begin with their start time)."""
     try:
-        logs = sorted(p for p in where.glob("*.log") if p.name != keep)
+        logs = sorted(p for p in where.iterdir() if LOG_NAME.match(p.name) and p.name != keep)
         for old in logs[: max(0, len(logs) - (KEEP_LOGS - 1))]:
             old.unlink(missing_ok=True)
     except OSError:  # another process pruning too, a read-only file: housekeeping only
@@ -170,32 +216,32 @@ class _Shown(logging.StreamHandler):
         super().emit(record)
 
 
-class _Scrub(logging.Filter):
-    """No secret in the log file: every record's text masked (:func:`pipeline.redaction.scrub`)."""
+class _Scrubbed(logging.Formatter):
+    """Every line masked (:func:`pipeline.redaction.scrub`) as a whole: the message, a traceback
+    (``exc_info``) and a stack, so that no secret a library logs reaches the log file or the
+    terminal through a record. (What is written to file descriptor 2 directly, as C++ and the JVM
+    do, is not a record: it reaches the file as it is.)"""
 
-    def filter(self, record: logging.LogRecord) -> bool:
+    def format(self, record: logging.LogRecord) -> str:
         from pipeline.redaction import scrub
 
         try:
-            text = record.getMessage()
+            text = super().format(record)
         except Exception:  # noqa: BLE001 - a library's record whose arguments do not fit its format
-            text = f"{record.msg!r} % {record.args!r}"
-        record.msg, record.args = scrub(text), ()
-        return True
+            text = f"{record.levelname} {record.name}: {record.msg!r} % {record.args!r}"
+        return scrub(text)
 
 
 def _log_handlers(path: Path, terminal: IO[str]) -> list[tuple[logging.Logger, logging.Handler]]:
     to_file = logging.FileHandler(path, encoding="utf-8")  # beside what reaches fd 2 (appended, both)
-    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    to_file.addFilter(_Scrub())
+    to_file.setFormatter(_Scrubbed("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(to_file)
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
     shown = _Shown(terminal)
     shown.setLevel(logging.WARNING)
-    shown.setFormatter(logging.Formatter("  %(levelname)s: %(message)s"))
-    shown.addFilter(_Scrub())
+    shown.setFormatter(_Scrubbed("  %(levelname)s: %(message)s"))
     ours = logging.getLogger("pipeline")
     ours.addHandler(shown)
     return [(root, to_file), (ours, shown)]

@@ -6,8 +6,10 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -286,14 +288,43 @@ def test_quiet_falls_back_to_the_temp_folder_then_to_verbose_and_leaks_nothing(
     monkeypatch.delenv(terminal.NO_BARS, raising=False)
     fds = sorted(os.listdir("/proc/self/fd"))
     with terminal.quiet("encode") as path:
-        assert path is not None and path.parent == tmp_path / "tmp" / "splade-pipeline-logs"
-        assert os.environ[terminal.NO_BARS] == "1"
-    assert terminal.NO_BARS not in os.environ  # put back: a notebook's own Ray Data keeps its bars
+        assert path is not None and path.parent == tmp_path / "tmp" / f"splade-pipeline-logs-{os.getuid()}"
+        assert _bars_off(terminal)
     assert sorted(os.listdir("/proc/self/fd")) == fds
     monkeypatch.setattr(tempfile, "tempdir", str(blocker / "tmp"))
     with terminal.quiet("encode") as path:
         assert path is None and terminal.forwards_worker_logs()  # nowhere to write: stays verbose
     assert sorted(os.listdir("/proc/self/fd")) == fds
+    shared = tmp_path / "shared"
+    (shared / "elsewhere").mkdir(parents=True)
+    (shared / f"splade-pipeline-logs-{os.getuid()}").symlink_to(shared / "elsewhere")  # planted by another user
+    monkeypatch.setattr(tempfile, "tempdir", str(shared))
+    with terminal.quiet("encode") as path:
+        assert path is None
+    assert not any((shared / "elsewhere").iterdir())
+
+
+def _bars_off(terminal: Any) -> bool:
+    import os
+    import sys
+
+    data = sys.modules.get("ray.data")
+    if data is not None and not data.DataContext.get_current().enable_progress_bars:
+        return True
+    return os.environ.get(terminal.NO_BARS) == "1"
+
+
+def test_ray_datas_progress_bars_are_off_while_quiet_and_back_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray.data
+
+    from pipeline import terminal
+
+    monkeypatch.delenv(terminal.NO_BARS, raising=False)
+    context = ray.data.DataContext.get_current()
+    monkeypatch.setattr(context, "enable_progress_bars", True)
+    with terminal.quiet("encode"):
+        assert not context.enable_progress_bars  # imported before: its context is changed
+    assert context.enable_progress_bars and terminal.NO_BARS not in os.environ
 
 
 def test_old_log_files_are_pruned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -302,22 +333,32 @@ def test_old_log_files_are_pruned(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv(terminal.LOG_DIR_VARIABLE, str(tmp_path))
     for i in range(terminal.KEEP_LOGS + 7):
         (tmp_path / f"20260101T{i:06d}-1-encode.log").write_text("")
+    (tmp_path / "000-other-tool.log").write_text("not ours")  # a shared folder: left alone
     with terminal.quiet("encode") as path:
         assert path is not None
-    logs = sorted(p.name for p in tmp_path.glob("*.log"))
+    assert (tmp_path / "000-other-tool.log").exists()
+    logs = sorted(p.name for p in tmp_path.glob("2*.log"))
     assert (
         len(logs) == terminal.KEEP_LOGS and path.name in logs and logs[0] == "20260101T000008-1-encode.log"
     )  # 8 oldest gone
 
 
-def test_a_library_record_whose_arguments_do_not_fit_still_reaches_the_log() -> None:
+def test_a_library_record_whose_arguments_do_not_fit_still_reaches_the_log_masked() -> None:
     import logging
 
-    from pipeline.terminal import _Scrub
+    from pipeline.terminal import _Scrubbed
 
     record = logging.LogRecord("lib", logging.WARNING, "f.py", 1, "%d files at s3://k:secret@b", ("x",), None)
-    assert _Scrub().filter(record)
-    assert "files at" in record.getMessage() and "secret" not in record.getMessage()
+    text = _Scrubbed("%(message)s").format(record)
+    assert "files at" in text and "secret" not in text
+    try:
+        raise ValueError("postgresql://u:hunter2@db/x refused")
+    except ValueError:
+        import sys
+
+        failed = logging.LogRecord("lib", logging.ERROR, "f.py", 1, "load failed", (), sys.exc_info())
+    text = _Scrubbed("%(message)s").format(failed)
+    assert "Traceback" in text and "refused" in text and "hunter2" not in text  # the traceback masked too
 
 
 def test_a_run_record_beats_through_silent_steps_and_says_why_it_failed(
@@ -360,11 +401,14 @@ def test_a_killed_run_on_this_host_is_marked_stopped_once_a_later_run_commits(tm
     dead = RunRecord(loc, "20261203T000000-dddddddd", "encode", "ray")
     dead._write({"pid": int(gone.stdout)})  # its process has exited (a kill -9)
     alive = RunRecord(loc, "20261203T000001-eeeeeeee", "encode", "ray")  # this process: still running
+    elsewhere = RunRecord(loc, "20261203T000001-cccccccc", "encode", "ray")  # another container, same host name
+    elsewhere._write({"pid": int(gone.stdout), "pid_namespace": "4026531836:another-boot"})
     RunRecord(loc, "20261203T000002-ffffffff", "encode", "ray").committed(1)
     found = {r["attempt"]: r for r in read_runs(loc)}
     assert found["20261203T000000-dddddddd"]["state"] == "stopped"
     assert found["20261203T000000-dddddddd"]["superseded_by"] == "20261203T000002-ffffffff"
     assert found[alive.record["attempt"]]["state"] == "running"  # a live process is never marked
+    assert found["20261203T000001-cccccccc"]["state"] == "running"  # its pids are not ours to judge: it ages
     text = render_status({"output": loc.url, "table": None, "runs": list(found.values()), "stores": []})
     assert "its process is gone; run 20261203T000002-ffffffff committed since" in text
 
@@ -382,3 +426,57 @@ def test_status_of_an_empty_path(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["status", "--output", str(tmp_path / "nothing"), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["table"] is None and shown["runs"] == [] and shown["uncommitted_files"] == 0
+
+
+def test_the_report_sample_stops_at_its_cap_inside_a_large_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline import report
+    from pipeline.encode.sparse import SPARSE_TYPE
+    from pipeline.output.location import OutputLocation
+
+    (tmp_path / "data").mkdir()
+    n = 1000
+    sparse = pa.array([{"indices": [i % 7], "values": [1.0]} for i in range(n)], SPARSE_TYPE)
+    pq.write_table(
+        pa.table({"num_tokens": pa.array(range(n), pa.int32()), "sparse": sparse}), tmp_path / "data/a.parquet"
+    )
+    monkeypatch.setattr(report, "SAMPLE_ROWS", 300)
+    sample = report._sample(OutputLocation(str(tmp_path)), ["data/a.parquet"])
+    assert len(sample["num_tokens"]) == 300 and sum(len(s) for s in sample["sparse"]) == 300
+    assert sample["note"] == "300 documents from 1 of the table's 1 files"  # not "every document"
+    monkeypatch.setattr(report, "SAMPLE_ROWS", 5000)
+    assert report._sample(OutputLocation(str(tmp_path)), ["data/a.parquet"])["note"] == "every document"
+
+
+def test_a_progress_callback_that_fails_is_dropped_not_the_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.config import load_config
+    from pipeline.job.runs import RunRecord, read_runs
+    from pipeline.job.steps import track
+    from pipeline.job.summary import Pace
+    from pipeline.output.location import OutputLocation
+    from pipeline.output.records import empty_entries
+
+    config = load_config(None, {"input.paths": [str(tmp_path)], "output.path": str(tmp_path / "out")})
+    calls: list[int] = []
+
+    def broken(p: Progress) -> None:
+        calls.append(p.done)
+        raise BrokenPipeError("[Errno 32] Broken pipe")  # `splade-pipeline encode | head -3`
+
+    pace = Pace()
+    record = RunRecord(OutputLocation(config.output.path), "20261203T000000-abababab", "encode", "ray")
+    track(pace, [], config, empty_entries(), broken, record)
+    pace.progress.total = None  # (no input here: a total of 0 would cap done)
+    pace.show(10, 0)
+    pace.show(20, 1)
+    pace.progress.finish()
+    assert len(calls) == 1 and "progress is no longer shown: BrokenPipeError" in caplog.text
+    assert read_runs(record.loc)[0]["done"] == 20  # the run record still follows
+    assert "splade-pipeline: 0 input files" in capsys.readouterr().out
+
+    closed = Printer()
+    closed.stream = None  # standard output closed (`>&-`): sys.stdout is None
+    closed(Progress(total=1))  # nothing shown, nothing raised

@@ -29,6 +29,8 @@ from pipeline.job.faults import PAUSE, VARIABLE
 from pipeline.job.reindex import MassDeleteError, run_reindex
 from pipeline.output.location import OutputLocation
 from pipeline.output.table import DeltaOutput
+from pipeline.report import REPORT_FILE
+from pipeline.status import output_status
 
 VOCAB = 30522
 SHARDS = 4
@@ -158,8 +160,14 @@ def test_reindex_encodes_only_new_and_changed(
             map(str, read_delta(config.output.path)["sparse"].to_pylist())
         )
 
+    loc = OutputLocation(config.output.path)
+    shown = output_status(loc)  # the files version 1 rewrote or deleted are not "not committed"
+    assert shown["table"]["version"] == 1 and shown["uncommitted_files"] == 0
+    report = loc.read_bytes(REPORT_FILE)
+
     again = run_reindex(config)
     assert again["reindex"]["encoded_now"] == 0 and again["reindex"]["unchanged"] == 200
+    assert loc.read_bytes(REPORT_FILE) == report  # nothing changed: the report of version 1's run stays
     assert again["table_version"] == version(config) == 1  # nothing to do: no version written
     assert again["sink"]["upserted"] == again["sink"]["deleted"] == 0  # the store already holds version 1
     assert_current(config, postgres, now, encoder)

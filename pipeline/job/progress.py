@@ -9,6 +9,7 @@ per row; shown with ``~``), unknown otherwise (then the line gives done and the 
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import deque
@@ -54,9 +55,7 @@ class Progress:
         self.recent.append((now, done))
         while len(self.recent) > 2 and now - self.recent[1][0] >= RATE_WINDOW_S:
             self.recent.popleft()
-        self.timeline.append((round(now - self.started, 3), done, rejected))
-        if len(self.timeline) > MAX_TIMELINE:
-            self.timeline = self.timeline[::2] + ([self.timeline[-1]] if len(self.timeline) % 2 == 0 else [])
+        self.timeline = thin([*self.timeline, (round(now - self.started, 3), done, rejected)])
         if self.on_update is not None:
             self.on_update(self)
 
@@ -116,6 +115,13 @@ class Progress:
         }
 
 
+def thin(points: list[Any]) -> list[Any]:
+    """``points`` (a timeline), halved once past :data:`MAX_TIMELINE`, its last point kept."""
+    if len(points) <= MAX_TIMELINE:
+        return points
+    return points[::2] + ([points[-1]] if len(points) % 2 == 0 else [])
+
+
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     if seconds < 60:
@@ -130,7 +136,7 @@ class Printer:
     :data:`LOG_EVERY_S` otherwise. Use as ``progress.on_update``."""
 
     def __init__(self, stream: IO[str] | None = None, every_s: float | None = None) -> None:
-        self.stream = stream or sys.stdout
+        self.stream = stream or sys.stdout  # None: standard output closed (`>&-`): nothing shown
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.every_s = every_s if every_s is not None else (REDRAW_EVERY_S if self.tty else LOG_EVERY_S)
         self.last = 0.0
@@ -143,13 +149,14 @@ class Printer:
 
     def __call__(self, progress: Progress) -> None:
         now = time.monotonic()
-        if not progress.finished and now - self.last < self.every_s:
+        if self.stream is None or (not progress.finished and now - self.last < self.every_s):
             return
         if progress.finished and not self.tty and self.shown == progress.done:
             return  # a log has this line already
         self.last, self.shown = now, progress.done
-        if self.tty:
-            self.stream.write("\r\x1b[2K  " + progress.line() + ("\n" if progress.finished else ""))
+        if self.tty:  # cut to the terminal's width: a wrapped line cannot be redrawn in place
+            line = ("  " + progress.line())[: max(20, _columns(self.stream) - 1)]
+            self.stream.write("\r\x1b[2K" + line + ("\n" if progress.finished else ""))
             self.drawn = not progress.finished
         else:
             self.stream.write("  ... " + progress.line() + "\n")
@@ -157,10 +164,22 @@ class Printer:
 
     def clear(self) -> None:
         """End a line drawn in place (before something else is printed)."""
-        if self.tty and self.drawn:
+        if self.tty and self.drawn and self.stream is not None:
             self.stream.write("\n")
             self.stream.flush()
             self.drawn = False
+
+
+def _columns(stream: IO[str]) -> int:
+    """The width of the terminal ``stream`` writes to (``$COLUMNS`` first, 80 when unknown)."""
+    import shutil
+
+    if os.environ.get("COLUMNS", "").isdigit():
+        return int(os.environ["COLUMNS"])
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return shutil.get_terminal_size((80, 24)).columns
 
 
 def notebook_bar(total: int | None = None) -> Callable[[Progress], None]:

@@ -158,10 +158,10 @@ def run_reindex(
 
 
 def _store_step(
-    summary: dict[str, Any], config: JobConfig, loc: OutputLocation, version: int, engine: Engine, report: bool = True
+    summary: dict[str, Any], config: JobConfig, loc: OutputLocation, version: int, engine: Engine
 ) -> dict[str, Any]:
-    """Bring the store (when one is configured) to table version ``version``; report it (``report``:
-    the run report rebuilt too, see :func:`finish`)."""
+    """Bring the store (when one is configured) to table version ``version``; say so in the summary
+    (the run report, written already, is kept)."""
     if not config.sink.type:
         return summary
     from pipeline.job.load import sync_store
@@ -176,7 +176,7 @@ def _store_step(
         flush=True,
     )
     store_errors(summary, store)
-    finish(summary, config, loc, version, report)
+    finish(summary, config, loc, version, report=False)
     return summary
 
 
@@ -259,7 +259,7 @@ def _nothing_changed(
     summary["docs_per_s"] = 0.0
     finish(summary, config, plan.output, base.version, report=False)  # the report of the version's run stays
     print(f"  nothing changed since table version {base.version}: nothing encoded, no version written", flush=True)
-    return _store_step(summary, config, plan.output, base.version, engine, report=False)
+    return _store_step(summary, config, plan.output, base.version, engine)
 
 
 def _nothing_to_do(diff: Diff, full: bool, base: Committed) -> bool:

@@ -49,6 +49,7 @@ class RunRecord:
             "engine": engine,
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "pid_namespace": _pid_namespace(),
             "user": user,
             "started": _now(),
             "state": "running",
@@ -166,9 +167,27 @@ def _settle(loc: OutputLocation, attempt: str) -> None:
 
 
 def _gone_here(run: dict[str, Any], host: str | None = None) -> bool:
-    """The run's driver ran on this host and its process is gone (a process of another container
-    with the same host name is not seen: its record ages instead)."""
-    return run.get("host") == (host or socket.gethostname()) and not _alive(run.get("pid"))
+    """The run's driver ran on this host, in this process namespace, and its process is gone. A
+    run elsewhere (another container of the same host name, whose pids are not ours to see) is
+    judged by its record's age instead (:data:`STALE_S`)."""
+    here = _pid_namespace()
+    return (
+        here is not None
+        and run.get("pid_namespace") == here
+        and run.get("host") == (host or socket.gethostname())
+        and not _alive(run.get("pid"))
+    )
+
+
+def _pid_namespace() -> str | None:
+    """This process's pid namespace and boot (Linux), so that a pid is only judged where it means
+    the same process: a restarted container (pid 1 again) or machine has a new one."""
+    try:
+        space = os.stat("/proc/self/ns/pid").st_ino
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f"{space}:{f.read().strip()}"
+    except OSError:
+        return None
 
 
 def _alive(pid: Any) -> bool:
@@ -183,12 +202,17 @@ def _alive(pid: Any) -> bool:
     return True
 
 
+def _finished(run: dict[str, Any]) -> bool:
+    """Committed, failed, stopped, or running and not heard from for :data:`STALE_S` (stopped)."""
+    return run.get("state") != "running" or time.time() - _parse(run.get("updated")) > STALE_S
+
+
 def _prune(loc: OutputLocation) -> None:
-    """Keep the newest :data:`KEEP` records of finished runs (committed, failed, stopped; attempt
-    names sort by their start time)."""
+    """Keep the newest :data:`KEEP` records of finished runs (see :func:`_finished`; attempt names
+    sort by their start time)."""
     try:
         names = sorted(rel for rel in loc.files(RUNS_DIR) if rel.endswith(".json"))
-        done = [rel for rel in names if json.loads(loc.read_bytes(rel)).get("state") != "running"]
+        done = [rel for rel in names if _finished(json.loads(loc.read_bytes(rel)))]
         for rel in done[:-KEEP]:
             loc.fs.rm_file(loc.path(rel))
     except Exception:  # noqa: BLE001 - pruning is housekeeping

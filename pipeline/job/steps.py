@@ -81,10 +81,16 @@ def track(
     progress.reused = progress.done = int(pc.sum(reused["rows"]).as_py() or 0)
     pace.reused_rejected = progress.rejected = rejected_rows(reused)
     print(_plan_line(config, shards, progress, record.record["engine"]), flush=True)
-    show = on_progress if on_progress is not None else Printer()
+    show: Callable[[Progress], None] | None = on_progress if on_progress is not None else Printer()
 
     def tell(p: Progress) -> None:
-        show(p)
+        nonlocal show
+        if show is not None:
+            try:
+                show(p)
+            except Exception as err:  # noqa: BLE001 - showing progress never fails a run (a closed pipe, a widget)
+                log.warning("progress is no longer shown: %s: %s", type(err).__name__, err)
+                show = None
         record(p)
 
     progress.on_update = tell
@@ -135,13 +141,18 @@ def _collect(written: Any, pace: Pace, watch: ClusterWatch, live: Callable[[], t
                 up, encoded = now_up, max(encoded, now_encoded)
         pace.show(max(rows, encoded), rejected, up)  # encoded: ahead of the written blocks Ray Data hands over
 
+    watched = time.monotonic()
+
     def idle() -> None:
-        watch.check()
+        nonlocal watched
+        if time.monotonic() - watched >= WATCH_EVERY_S:
+            watched = time.monotonic()
+            watch.check()
         show()
 
     pump = _Pump(written)
     try:
-        for stats in pump.results(idle, WATCH_EVERY_S):
+        for stats in pump.results(idle, LIVE_EVERY_S):
             for _ in range(stats.num_rows):  # one entry per written block (piece): its files are durable
                 crash_point("written")
             parts.append(stats.cast(empty_entries().schema))
@@ -289,7 +300,10 @@ def finish(
     if report:
         summary["report"] = write_report(loc, summary, config.output.table_options)
     else:
-        summary["report"] = loc.url_of(REPORT_FILE) if loc.exists(REPORT_FILE) else None
+        try:
+            summary["report"] = loc.url_of(REPORT_FILE) if loc.exists(REPORT_FILE) else None
+        except Exception:  # noqa: BLE001 - a view: never fails a committed run
+            summary["report"] = None
     write_summary(loc, summary)
     return summary
 

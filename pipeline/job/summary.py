@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.encode.fingerprint import Fingerprint
-from pipeline.job.progress import MAX_TIMELINE, Progress
+from pipeline.job.progress import Progress, thin
 
 
 class RowsLostError(RuntimeError):
@@ -88,9 +88,7 @@ class Pace:
         now = time.time()
         self.first_block = self.first_block or now
         self.last_block, self.rows = now, rows_so_far
-        self.written.append((round(now - self.started, 3), rows_so_far))
-        if len(self.written) > MAX_TIMELINE:
-            self.written = self.written[::2] + ([self.written[-1]] if len(self.written) % 2 == 0 else [])
+        self.written = thin([*self.written, (round(now - self.started, 3), rows_so_far)])
 
     def show(self, rows_so_far: int, rejected_so_far: int, actors: int | None = None, exact: bool = False) -> None:
         """Progress: this run has done ``rows_so_far`` rows, ``rejected_so_far`` of them rejected
