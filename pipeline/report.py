@@ -234,6 +234,8 @@ def _bars(counts: dict[str, Any], title: str, axis: str) -> Any:
     fig = go.Figure(go.Bar(x=[k for k, _ in items], y=[v for _, v in items], name=axis))
     if not items or not any(v for _, v in items):
         fig.add_annotation(text="none", showarrow=False, font={"size": 28}, xref="paper", yref="paper", x=0.5, y=0.5)
+        fig.update_xaxes(visible=False)
+        fig.update_yaxes(visible=False)
     fig.update_layout(title=title, yaxis_title=axis)
     return fig
 
@@ -274,13 +276,17 @@ def _facts(summary: dict[str, Any], version: int) -> dict[str, Any]:
         "time": f"{summary.get('wall_seconds')} s, {summary.get('docs_per_s')} docs/s",
         "engine": summary.get("engine", "ray")
         + (
-            f", {faults['encoder_actors']} encoder actors on {faults['encoder_nodes']} nodes"
+            f", {_count(faults['encoder_actors'], 'encoder actor')} on {_count(faults['encoder_nodes'], 'node')}"
             if "encoder_nodes" in faults
             else ""
         ),
         "model": f"{fp.get('model')} ({fp.get('dtype')}, max_length {fp.get('max_length')})",
         "table version": version,
     }
+
+
+def _count(n: Any, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 _STYLE = (

@@ -121,6 +121,7 @@ def test_worker_nodes_lost_and_added_mid_run(corpus: dict, splade_tiny: Path) ->
     assert faults["nodes_added"] >= 1 and faults["encoder_nodes"] >= 2, (faults, result["log"])
 
 
+@pytest.mark.slow  # 90 s; CI keeps the worker-nodes-lost-and-added and the head-lost tests
 def test_all_encoder_nodes_lost_the_run_waits_then_finishes_and_a_commit_rides_through(
     corpus: dict, splade_tiny: Path
 ) -> None:

@@ -218,6 +218,7 @@ def test_an_empty_new_vector_takes_the_old_one_out_of_a_store_that_refuses_empty
     assert report["ok"] and report["expected"] == 1
 
 
+@pytest.mark.slow  # two runs isolating a poisoned document (actor deaths): 140 s; CI has test_chaos's
 def test_a_changed_document_the_encoder_rejects_leaves_table_and_store_alike(
     tmp_path: Path, ray_cluster: str, splade_tiny: Path, postgres: Any
 ) -> None:
