@@ -3,7 +3,7 @@ rejects so far, encoders up; one live line on a terminal, a line every so often 
 callback for a notebook, and the timeline the run report plots.
 
 The total comes from the plan (:func:`expected_rows`): exact for Parquet (its footers), estimated
-from the files' sizes for uncompressed JSONL and CSV (the first file's first bytes give the bytes
+from the files' sizes for uncompressed JSONL and CSV (the largest file's first bytes give the bytes
 per row; shown with ``~``), unknown otherwise (then the line gives done and the rate only).
 """
 
@@ -213,7 +213,7 @@ class NotebookBar:
 def expected_rows(shards: list[Any], input_cfg: Any) -> tuple[int | None, bool]:
     """``(total rows, estimated)`` of ``shards`` where cheap, else ``(None, False)``: Parquet from its
     footers (up to :data:`PARQUET_FOOTERS` files), uncompressed JSONL and CSV from their sizes and
-    the first one's bytes per row; a shard restricted to ``lines`` counts those."""
+    the largest one's first bytes per row; a shard restricted to ``lines`` counts those."""
     if not shards:
         return 0, False
     if all(s.lines is not None for s in shards):
