@@ -63,10 +63,15 @@ def rebuild_report(loc: OutputLocation, options: dict[str, str] | None = None) -
 
 
 def build_report(loc: OutputLocation, summary: dict[str, Any], options: dict[str, str]) -> str:
-    """The page (HTML text) for ``summary`` and the latest version of the table at ``loc``."""
+    """The page (HTML text) for ``summary`` and the version of the table at ``loc`` its run committed
+    (another run may have committed since; the latest where that version can no longer be read)."""
     from pipeline.job.load import committed_output
 
-    committed, fingerprint = committed_output(loc, options)
+    version = summary.get("table_version")
+    try:
+        committed, fingerprint = committed_output(loc, options, version if isinstance(version, int) else None)
+    except Exception:  # noqa: BLE001 - its log or files cleaned up by vacuum: the latest version, named on the page
+        committed, fingerprint = committed_output(loc, options)
     files = sorted(committed.snapshot.files)
     sample = _sample(loc, files)
     max_length = fingerprint.max_length

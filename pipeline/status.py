@@ -19,6 +19,7 @@ from pipeline.output.location import OutputLocation
 def output_status(loc: OutputLocation, options: dict[str, str] | None = None) -> dict[str, Any]:
     """The status of the output at ``loc`` as a dict (see :func:`render_status`)."""
     from pipeline.job.runs import read_runs
+    from pipeline.output.records import rejected_rows
     from pipeline.output.state import read_committed
 
     committed = read_committed(loc, options or {})
@@ -33,7 +34,7 @@ def output_status(loc: OutputLocation, options: dict[str, str] | None = None) ->
         table["documents"] = int(pc.sum(entries["written"]).as_py() or 0)
         if windows:
             table["windows"] = int(pc.sum(entries["windows"]).as_py() or 0)
-        table["rejected"] = sum(sum(json.loads(r or "{}").values()) for r in entries["rejected"].to_pylist())
+        table["rejected"] = rejected_rows(entries)
     table["data_files"] = len(committed.snapshot.files)
     record = committed.record or {}
     table["fingerprint"] = record.get("fingerprint")

@@ -29,7 +29,7 @@ from pipeline.job.faults import PAUSE, VARIABLE
 from pipeline.job.reindex import MassDeleteError, run_reindex
 from pipeline.output.location import OutputLocation
 from pipeline.output.table import DeltaOutput
-from pipeline.report import REPORT_FILE
+from pipeline.report import REPORT_FILE, build_report
 from pipeline.status import output_status
 
 VOCAB = 30522
@@ -164,6 +164,9 @@ def test_reindex_encodes_only_new_and_changed(
     shown = output_status(loc)  # the files version 1 rewrote or deleted are not "not committed"
     assert shown["table"]["version"] == 1 and shown["uncommitted_files"] == 0
     report = loc.read_bytes(REPORT_FILE)
+    # a report of the run that committed version 0, built now: of version 0, not of the latest
+    page = build_report(loc, summary | {"table_version": 0}, config.output.table_options)
+    assert "<th>table version</th><td>0</td>" in page and "<th>table version</th><td>1</td>" in report.decode()
 
     again = run_reindex(config)
     assert again["reindex"]["encoded_now"] == 0 and again["reindex"]["unchanged"] == 200

@@ -93,9 +93,11 @@ def count_problem(config: JobConfig, committed: Committed, store_count: int, rec
     )
 
 
-def committed_output(loc: OutputLocation, options: dict[str, str]) -> tuple[Committed, Fingerprint]:
-    """The output's latest version and the fingerprint of its vectors."""
-    committed = read_committed(loc, options)
+def committed_output(
+    loc: OutputLocation, options: dict[str, str], version: int | None = None
+) -> tuple[Committed, Fingerprint]:
+    """The output's latest version (or ``version``) and the fingerprint of its vectors."""
+    committed = read_committed(loc, options, version)
     if committed is None:
         raise OutputError(f"{loc.url}: no Delta table here (no _delta_log/); run or finish the encode job first")
     if committed.record is None or "vocab_size" not in (committed.record.get("fingerprint") or {}):

@@ -4,7 +4,6 @@ commit the resulting table state as one Delta version, and finish with the summa
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -27,7 +26,7 @@ from pipeline.job.summary import Pace, check_rows
 from pipeline.job.watch import ClusterWatch
 from pipeline.output.layout import DATA_COLUMNS, WINDOW_COLUMNS, write_summary
 from pipeline.output.location import OutputLocation
-from pipeline.output.records import empty_entries
+from pipeline.output.records import empty_entries, rejected_rows
 from pipeline.output.state import Committed, commit_state, sync_rejects
 from pipeline.sources import Shard
 
@@ -113,11 +112,6 @@ def _plan_line(config: JobConfig, shards: list[Shard], progress: Progress, engin
         workers = f"{engine} tasks on {device}"
     files = f"{len(shards)} input file{'s' if len(shards) != 1 else ''}"
     return f"splade-pipeline: {files}, {docs}; model {config.encoder.model}; {workers} -> {config.output.path}"
-
-
-def rejected_rows(entries: pa.Table) -> int:
-    """The rows that ``entries`` (one per written block) say were rejected."""
-    return sum(sum(json.loads(r or "{}").values()) for r in entries["rejected"].to_pylist())
 
 
 def _collect(written: Any, pace: Pace, watch: ClusterWatch, live: Callable[[], tuple[int | None, int]]) -> pa.Table:

@@ -182,3 +182,8 @@ def entries_on_disk(loc: OutputLocation, folders: tuple[str, ...], skip: set[str
 def unit_of(rel: str) -> str | None:
     name = rel.rsplit("/", 1)[-1]
     return name.split("-", 2)[1] if name.startswith("part-") and name.count("-") >= 2 else None
+
+
+def rejected_rows(entries: pa.Table) -> int:
+    """The rows that ``entries`` (one per written block) say were rejected."""
+    return sum(sum(json.loads(r or "{}").values()) for r in entries["rejected"].to_pylist())

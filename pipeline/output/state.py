@@ -40,11 +40,11 @@ class Committed:
         return self.snapshot.version
 
 
-def read_committed(loc: OutputLocation, options: dict[str, str]) -> Committed | None:
-    """The output's committed state; None where no table exists yet."""
+def read_committed(loc: OutputLocation, options: dict[str, str], version: int | None = None) -> Committed | None:
+    """The output's committed state (at ``version``; default: the latest); None where no table exists yet."""
     out = DeltaOutput(loc, options=options)
     with loc.failures_named("read the Delta table at the"):
-        snap = out.snapshot()
+        snap = out.snapshot(version)
         if snap is None:
             return None
         if snap.record is None or "entries" not in snap.record:

@@ -24,10 +24,9 @@ from pipeline.config import JobConfig
 from pipeline.errors import SettingError, raised_in_text
 from pipeline.job.engine import Engine
 from pipeline.job.faults import forwarded
-from pipeline.job.steps import rejected_rows
 from pipeline.job.summary import Pace
 from pipeline.output.location import OutputLocation
-from pipeline.output.records import ENTRY_SCHEMA, empty_entries
+from pipeline.output.records import ENTRY_SCHEMA, empty_entries, rejected_rows
 from pipeline.sources import Shard
 from pipeline.spark.tasks import (
     TASK_ATTEMPT,
