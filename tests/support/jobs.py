@@ -128,6 +128,23 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
+def settle(root: str, quiet_s: float = 3.0, timeout: float = 90) -> None:
+    """Wait until the files under ``root`` stop changing: a killed driver's Ray actors (its writers)
+    live on until Ray sees the driver gone, and may finish a file meanwhile."""
+    fs = s3fs.S3FileSystem()
+    last: list[str] | None = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fs.invalidate_cache()
+        now = sorted(fs.find(root))
+        if now == last:
+            fs.invalidate_cache()  # s3fs instances are shared: no listing of this one may go stale later
+            return
+        last = now
+        time.sleep(quiet_s)
+    raise AssertionError(f"files under {root} still changing after {timeout} s")
+
+
 def start_until_written(args: list[str], root: str, timeout: float = 180, **popen: Any) -> subprocess.Popen:
     """Start ``splade-pipeline <args>``; return it once its first data file is on S3 (mid-run)."""
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, text=True, **popen)
